@@ -1,0 +1,150 @@
+"""Shared config vocabulary: typed `path:arg` parsing, the base config every file extends, sweeps.
+
+Every file in `configs/` builds its `ConfigDict` from `base()`, so the same override reads the same
+everywhere (`--config.optim.lr=1e-4`, `--config.mesh.shape="(2,2,2)"`). Structure (model size, list
+size, smoke) is chosen through the string after the colon: `--config=configs/dpo.py:smoke`.
+"""
+
+import itertools
+import types
+from typing import Any
+
+import ml_collections as mlc
+
+from align_jax.models import presets as models
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
+  """Parses `"k=v,flag,k2=v2"` with types taken from `defaults`; unknown keys are errors.
+
+  A bare name sets a bool default to True (`smoke` means `smoke=True`).
+  """
+  values = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+      values[key] = True
+      continue
+    values[key] = _typed(key, raw.strip(), default)
+  return types.SimpleNamespace(**values)
+
+
+def _typed(key: str, raw: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if raw.lower() in ("1", "true", "yes"):
+      return True
+    if raw.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"config arg {key}={raw!r} is not a bool")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(raw)
+    except ValueError:
+      raise ValueError(
+          f"config arg {key}={raw!r} is not {type(default).__name__}") from None
+  return raw
+
+
+def base() -> mlc.ConfigDict:
+  """Fields shared by every config. Each file sets `objective`, `loss` and what it changes."""
+  c = mlc.ConfigDict()
+  c.name = ""                    # Set by each config file; default workdir is runs/<name>.
+  c.seed = 0
+  c.total_steps = 100
+  c.log_every = 10               # Console / metrics.jsonl / TensorBoard interval (steps).
+  c.eval_every = 50              # Exact testbed evaluation interval (steps); 0 = start and end only.
+  c.checkpoint_every = 50        # Orbax save interval (steps); the last step is always saved.
+  c.keep_checkpoints = 2         # How many recent checkpoints to keep.
+  c.async_checkpointing = True
+
+  # Mesh over ("data", "fsdp", "tensor"); one -1 takes the remaining devices.
+  c.mesh = mlc.ConfigDict(dict(shape=(1, -1, 1), axes=("data", "fsdp", "tensor")))
+  # Logical axis -> mesh axes. Parameters and activations (act_*) have separate names; each name
+  # appears once (checked at start-up), and every name the model uses must be here.
+  c.rules = (
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("norm", None),
+      ("act_batch", ("data", "fsdp")),
+      ("act_len", None),
+      ("act_embed", None),
+      ("act_mlp", "tensor"),
+      ("act_heads", "tensor"),
+      ("act_kv_heads", "tensor"),
+      ("act_vocab", "tensor"),
+  )
+
+  c.objective = ""
+  c.loss = mlc.ConfigDict()      # The objective's keyword arguments.
+  c.model = mlc.ConfigDict()     # Filled from align_jax.models.presets.
+  c.init_checkpoint = ""         # Orbax params directory to start from (default: testbed base).
+
+  c.optim = mlc.ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=0,
+      schedule="constant",       # constant | cosine (to 0 at total_steps, after warmup)
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      clip_norm=1.0,             # Global-norm clipping; 0 disables.
+  ))
+
+  c.data = mlc.ConfigDict(dict(
+      source="testbed",          # testbed | jsonl
+      path="",                   # File for non-testbed sources.
+      batch_size=64,             # Global prompts per step (B).
+      max_len=0,                 # Tokens per sequence (L) for file sources; 0 = from the data.
+      num_examples=4096,         # Testbed datasets: records generated.
+      shuffle=True,
+  ))
+
+  c.sampling = mlc.ConfigDict(dict(
+      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, eos_id=-1))
+
+  c.testbed = mlc.ConfigDict(dict(
+      prompt_len=2,              # First tokens of a ToyLang string are the prompt ...
+      response_len=4,            # ... the rest the response: 8**2 prompts x 8**4 responses.
+      bt_temperature=1.0,        # Bradley-Terry noise of preference labels: P(a>b)=sigmoid((ra-rb)/T).
+      pretrain_steps=600,        # The cached base LM: MLE on chain samples.
+      pretrain_batch=256,
+      pretrain_lr=3e-3,
+      pretrain_examples=200_000,
+      eval_chunk=8192,           # Rows per forward in the exact enumeration pass.
+      target="",                 # Explicit target for exact divergences: '' | chain | rlhf.
+      target_beta=1.0,           # β of the rlhf target π_ref·exp(r/β).
+  ))
+  return c
+
+
+def smoke(c: mlc.ConfigDict) -> None:
+  """Shrinks any config to seconds on a CPU; the code path is unchanged."""
+  c.model = models.preset("tiny")
+  c.testbed.response_len = 3
+  c.testbed.pretrain_steps = 60
+  c.testbed.pretrain_batch = 64
+  c.testbed.pretrain_examples = 4096
+  c.testbed.eval_chunk = 4096
+  c.data.batch_size = 16
+  c.data.num_examples = 512
+  c.total_steps = 6
+  c.log_every = 2
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.optim.warmup_steps = 0
+
+
+def product(**axes: list[Any]) -> list[dict[str, Any]]:
+  """Cartesian product of override lists: product(a=[1, 2], b=[3]) -> [{a:1,b:3}, {a:2,b:3}]."""
+  keys = list(axes)
+  return [dict(zip(keys, vals)) for vals in itertools.product(*axes.values())]

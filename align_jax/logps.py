@@ -1,0 +1,34 @@
+"""The only code objectives use to run the model: per-sequence log-probabilities.
+
+Convention: `loss_mask[..., t] = 1` when token t is scored, i.e. log π(tokens[t] | tokens[<t])
+enters the sum. Position 0 is never scored (nothing predicts it).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from align_jax import models
+
+
+def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
+  """log π(· | tokens[≤t]) for every position t: float32 [R, L, V]."""
+  logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
+  return jax.nn.log_softmax(logits_RxLxV.astype(jnp.float32), axis=-1)
+
+
+def token_logps(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
+  """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]."""
+  logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
+  logits_RxTxV = logits_RxLxV[:, :-1].astype(jnp.float32)
+  target_RxT = tokens_RxL[:, 1:]
+  picked_RxT = jnp.take_along_axis(logits_RxTxV, target_RxT[..., None], axis=-1)[..., 0]
+  return picked_RxT - jax.nn.logsumexp(logits_RxTxV, axis=-1)
+
+
+def sequence_logps(graphdef, params, tokens_BxKxL: jax.Array,
+                   loss_mask_BxKxL: jax.Array) -> jax.Array:
+  """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]."""
+  B, K, L = tokens_BxKxL.shape
+  tok_logp_RxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L))
+  mask_RxT = loss_mask_BxKxL.reshape(B * K, L)[:, 1:].astype(jnp.float32)
+  return jnp.sum(tok_logp_RxT * mask_RxT, axis=-1).reshape(B, K)

@@ -1,0 +1,90 @@
+"""The train state and the one update step. Pure; jitted once per run in train.py."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from align_jax import objectives as objectives_lib
+from align_jax.logps import sequence_logps
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array            # int32 scalar: updates applied so far.
+  params: dict               # Trainable policy parameters.
+  opt_state: optax.OptState
+  rng: jax.Array             # uint32[2] raw key; the step folds in `step`.
+  anchor: dict               # Moving anchor (J-BOND EMA / iterative BOND); {} when unused.
+  stats: dict                # Objective running statistics (Ẑ, baselines, ...); {} when unused.
+
+
+def learning_rate(optim) -> optax.Schedule:
+  """Linear warmup to `optim.lr`, then constant or cosine decay to 0 at `total_steps`."""
+  warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps) if optim.warmup_steps else None
+  decay_steps = max(optim.total_steps - optim.warmup_steps, 1)
+  if optim.schedule == "constant":
+    main = optax.constant_schedule(optim.lr)
+  elif optim.schedule == "cosine":
+    main = optax.cosine_decay_schedule(optim.lr, decay_steps)
+  else:
+    raise ValueError(f"optim.schedule {optim.schedule!r} is unknown; use constant or cosine")
+  if warmup is None:
+    return main
+  return optax.join_schedules([warmup, main], [optim.warmup_steps])
+
+
+def optimizer(optim) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; `optim` needs lr, schedule, warmup_steps, total_steps, ..."""
+  parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+  parts.append(optax.adamw(learning_rate(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*parts)
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)), anchor={}, stats={})
+
+
+def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
+  return jnp.sum(x_B.astype(jnp.float32) * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+
+
+def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graphdef,
+               objective: objectives_lib.Objective, loss_cfg: dict,
+               tx: optax.GradientTransformation, lr_fn: optax.Schedule):
+  """One optimizer update: (state, batch, frozen reference) -> (state, scalar metrics).
+
+  Batch fields: tokens_BxKxL (int32), loss_mask_BxKxL (1 where a token is scored),
+  example_mask_B (0 for padding prompts), and optionally precomputed ref_logp_BxK.
+  """
+  tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
+  logps = functools.partial(sequence_logps, graphdef)
+  if objective.needs_ref and "ref_logp_BxK" not in batch:
+    ref_logp_BxK = jax.lax.stop_gradient(logps(ref_params, tokens_BxKxL, mask_BxKxL))
+    batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
+  w_B = batch["example_mask_B"].astype(jnp.float32)
+
+  def loss_fn(params):
+    logp_BxK = logps(params, tokens_BxKxL, mask_BxKxL)
+    loss_B, metrics_B, stats = objective.fn(logp_BxK, batch, state.stats, **loss_cfg)
+    metrics = {k: _weighted_mean(v, w_B) for k, v in metrics_B.items()}
+    return _weighted_mean(loss_B, w_B), (metrics, stats)
+
+  (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = dataclasses.replace(
+      state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state, stats=stats)
+  return new_state, {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.global_norm(state.params),
+      "lr": lr_fn(state.step),
+      **{f"objective/{k}": v for k, v in metrics.items()},
+  }

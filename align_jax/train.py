@@ -1,0 +1,253 @@
+"""`run(config, workdir)`: mesh, model, data, state, resume, the jitted step, the loop, evaluation.
+
+Reads top to bottom. Resume order: a checkpoint in the workdir > `init_checkpoint` > fresh init.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from align_jax import checkpoint, models, objectives, sharding, step
+from align_jax.data import jsonl, pipeline
+from align_jax.metrics import MetricWriter
+from align_jax.testbed import exact, task
+
+SOURCES = ("testbed_corpus", "testbed_pairs", "jsonl")
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: step.TrainState
+  summary: dict
+
+
+def run(cfg, workdir: str) -> RunResult:
+  """Trains `cfg` into `workdir`, resuming from the newest checkpoint there."""
+  _validate(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
+
+  mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
+  table = sharding.check_rules(cfg.rules, mesh, set(models.transformer.PARAM_AXES)
+                               | set(models.transformer.ACT_AXES))
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+               jax.process_count())
+  with jax.set_mesh(mesh), sharding.use_rules(table):
+    return _run(cfg, workdir, mesh, table, is_main)
+
+
+def _validate(cfg) -> None:
+  objectives.get(cfg.objective)
+  if cfg.data.source not in SOURCES:
+    raise ValueError(f"data.source {cfg.data.source!r} is unknown; known: {SOURCES}")
+  if cfg.total_steps < 1:
+    raise ValueError(f"total_steps={cfg.total_steps} must be >= 1")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    if cfg[key] < 0:
+      raise ValueError(f"{key}={cfg[key]} must be >= 0")
+
+
+def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
+  t_start = time.time()
+  objective = objectives.get(cfg.objective)
+  replicated = sharding.replicated(mesh)
+
+  # ---- Model: abstract shapes, logical names -> shardings, parameters created sharded ---------
+  model_cfg = models.ModelConfig(**cfg.model)
+  graphdef, shapes, names = models.abstract(model_cfg)
+  param_shardings = sharding.tree_shardings(names, mesh, table)
+  sharding.log_param_shardings(shapes, param_shardings)
+  abstract_params = checkpoint.abstract_like(shapes, param_shardings)
+  init_fn = jax.jit(functools.partial(models.init_params, model_cfg),
+                    out_shardings=param_shardings)
+
+  def load_init_params():  # Each call returns its own buffers (the reference is never aliased).
+    if cfg.init_checkpoint == "testbed":
+      return checkpoint.load_params(os.path.join(_testbed_base(cfg), "params"), abstract_params)
+    if cfg.init_checkpoint:
+      return checkpoint.load_params(cfg.init_checkpoint, abstract_params)
+    return init_fn(jax.random.key(cfg.seed))
+
+  params = load_init_params()
+  ref_params = load_init_params() if objective.needs_ref else None
+
+  # ---- Exact evaluation on the testbed ---------------------------------------------------------
+  tb = task.make(cfg.testbed) if cfg.data.source.startswith("testbed") else None
+  evaluate = None
+  if tb is not None:
+    logp_fn = jax.jit(task.exact_logp_fn(graphdef, tb, cfg.testbed.eval_chunk),
+                      out_shardings=replicated)
+    eval_ref_XxY = logp_fn(ref_params) if ref_params is not None else jnp.asarray(
+        tb.chain_logp_XxY, jnp.float32)
+    target_XxY = _target(cfg, tb, eval_ref_XxY)
+    evaluate = jax.jit(lambda p: exact.policy_metrics(
+        logp_fn(p), eval_ref_XxY, tb.reward_XxY, tb.prompt_logw_X, target_XxY),
+        out_shardings=replicated)
+
+  # ---- Data ------------------------------------------------------------------------------------
+  records = _records(cfg, tb, eval_ref_XxY if tb is not None else None, model_cfg)
+  data_iter = pipeline.batches(
+      pipeline.ArraySource(records), global_batch=cfg.data.batch_size,
+      total_steps=cfg.total_steps, seed=cfg.seed, shuffle=cfg.data.shuffle)
+
+  # ---- Train state and the one step ------------------------------------------------------------
+  optim = cfg.optim.to_dict() | {"total_steps": cfg.total_steps}
+  tx = step.optimizer(_Attrs(optim))
+  state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed))(params)
+  state_shardings = jax.tree.map(
+      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
+      state)
+  state = jax.device_put(state, state_shardings)
+  batch_shardings = {pipeline.batch_key(k): sharding.batch_sharding(mesh, v.ndim)
+                     for k, v in records.items()} | {"example_mask_B": sharding.batch_sharding(
+                         mesh, 1)}
+  train_step = jax.jit(
+      functools.partial(step.train_step, graphdef=graphdef, objective=objective,
+                        loss_cfg=cfg.loss.to_dict(), tx=tx, lr_fn=step.learning_rate(_Attrs(optim))),
+      in_shardings=(state_shardings, batch_shardings,
+                    param_shardings if ref_params is not None else None),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+
+  # ---- Resume ----------------------------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 every=cfg.checkpoint_every or cfg.total_steps,
+                                 keep=cfg.keep_checkpoints, use_async=cfg.async_checkpointing)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, checkpoint.abstract_like(state, state_shardings), data_iter)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    print(f"resuming from step {start} ({ckpt.directory})", flush=True)
+  initial = _initial_eval(workdir, evaluate, state.params if not start else None, is_main)
+
+  # ---- Loop ------------------------------------------------------------------------------------
+  writer = MetricWriter(workdir, total_steps=cfg.total_steps, log_every=cfg.log_every,
+                        is_main=is_main)
+  try:
+    for s in range(start + 1, cfg.total_steps + 1):
+      local = next(data_iter)
+      with jax.transfer_guard("disallow"):
+        batch = pipeline.to_global(local, mesh)
+        state, metrics = train_step(state, batch, ref_params)
+      writer.submit(s, metrics)
+      if evaluate is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < cfg.total_steps:
+        writer.write(s, _host(evaluate(state.params)))
+      if ckpt.should_save(s) or s == cfg.total_steps:
+        writer.flush()  # Never checkpoint a state whose step produced a non-finite loss.
+        ckpt.save(s, state, data_iter, force=True)
+    writer.flush()
+  finally:
+    ckpt.close()
+    writer.close()
+
+  # ---- Summary ---------------------------------------------------------------------------------
+  summary = {"steps": cfg.total_steps, "wall_time_s": time.time() - t_start,
+             "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+             "commit": _commit()}
+  if evaluate is not None:
+    final = _host(evaluate(state.params))
+    summary |= {"initial": initial, "final": final}
+    if is_main:
+      _print_table(initial, final)
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return RunResult(state=state, summary=summary)
+
+
+# ---- Helpers (one line each of purpose) ----------------------------------------------------------
+
+class _Attrs(dict):
+  """Attribute access over a plain dict (optimizer settings with total_steps added)."""
+  __getattr__ = dict.__getitem__
+
+
+def _host(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _target(cfg, tb, ref_XxY):
+  """The run's explicit target distribution, if it has one (cfg.testbed.target)."""
+  kind = cfg.testbed.target
+  if kind == "chain":
+    return jnp.asarray(tb.chain_logp_XxY, jnp.float32)
+  if kind == "rlhf":
+    return exact.rlhf_target(ref_XxY, jnp.asarray(tb.reward_XxY), cfg.testbed.target_beta)
+  if kind:
+    raise ValueError(f"testbed.target {kind!r} is unknown; use '', 'chain' or 'rlhf'")
+  return None
+
+
+def _records(cfg, tb, base_logp_XxY, model_cfg) -> dict[str, np.ndarray]:
+  source = cfg.data.source
+  if source == "testbed_corpus":
+    return task.corpus(tb, cfg.data.num_examples, cfg.seed)
+  if source == "testbed_pairs":
+    pairs = task.pairs(tb, np.asarray(base_logp_XxY), cfg.data.num_examples, cfg.seed,
+                       cfg.testbed.bt_temperature)
+    return {k: pairs[k] for k in ("tokens_KxL", "loss_mask_KxL")}
+  return jsonl.read_pairs(cfg.data.path, cfg.data.max_len, model_cfg.vocab_size)
+
+
+def _initial_eval(workdir, evaluate, params, is_main) -> dict | None:
+  """Exact metrics of the starting policy, stored so a resumed run reports the same ones."""
+  path = os.path.join(workdir, "initial_eval.json")
+  if evaluate is None:
+    return None
+  if params is None and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  initial = _host(evaluate(params))
+  if is_main:
+    with open(path, "w") as f:
+      json.dump(initial, f, indent=1)
+  return initial
+
+
+def _testbed_base(cfg) -> str:
+  """The cached base LM for these testbed/model settings; pretrains it on first use."""
+  path = task.base_dir(cfg.testbed, cfg.model)
+  if os.path.isdir(os.path.join(path, "params")):
+    return path
+  print(f"pretraining the testbed base LM ({cfg.testbed.pretrain_steps} steps), cached in {path}",
+        flush=True)
+  pcfg = task.pretrain_config(cfg.testbed, cfg.model)
+  pcfg.mesh, pcfg.rules = cfg.mesh, cfg.rules
+  result = run(pcfg, path + ".run")
+  staging = task.staging_dir(pcfg.testbed, pcfg.model)
+  if jax.process_index() == 0 and os.path.isdir(staging):
+    shutil.rmtree(staging)
+  multihost_utils.sync_global_devices("testbed_base_staging")
+  checkpoint.save_params(os.path.join(staging, "params"), result.state.params)
+  if jax.process_index() == 0:
+    task.publish_base(pcfg.testbed, pcfg.model, result.summary)
+  multihost_utils.sync_global_devices("testbed_base_published")
+  return path
+
+
+def _print_table(initial: dict, final: dict) -> None:
+  print(f"\n{'exact metric':<28}{'initial':>12}{'final':>12}")
+  for k in final:
+    print(f"{k:<28}{initial.get(k, float('nan')):>12.5f}{final[k]:>12.5f}")
+
+
+def _commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or None
+  except OSError:
+    return None
