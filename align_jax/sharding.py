@@ -34,9 +34,16 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
     if len(devices) % rest:
       raise ValueError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // rest
-  if math.prod(shape) != len(devices):
+  if math.prod(shape) > len(devices):
     raise ValueError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; "
                      f"{len(devices)} are present")
+  if math.prod(shape) < len(devices):  # E.g. (1,1,1) on a multi-device host: use the first.
+    if jax.process_count() > 1:
+      raise ValueError(f"mesh.shape {tuple(shape)} must use all {len(devices)} devices of a "
+                       "multi-process run")
+    logging.warning("mesh.shape %s uses %d of %d devices", tuple(shape), math.prod(shape),
+                    len(devices))
+    devices = devices[:math.prod(shape)]
   device_grid = np.asarray(devices).reshape(shape)
   return Mesh(device_grid, axes, axis_types=(AxisType.Auto,) * len(axes))
 

@@ -50,7 +50,7 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, scale: float | str = "fan_in") -
   else:
     std = shape[0] ** -0.5 if scale == "fan_in" else scale
     value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
-  return nnx.Param(value, sharding_names=names)
+  return nnx.Param(value, out_sharding=names)
 
 
 class RMSNorm(nnx.Module):

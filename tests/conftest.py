@@ -1,0 +1,52 @@
+"""Every test sees 8 fake CPU devices and a private cache for the testbed base LM."""
+
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+# Testbed base LMs pretrained by tests are cached here for the session (and reused by subprocesses).
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="align_jax_test_cache_"))
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main_command(*args: str) -> list[str]:
+  """The CLI as a user runs it."""
+  return [sys.executable, "-m", "align_jax.main", *args]
+
+
+def subprocess_env(devices: int = 8) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+@pytest.fixture(scope="session")
+def devices8():
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices (see conftest.py)"
+  return jax.devices()
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg), as the CLI would build it (then locked)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs",
+                                                                               f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(arg)
+  cfg.lock()
+  return cfg
+
+
+def read_jsonl(path: str) -> list[dict]:
+  import json
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
