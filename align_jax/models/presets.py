@@ -3,11 +3,11 @@
 import ml_collections as mlc
 
 PRESETS = {
-    # The testbed's base LM: ToyLang's 8 tokens + BOS.
-    "testbed": dict(vocab_size=9, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+    # The testbed's base LM over ToyLang's 8 tokens.
+    "testbed": dict(vocab_size=8, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                     mlp_dim=192),
     # For unit tests and smoke runs.
-    "tiny": dict(vocab_size=9, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+    "tiny": dict(vocab_size=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                  mlp_dim=64),
     # A ~1.2B Llama-3.2-1B-shaped model for accelerator benchmarks (tied embeddings).
     "llama_1b": dict(vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,

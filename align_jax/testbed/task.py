@@ -1,7 +1,8 @@
 """The testbed as a task: prompts × responses, its datasets, the cached base LM, exact evaluation.
 
-Tokens: ToyLang ids 0..7 and BOS = 8. A sequence is [BOS, prompt (P tokens), response (T tokens)];
-π(y|x) is the model's conditional of the response given BOS + prompt.
+Tokens: ToyLang ids 0..7, no BOS: a sequence is [prompt (P ≥ 1 tokens), response (T tokens)], and
+π(y|x) is the model's conditional of the response given the prompt. Without an input-only token the
+model's next-token distribution lives on the language's tokens, so Σ_y π(y|x) = 1 exactly.
 """
 
 import copy
@@ -28,11 +29,13 @@ class Testbed:
 
   @property
   def seq_len(self) -> int:
-    return 1 + self.prompts_XxP.shape[1] + self.responses_YxT.shape[1]
+    return self.prompts_XxP.shape[1] + self.responses_YxT.shape[1]
 
 
 def make(tb_cfg) -> Testbed:
   P, T = tb_cfg.prompt_len, tb_cfg.response_len
+  if P < 1 or T < 1:
+    raise ValueError(f"testbed: prompt_len={P} and response_len={T} must both be >= 1")
   prompts, responses = language.all_sequences(P), language.all_sequences(T)
   reward_Y = language.response_reward(responses)
   return Testbed(
@@ -42,14 +45,9 @@ def make(tb_cfg) -> Testbed:
       chain_logp_XxY=language.chain_conditional_logp(P, T))
 
 
-def _with_bos(x_NxS: np.ndarray) -> np.ndarray:
-  return np.concatenate([np.full((len(x_NxS), 1), language.BOS, np.int32), x_NxS], 1)
-
-
 def corpus(tb: Testbed, n: int, seed: int) -> dict[str, np.ndarray]:
-  """MLE records: whole chain samples [BOS, x], every token after BOS scored (K = 1)."""
-  x = language.sample_sequences(np.random.default_rng(seed), n, tb.seq_len - 1)
-  tokens = _with_bos(x.astype(np.int32))
+  """MLE records: whole chain samples, every token after the first scored (K = 1)."""
+  tokens = language.sample_sequences(np.random.default_rng(seed), n, tb.seq_len).astype(np.int32)
   mask = np.ones_like(tokens, np.float32)
   mask[:, 0] = 0.0
   return {"tokens_KxL": tokens[:, None], "loss_mask_KxL": mask[:, None]}
@@ -79,11 +77,10 @@ def pairs(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
   p_a = 1.0 / (1.0 + np.exp(-(r_Nx2[:, 0] - r_Nx2[:, 1]) / bt_temperature))
   a_wins = rng.random(n) < p_a
   chosen_Nx2 = np.where(a_wins[:, None], ab_Nx2, ab_Nx2[:, ::-1])
-  seqs = np.concatenate([np.repeat(tb.prompts_XxP[x_N][:, None], 2, 1),
-                         tb.responses_YxT[chosen_Nx2]], axis=2)           # [N, 2, P+T]
-  tokens = np.concatenate([np.full((n, 2, 1), language.BOS, np.int32), seqs], 2).astype(np.int32)
+  tokens = np.concatenate([np.repeat(tb.prompts_XxP[x_N][:, None], 2, 1),
+                           tb.responses_YxT[chosen_Nx2]], axis=2).astype(np.int32)  # [N, 2, P+T]
   mask = np.zeros(tokens.shape, np.float32)
-  mask[:, :, 1 + tb.prompts_XxP.shape[1]:] = 1.0
+  mask[:, :, tb.prompts_XxP.shape[1]:] = 1.0
   return {"tokens_KxL": tokens, "loss_mask_KxL": mask,
           "prompt_index": x_N.astype(np.int32), "response_index_K": chosen_Nx2.astype(np.int32)}
 
@@ -95,7 +92,7 @@ def exact_logp_fn(graphdef, tb: Testbed, chunk: int):
   def logp_XxY(params):
     fn = lambda tokens: logps.next_token_logprobs(graphdef, params, tokens)
     return exact.prefix_logps(fn, jnp.asarray(tb.prompts_XxP), tb.responses_YxT.shape[1],
-                              language.V, language.BOS, chunk=chunk)
+                              language.V, chunk=chunk)
   return logp_XxY
 
 

@@ -1,0 +1,210 @@
+"""Exact metrics between conditional policies given as full log-prob tables.
+
+A conditional policy on the testbed is a table `logp_XxY` of log π(y|x) over
+ALL responses y of every prompt x (rows normalised; -inf marks zero
+probability), and the prompt distribution is `prompt_logw_X` (log-weights,
+summing to one in probability space). Divergences are prompt-weighted averages
+of per-prompt conditional divergences, in nats:
+  D(π‖ρ) = Σ_x w_x D(π(·|x) ‖ ρ(·|x)).
+Zero probabilities follow the conventions 0·log 0 = 0 and p·log(p/0) = +inf;
+every `jnp.where` is applied to safe inputs so that gradients stay finite
+wherever the value is finite. All functions are dtype-generic and jit-able.
+
+`prefix_logps` builds such a table from any autoregressive model with a single
+forward pass over the V**(T-1) response prefixes of every prompt.
+"""
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _safe_prob(logp):
+  """(p, p > 0) with p = exp(logp); underflowed entries count as zero mass."""
+  p = jnp.exp(logp)
+  return p, p > 0
+
+
+def _plog_ratio(logp, logq):
+  """Elementwise p·(log p − log q): 0 where p = 0, +inf where q = 0 < p."""
+  p, support = _safe_prob(logp)
+  safe_logp = jnp.where(support, logp, 0.0)
+  safe_logq = jnp.where(support, logq, 0.0)
+  return jnp.where(support, p * (safe_logp - safe_logq), 0.0)
+
+
+def _prompt_mean(values_X, prompt_logw_X):
+  """Σ_x w_x v_x, ignoring prompts of zero weight (so 0·inf = 0)."""
+  w_X, support = _safe_prob(prompt_logw_X)
+  return jnp.sum(jnp.where(support, w_X * jnp.where(support, values_X, 0.0),
+                           0.0))
+
+
+def _kl_X(logp_XxY, logq_XxY):
+  """Per-prompt KL(p(·|x) ‖ q(·|x))."""
+  return jnp.sum(_plog_ratio(logp_XxY, logq_XxY), axis=-1)
+
+
+def kl(logp_XxY: Array, logq_XxY: Array, prompt_logw_X: Array) -> Array:
+  """KL(p‖q) = Σ_x w_x Σ_y p(y|x) (log p(y|x) − log q(y|x)).
+
+  Args:
+    logp_XxY: log-probs of p over all responses of each prompt.
+    logq_XxY: log-probs of q, same layout.
+    prompt_logw_X: log prompt weights.
+
+  Returns:
+    Scalar; +inf if q(y|x) = 0 < p(y|x) for a prompt of positive weight.
+  """
+  return _prompt_mean(_kl_X(logp_XxY, logq_XxY), prompt_logw_X)
+
+
+def tv(logp_XxY: Array, logq_XxY: Array, prompt_logw_X: Array) -> Array:
+  """Total variation Σ_x w_x ½ Σ_y |p(y|x) − q(y|x)|, in [0, 1]."""
+  diff_XxY = jnp.abs(jnp.exp(logp_XxY) - jnp.exp(logq_XxY))
+  return _prompt_mean(0.5 * jnp.sum(diff_XxY, axis=-1), prompt_logw_X)
+
+
+def _log_mixture(logp, logq):
+  """log((p + q) / 2); -inf where both are zero, with finite gradients."""
+  both_zero = (logp == -jnp.inf) & (logq == -jnp.inf)
+  safe_p = jnp.where(both_zero, 0.0, logp)
+  safe_q = jnp.where(both_zero, 0.0, logq)
+  logm = jnp.logaddexp(safe_p, safe_q) - math.log(2.0)
+  return jnp.where(both_zero, -jnp.inf, logm)
+
+
+def js(logp_XxY: Array, logq_XxY: Array, prompt_logw_X: Array) -> Array:
+  """Jensen–Shannon ½ KL(p‖m) + ½ KL(q‖m), m = (p + q)/2; in [0, log 2]."""
+  logm_XxY = _log_mixture(logp_XxY, logq_XxY)
+  js_X = 0.5 * (_kl_X(logp_XxY, logm_XxY) + _kl_X(logq_XxY, logm_XxY))
+  return _prompt_mean(js_X, prompt_logw_X)
+
+
+def entropy(logp_XxY: Array, prompt_logw_X: Array) -> Array:
+  """Mean conditional entropy Σ_x w_x (−Σ_y p(y|x) log p(y|x))."""
+  ent_X = -jnp.sum(_plog_ratio(logp_XxY, jnp.zeros_like(logp_XxY)), axis=-1)
+  return _prompt_mean(ent_X, prompt_logw_X)
+
+
+def expectation(logp_XxY: Array, values_XxY: Array,
+                prompt_logw_X: Array) -> Array:
+  """E[v] = Σ_x w_x Σ_y p(y|x) v(x, y); values where p = 0 are ignored."""
+  p_XxY, support = _safe_prob(logp_XxY)
+  values_XxY = jnp.broadcast_to(values_XxY, p_XxY.shape).astype(p_XxY.dtype)
+  safe_v = jnp.where(support, values_XxY, 0.0)
+  mean_X = jnp.sum(jnp.where(support, p_XxY * safe_v, 0.0), axis=-1)
+  return _prompt_mean(mean_X, prompt_logw_X)
+
+
+def normalize(logits_XxY: Array) -> Array:
+  """Row-wise log-softmax: logits − logsumexp(logits) per prompt."""
+  return logits_XxY - jax.nn.logsumexp(logits_XxY, axis=-1, keepdims=True)
+
+
+def rlhf_target(logp_ref_XxY: Array, reward_XxY: Array, beta) -> Array:
+  """The KL-regularised RLHF optimum p(y|x) ∝ π_ref(y|x) exp(r(x, y)/β).
+
+  It maximises E_π[r] − β KL(π‖π_ref), with maximum β Σ_x w_x log Z_x.
+  """
+  return normalize(logp_ref_XxY + reward_XxY / beta)
+
+
+def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
+                   prompt_logw_X: Array,
+                   target_logp_XxY: Array | None = None) -> dict[str, Array]:
+  """The exact testbed metrics of a policy π against its reference and target.
+
+  Args:
+    logp_XxY: the policy π.
+    ref_logp_XxY: the reference π_ref.
+    reward_XxY: reward of every (prompt, response).
+    prompt_logw_X: log prompt weights.
+    target_logp_XxY: optional target p; adds the divergences to it.
+
+  Returns:
+    Scalars keyed "exact/kl_policy_ref", "exact/reward", "exact/entropy" and,
+    with a target, "exact/kl_target_policy" (KL(p‖π)), "exact/kl_policy_target"
+    (KL(π‖p)), "exact/tv", "exact/js".
+  """
+  metrics = {
+      "exact/kl_policy_ref": kl(logp_XxY, ref_logp_XxY, prompt_logw_X),
+      "exact/reward": expectation(logp_XxY, reward_XxY, prompt_logw_X),
+      "exact/entropy": entropy(logp_XxY, prompt_logw_X),
+  }
+  if target_logp_XxY is not None:
+    p_XxY, pi_XxY, w_X = target_logp_XxY, logp_XxY, prompt_logw_X
+    metrics["exact/kl_target_policy"] = kl(p_XxY, pi_XxY, w_X)
+    metrics["exact/kl_policy_target"] = kl(pi_XxY, p_XxY, w_X)
+    metrics["exact/tv"] = tv(pi_XxY, p_XxY, w_X)
+    metrics["exact/js"] = js(pi_XxY, p_XxY, w_X)
+  return metrics
+
+
+def _lexicographic(vocab: int, length: int) -> np.ndarray:
+  """int32[vocab**length, length], first position most significant."""
+  grid = np.indices((vocab,) * length, dtype=np.int32)
+  return grid.reshape(length, vocab**length).T
+
+
+def _chunked(fn, tokens_RxS, chunk):
+  """fn over row chunks of one size (last padded) by lax.map: one trace."""
+  rows, seq = tokens_RxS.shape
+  if chunk is None or chunk >= rows:
+    return fn(tokens_RxS)
+  pad = -rows % chunk
+  padded_RxS = jnp.concatenate([tokens_RxS, tokens_RxS[:pad]], axis=0)
+  chunks_out = jax.lax.map(fn, padded_RxS.reshape(-1, chunk, seq))
+  return chunks_out.reshape(rows + pad, *chunks_out.shape[2:])[:rows]
+
+
+def prefix_logps(next_logprobs_fn: Callable[[Array], Array],
+                 prompts_XxP: Array, response_len: int, vocab: int,
+                 bos: int | None = None, chunk: int | None = None) -> Array:
+  """log π(y|x) of every response y of every prompt x, in one forward pass.
+
+  Runs the model on the V**(T−1)·X prefixes [BOS?, x, y_0 … y_{T−2}] only:
+  the position before y_t holds π(·|x, y_<t) for t < T, so the prefix's own
+  tokens give Σ_{t<T−1} log π(y_t|x, y_<t) by a gather, and its last position
+  scores all `vocab` final tokens at once — `vocab` times fewer rows than
+  scoring the X·Y full sequences. Model mass on tokens ≥ vocab (e.g. BOS) is
+  ignored, not renormalised away.
+
+  Args:
+    next_logprobs_fn: tokens_RxS -> logprobs_RxSxV' (V' ≥ vocab), the model's
+      next-token log-softmax; position s scores the token at s + 1.
+    prompts_XxP: int prompt tokens.
+    response_len: T ≥ 1 response tokens.
+    vocab: response tokens range over 0..vocab−1.
+    bos: a token prepended to every sequence, or None (then P ≥ 1).
+    chunk: optional rows per model call; chunks run sequentially under
+      `jax.lax.map` (fn is traced once; the last chunk is padded).
+
+  Returns:
+    logp_XxY with Y = vocab**T in lexicographic response order.
+  """
+  prompts_XxP = jnp.asarray(prompts_XxP, jnp.int32)
+  num_x, prompt_len = prompts_XxP.shape
+  prefix_ZxS = jnp.asarray(_lexicographic(vocab, response_len - 1))
+  num_z = prefix_ZxS.shape[0]
+  start = prompt_len + (bos is not None)  # Index of y_0 in a row.
+  if start < 1:
+    raise ValueError("prefix_logps needs a BOS token or a prompt of at least one token")
+  parts = [jnp.full((num_x * num_z, 1), bos, jnp.int32)] if bos is not None else []
+  tokens_RxS = jnp.concatenate([
+      *parts,
+      jnp.repeat(prompts_XxP, num_z, axis=0),  # Row r = x * Z + z.
+      jnp.tile(prefix_ZxS, (num_x, 1)),
+  ], axis=1)
+  logprobs_RxSxV = _chunked(next_logprobs_fn, tokens_RxS, chunk)
+  resp_RxTxV = logprobs_RxSxV[:, start - 1:start - 1 + response_len, :vocab]
+  taken_RxT1 = jnp.take_along_axis(
+      resp_RxTxV[:, :-1, :], tokens_RxS[:, start:, None], axis=-1)
+  prefix_logp_R = jnp.sum(taken_RxT1[..., 0], axis=-1)
+  logp_RxV = prefix_logp_R[:, None] + resp_RxTxV[:, -1, :]
+  return logp_RxV.reshape(num_x, num_z * vocab)  # y = z * vocab + y_last.
