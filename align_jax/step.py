@@ -82,9 +82,9 @@ def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graph
       opt_state=opt_state, stats=stats)
   return new_state, {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
-      "update_norm": optax.global_norm(updates),
-      "param_norm": optax.global_norm(state.params),
+      "grad_norm": optax.tree.norm(grads),
+      "update_norm": optax.tree.norm(updates),
+      "param_norm": optax.tree.norm(state.params),
       "lr": lr_fn(state.step),
       **{f"objective/{k}": v for k, v in metrics.items()},
   }
