@@ -138,9 +138,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
                         is_main=is_main)
   try:
     for s in range(start + 1, cfg.total_steps + 1):
-      local = next(data_iter)
-      with jax.transfer_guard("disallow"):
-        batch = pipeline.to_global(local, mesh)
+      batch = pipeline.to_global(next(data_iter), mesh)  # The one explicit host->device copy.
+      with jax.transfer_guard("disallow"):  # Anything else implicit in the step is a bug.
         state, metrics = train_step(state, batch, ref_params)
       writer.submit(s, metrics)
       if evaluate is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < cfg.total_steps:
