@@ -131,4 +131,11 @@ def test_default_dpo_raises_exact_reward(tmp_path):
   assert initial["exact/kl_policy_ref"] == pytest.approx(0.0, abs=1e-5)
   assert 0.0 < final["exact/kl_policy_ref"] < 10.0
   assert "exact metric" in out.stdout
+  run = tmp_path / "runs" / "dpo"
+  assert json.load(open(run / "config.json"))["objective"] == "dpo"
+  records = read_jsonl(run / "metrics.jsonl")
+  assert records and all("step" in r for r in records)
+  assert any("exact/reward" in r for r in records)  # periodic exact evaluation
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+  assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())[-1] == 300
   print(f"default dpo wall time {summary['wall_time_s']:.1f}s on {summary['device_kind']}")
