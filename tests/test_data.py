@@ -1,11 +1,9 @@
-"""Grain pipelines (per-process rows, resumable position) and the JSONL reader's errors."""
-
-import json
+"""Grain pipelines: per-process rows, resumable position, batch field names."""
 
 import numpy as np
 import pytest
 
-from align_jax.data import jsonl, pipeline
+from align_jax.data import pipeline
 
 
 def _source(n=40):
@@ -48,35 +46,7 @@ def test_fewer_records_than_a_batch_is_an_error():
     pipeline.batches(_source(4), global_batch=8, total_steps=1, seed=0)
 
 
-def _write(tmp_path, records):
-  path = tmp_path / "pairs.jsonl"
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-  return str(path)
-
-
-def test_jsonl_pairs_tokens_and_masks(tmp_path):
-  path = _write(tmp_path, [{"prompt": [1, 2], "chosen": [3, 4], "rejected": [5]}])
-  out = jsonl.read_pairs(path)
-  np.testing.assert_array_equal(out["tokens_KxL"][0], [[1, 2, 3, 4], [1, 2, 5, 0]])
-  np.testing.assert_array_equal(out["loss_mask_KxL"][0], [[0, 0, 1, 1], [0, 0, 1, 0]])
-
-
-@pytest.mark.parametrize("record, kwargs, message", [
-    ("{not json", {}, ":1: not JSON"),
-    ({"prompt": [1], "chosen": [2]}, {}, ":1: record has no field 'rejected'"),
-    ({"prompt": [], "chosen": [2], "rejected": [3]}, {}, ":1: empty prompt or response"),
-    ({"prompt": [1], "chosen": [], "rejected": [3]}, {}, ":1: empty prompt or response"),
-    ({"prompt": [1], "chosen": ["a"], "rejected": [3]}, {}, "must be a list of token ids"),
-    ({"prompt": [1], "chosen": [9], "rejected": [3]}, {"vocab_size": 8}, "token id 9 >= vocab"),
-    ({"prompt": [1, 2], "chosen": [3, 4], "rejected": [3]}, {"max_len": 3}, "exceed data.max_len=3"),
-])
-def test_jsonl_errors_name_file_and_record(tmp_path, record, kwargs, message):
-  path = _write(tmp_path, [record])
-  with pytest.raises(jsonl.DataError, match=message) as e:
-    jsonl.read_pairs(path, **kwargs)
-  assert str(e.value).startswith(path)
-
-
-def test_jsonl_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no such file"):
-    jsonl.read_pairs(str(tmp_path / "absent.jsonl"))
+def test_scalar_record_fields_gain_a_batch_axis():
+  assert pipeline.batch_key("score_K") == "score_BxK"
+  assert pipeline.batch_key("is_tie") == "is_tie_B"
+  assert pipeline.batch_key("desirable") == "desirable_B"

@@ -51,9 +51,12 @@ def batches(source, *, global_batch: int, total_steps: int, seed: int, shuffle: 
 
 
 def batch_key(record_key: str) -> str:
-  """Record field -> batch field: the shape suffix gains the batch letter (tokens_KxL -> _BxKxL)."""
+  """Record field -> batch field: a shape suffix gains the batch letter (tokens_KxL ->
+  tokens_BxKxL); a per-record scalar gains one (is_tie -> is_tie_B)."""
   name, _, shape = record_key.rpartition("_")
-  return f"{name}_Bx{shape}"
+  if name and shape and all(part.isupper() for part in shape.split("x")):
+    return f"{name}_Bx{shape}"
+  return f"{record_key}_B"
 
 
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
