@@ -101,10 +101,13 @@ def base() -> mlc.ConfigDict:
   ))
 
   c.data = mlc.ConfigDict(dict(
-      source="testbed",          # testbed | jsonl
-      path="",                   # File for non-testbed sources.
+      # testbed, or a file / dataset: jsonl:PATH, arrayrecord:PATH, tfds:NAME/SPLIT[@DATA_DIR]
+      # (align_jax/data/preference.py). The objective decides the record format.
+      source="testbed",
       batch_size=64,             # Global prompts per step (B).
       max_len=0,                 # Tokens per sequence (L) for file sources; 0 = from the data.
+      list_size=4,               # Ranked lists: responses per prompt (K); files: 0 = longest.
+      num_samples=4,             # Negatives-only (D2O): the model's own samples per negative.
       num_examples=4096,         # Testbed datasets: records generated.
       shuffle=True,
   ))
@@ -123,8 +126,31 @@ def base() -> mlc.ConfigDict:
       eval_chunk=8192,           # Rows per forward in the exact enumeration pass.
       target="",                 # Explicit target for exact divergences: '' | chain | rlhf.
       target_beta=1.0,           # β of the rlhf target π_ref·exp(r/β).
+      tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (TODO's model).
+      eval_pairs=2048,           # Held-out BT pairs for exact/ranking_accuracy (0: none).
   ))
   return c
+
+
+def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:
+  """Offline preference training on the testbed from its cached base LM (the shared defaults).
+
+  With `rlhf_target`, the exact metrics include the divergences to π_ref·exp(r/(β·T)), the
+  population optimum of DPO-style objectives on Bradley–Terry labels of temperature T (needs
+  `loss.beta`; follows later overrides of β and T).
+  """
+  c.init_checkpoint = "testbed"  # The cached testbed base LM (pretrained on first use).
+  c.data.batch_size = 64
+  c.data.num_examples = 8192
+  if rlhf_target:
+    c.testbed.target = "rlhf"
+    c.testbed.target_beta = c.loss.get_ref("beta") * c.testbed.get_ref("bt_temperature")
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 10
+  c.total_steps = 300
+  c.log_every = 25
+  c.eval_every = 100
+  c.checkpoint_every = 100
 
 
 def smoke(c: mlc.ConfigDict) -> None:

@@ -45,9 +45,11 @@ def optimizer(optim) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int,
+               stats: dict | None = None) -> TrainState:
+  """Step 0; `stats` are the objective's initial running statistics ({} for most)."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)), anchor={}, stats={})
+                    rng=jax.random.key_data(jax.random.key(seed)), anchor={}, stats=stats or {})
 
 
 def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:

@@ -18,11 +18,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from align_jax import checkpoint, models, objectives, sharding, step
-from align_jax.data import jsonl, pipeline
+from align_jax.data import pipeline, preference
 from align_jax.metrics import MetricWriter
 from align_jax.testbed import exact, task
 
-SOURCES = ("testbed_corpus", "testbed_pairs", "jsonl")
+# Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
+BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie")
 
 
 @dataclasses.dataclass
@@ -51,8 +52,6 @@ def run(cfg, workdir: str) -> RunResult:
 
 def _validate(cfg) -> None:
   objectives.get(cfg.objective)
-  if cfg.data.source not in SOURCES:
-    raise ValueError(f"data.source {cfg.data.source!r} is unknown; known: {SOURCES}")
   if cfg.total_steps < 1:
     raise ValueError(f"total_steps={cfg.total_steps} must be >= 1")
   for key in ("log_every", "eval_every", "checkpoint_every"):
@@ -85,20 +84,33 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   ref_params = load_init_params() if objective.needs_ref else None
 
   # ---- Exact evaluation on the testbed ---------------------------------------------------------
-  tb = task.make(cfg.testbed) if cfg.data.source.startswith("testbed") else None
+  tb = task.make(cfg.testbed) if cfg.data.source == "testbed" else None
   evaluate = None
   if tb is not None:
     logp_fn = jax.jit(task.exact_logp_fn(graphdef, tb, cfg.testbed.eval_chunk),
                       out_shardings=replicated)
-    eval_ref_XxY = logp_fn(ref_params) if ref_params is not None else jnp.asarray(
-        tb.chain_logp_XxY, jnp.float32)
+    # The reference of the exact metrics: the starting policy (the base LM of testbed configs;
+    # the same as the frozen reference where there is one), or the chain for pretraining.
+    eval_ref_XxY = (jnp.asarray(tb.chain_logp_XxY, jnp.float32) if objective.data == "corpus"
+                    else logp_fn(params))
     target_XxY = _target(cfg, tb, eval_ref_XxY)
-    evaluate = jax.jit(lambda p: exact.policy_metrics(
-        logp_fn(p), eval_ref_XxY, tb.reward_XxY, tb.prompt_logw_X, target_XxY),
-        out_shardings=replicated)
+    held_out = _held_out_pairs(cfg, objective, tb, eval_ref_XxY)
+
+    def exact_metrics(p):
+      logp_XxY = logp_fn(p)
+      metrics = exact.policy_metrics(logp_XxY, eval_ref_XxY, tb.reward_XxY, tb.prompt_logw_X,
+                                     target_XxY)
+      if held_out is not None:
+        metrics["exact/ranking_accuracy"] = exact.ranking_accuracy(logp_XxY, *held_out)
+        if target_XxY is not None:
+          metrics["exact/idealized_ranking_accuracy"] = exact.ranking_accuracy(target_XxY,
+                                                                               *held_out)
+      return metrics
+    evaluate = jax.jit(exact_metrics, out_shardings=replicated)
 
   # ---- Data ------------------------------------------------------------------------------------
-  records = _records(cfg, tb, eval_ref_XxY if tb is not None else None, model_cfg)
+  records, data_counts = _records(cfg, objective, tb,
+                                  eval_ref_XxY if tb is not None else None, model_cfg)
   data_iter = pipeline.batches(
       pipeline.ArraySource(records), global_batch=cfg.data.batch_size,
       total_steps=cfg.total_steps, seed=cfg.seed, shuffle=cfg.data.shuffle)
@@ -106,7 +118,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   # ---- Train state and the one step ------------------------------------------------------------
   optim = cfg.optim.to_dict() | {"total_steps": cfg.total_steps}
   tx = step.optimizer(_Attrs(optim))
-  state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed))(params)
+  state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed,
+                                                   objective.init_stats()))(params)
   state_shardings = jax.tree.map(
       lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
       state)
@@ -136,6 +149,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   # ---- Loop ------------------------------------------------------------------------------------
   writer = MetricWriter(workdir, total_steps=cfg.total_steps, log_every=cfg.log_every,
                         is_main=is_main)
+  if data_counts and not start:
+    writer.write(0, {f"data/{k}": v for k, v in data_counts.items()})
   try:
     for s in range(start + 1, cfg.total_steps + 1):
       batch = pipeline.to_global(next(data_iter), mesh)  # The one explicit host->device copy.
@@ -155,7 +170,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   # ---- Summary ---------------------------------------------------------------------------------
   summary = {"steps": cfg.total_steps, "wall_time_s": time.time() - t_start,
              "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-             "commit": _commit()}
+             "commit": _commit(), **{f"data/{k}": v for k, v in data_counts.items()}}
   if evaluate is not None:
     final = _host(evaluate(state.params))
     summary |= {"initial": initial, "final": final}
@@ -190,15 +205,44 @@ def _target(cfg, tb, ref_XxY):
   return None
 
 
-def _records(cfg, tb, base_logp_XxY, model_cfg) -> dict[str, np.ndarray]:
-  source = cfg.data.source
-  if source == "testbed_corpus":
-    return task.corpus(tb, cfg.data.num_examples, cfg.seed)
-  if source == "testbed_pairs":
-    pairs = task.pairs(tb, np.asarray(base_logp_XxY), cfg.data.num_examples, cfg.seed,
-                       cfg.testbed.bt_temperature)
-    return {k: pairs[k] for k in ("tokens_KxL", "loss_mask_KxL")}
-  return jsonl.read_pairs(cfg.data.path, cfg.data.max_len, model_cfg.vocab_size)
+def _records(cfg, objective, tb, base_logp_XxY, model_cfg) -> tuple[dict, dict]:
+  """(record arrays, data counts) for the objective's record format, from the testbed or a file."""
+  fmt, d = objective.data, cfg.data
+  if tb is not None:
+    base = None if base_logp_XxY is None else np.asarray(base_logp_XxY)
+    T = cfg.testbed.bt_temperature
+    make = {
+        "corpus": lambda: task.corpus(tb, d.num_examples, cfg.seed),
+        "pairs": lambda: task.pairs(tb, base, d.num_examples, cfg.seed, T),
+        "lists": lambda: task.lists(tb, base, d.num_examples, cfg.seed, T, d.list_size),
+        "binary": lambda: task.binary(tb, base, d.num_examples, cfg.seed, T),
+        "ternary": lambda: task.ternary(tb, base, d.num_examples, cfg.seed, T,
+                                        cfg.testbed.tie_alpha),
+        "negatives": lambda: task.negatives(tb, base, d.num_examples, cfg.seed, d.num_samples),
+    }[fmt]
+    return {k: v for k, v in make().items() if k in BATCH_FIELDS}, {}
+  if fmt not in preference.FORMATS:
+    raise ValueError(f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
+                     "testbed provides; set data.source=testbed")
+  if fmt == "negatives":
+    raise ValueError(f"objective {cfg.objective!r} needs the model's own samples beside each "
+                     "negative; from files this is not supported yet: set data.source=testbed")
+  arrays, counts = preference.read(d.source, fmt, max_len=d.max_len,
+                                   list_size=d.list_size if fmt == "lists" else 0,
+                                   vocab_size=model_cfg.vocab_size)
+  if fmt == "binary":
+    arrays = preference.with_mismatched(arrays)
+  return arrays, counts
+
+
+def _held_out_pairs(cfg, objective, tb, base_logp_XxY):
+  """(prompt, chosen, rejected) indices of BT-labelled pairs the run never trains on, or None."""
+  if objective.data == "corpus" or not cfg.testbed.eval_pairs:
+    return None
+  held = task.pairs(tb, np.asarray(base_logp_XxY), cfg.testbed.eval_pairs, seed=cfg.seed + 7919,
+                    bt_temperature=cfg.testbed.bt_temperature)
+  return tuple(jnp.asarray(a) for a in (held["prompt_index_K"][:, 0],
+                                        *held["response_index_K"].T))
 
 
 def _initial_eval(workdir, evaluate, params, is_main) -> dict | None:
@@ -238,9 +282,9 @@ def _testbed_base(cfg) -> str:
 
 
 def _print_table(initial: dict, final: dict) -> None:
-  print(f"\n{'exact metric':<28}{'initial':>12}{'final':>12}")
+  print(f"\n{'exact metric':<36}{'initial':>12}{'final':>12}")
   for k in final:
-    print(f"{k:<28}{initial.get(k, float('nan')):>12.5f}{final[k]:>12.5f}")
+    print(f"{k:<36}{initial.get(k, float('nan')):>12.5f}{final[k]:>12.5f}")
 
 
 def _commit() -> str | None:

@@ -10,6 +10,8 @@ Bradley–Terry noise, P(a ≻ b) = σ((r_a − r_b)/T). With such labels the po
   python -m align_jax.main --config=configs/dpo.py:smoke --workdir=runs/dpo_smoke
   # Sharded over 8 devices, another β:
   python -m align_jax.main --config=configs/dpo.py --config.mesh.shape="(2,2,2)" --config.loss.beta=0.2
+  # Your own pre-tokenized pairs ({"prompt", "chosen", "rejected"} per line):
+  python -m align_jax.main --config=configs/dpo.py --config.data.source=jsonl:pairs.jsonl
 
 Expected (default): summary.json's final exact/reward above its initial value, with
 exact/kl_policy_ref > 0 reported; the console prints the initial-vs-final table.
@@ -24,23 +26,8 @@ def get_config(arg: str | None = None):
   c.name = "dpo"
   c.objective = "dpo"
   c.loss.beta = 0.1              # Inverse temperature of the implicit reward β·log(π/π_ref).
-
   c.model = models.preset(arg.model)
-  c.init_checkpoint = "testbed"  # The cached testbed base LM (pretrained on first use).
-  c.data.source = "testbed_pairs"
-  c.data.batch_size = 64
-  c.data.num_examples = 8192
-  c.testbed.bt_temperature = 1.0
-  c.testbed.target = "rlhf"      # DPO's population optimum π_ref·exp(r/(β·T)):
-  c.testbed.target_beta = c.loss.get_ref("beta") * c.testbed.get_ref("bt_temperature")
-
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 10
-  c.total_steps = 300
-  c.log_every = 25
-  c.eval_every = 100
-  c.checkpoint_every = 100
-
+  config_lib.testbed_preference(c, rlhf_target=True)
   if arg.smoke:
     config_lib.smoke(c)
   return c

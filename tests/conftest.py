@@ -13,6 +13,12 @@ os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="align_jax_test_
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
+# Runs of different configs share compiled programs (exact evaluation, init) through the
+# persistent cache: identical computations compile once per session.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="align_jax_test_xla_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

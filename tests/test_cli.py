@@ -21,8 +21,8 @@ def _run(tmp_path, *args):
     ((f"--config={DPO}:smoke", "--config.optim.lrr=0.1"), "lrr"),
     ((f"--config={ROOT}/configs/no_such_config.py",), "no_such_config.py"),
     ((f"--config={DPO}:smoke,no_such_arg=3",), "no_such_arg"),
-    ((f"--config={DPO}:smoke", "--config.data.source=jsonl",
-      "--config.data.path=/no/such/pairs.jsonl"), "/no/such/pairs.jsonl"),
+    ((f"--config={DPO}:smoke", "--config.data.source=jsonl:/no/such/pairs.jsonl"),
+     "/no/such/pairs.jsonl"),
     ((f"--config={DPO}:smoke", "--config.mesh.shape=(3,-1,1)"), "mesh.shape"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expected):
@@ -38,8 +38,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
   data = tmp_path / "pairs.jsonl"
   data.write_text('{"prompt": [1, 2], "chosen": [3], "rejected": [4]}\n'
                   '{"prompt": [1, 2], "chosen": [3]}\n')
-  out = _run(tmp_path, f"--config={DPO}:smoke", "--config.data.source=jsonl",
-             f"--config.data.path={data}")
+  out = _run(tmp_path, f"--config={DPO}:smoke", f"--config.data.source=jsonl:{data}")
   assert out.returncode != 0
   assert f"{data}:2: record has no field 'rejected'" in out.stderr
   assert "Traceback" not in out.stderr

@@ -1,5 +1,6 @@
 """Whole runs: one trace of the step, mesh invariance, exact resume, non-finite stop, default DPO."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ def test_step_traces_once(tmp_path, monkeypatch, devices8):
     traces.append(1)  # Python runs only while jax traces the step.
     return dpo.fn(*args, **kwargs)
 
-  monkeypatch.setitem(objectives.OBJECTIVES, "dpo", objectives.Objective(counting, needs_ref=True))
+  monkeypatch.setitem(objectives.OBJECTIVES, "dpo", dataclasses.replace(dpo, fn=counting))
   cfg = load_config("dpo", "smoke")
   with cfg.unlocked():
     cfg.total_steps = 5

@@ -1,34 +1,102 @@
 """Objective registry: config name -> how to call the pure math with a batch.
 
-Each entry is an `Objective`: `fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`
-and whether the step must compute frozen-reference log-probs (`batch["ref_logp_BxK"]`). A new
-objective is one pure function in a family file and one line here.
+Each entry is an `Objective`: `fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`,
+whether the step must compute frozen-reference log-probs (`batch["ref_logp_BxK"]`), the record
+format it trains on (`data`: corpus, pairs, lists, binary, ternary, negatives) and the initial
+running statistics it keeps in the train state. A new objective is one pure function in a family
+file and one entry here.
+
+Batch fields (see align_jax/data/): tokens_BxKxL, loss_mask_BxKxL, example_mask_B (0 for padding
+prompts), score_BxK (higher = preferred), response_mask_BxK (0 for padded list entries),
+desirable_B (binary), is_tie_B (ternary).
 """
 
 import dataclasses
 from collections.abc import Callable
 
-from align_jax.objectives import likelihood, pairwise
+import jax
+import jax.numpy as jnp
+
+from align_jax.objectives import binary, likelihood, pairwise
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
   fn: Callable
   needs_ref: bool
+  data: str
+  init_stats: Callable[[], dict] = dict
+
+
+def num_tokens(batch) -> jax.Array:
+  """Scored tokens per response, [B, K] float32."""
+  return batch["loss_mask_BxKxL"][..., 1:].astype(jnp.float32).sum(-1)
 
 
 def _sft(logp, batch, stats):
-  n_BxK = batch["loss_mask_BxKxL"][..., 1:].sum(-1)
-  return (*likelihood.sft(logp, n_BxK), stats)
+  return (*likelihood.sft(logp, num_tokens(batch)), stats)
 
 
-def _dpo(logp, batch, stats, *, beta):
-  return (*pairwise.dpo(logp, batch["ref_logp_BxK"], beta=beta), stats)
+def _ref_pair(fn):
+  """Binds a pairwise function of (logp_Bx2, ref_logp_Bx2, **hyper)."""
+  return lambda logp, batch, stats, **cfg: (*fn(logp, batch["ref_logp_BxK"], **cfg), stats)
+
+
+def _ipo(logp, batch, stats, *, tau, per_token):
+  lengths = num_tokens(batch) if per_token else None
+  return (*pairwise.ipo(logp, batch["ref_logp_BxK"], tau=tau, num_tokens_Bx2=lengths), stats)
+
+
+def _slic(logp, batch, stats, *, delta, lam):
+  # The cross-entropy regulariser targets the chosen response (an SFT target per prompt).
+  return (*pairwise.slic_hf(logp, logp[:, 0], delta=delta, lam=lam), stats)
+
+
+def _ln_dpo(logp, batch, stats, *, beta):
+  return (*pairwise.ln_dpo(logp, batch["ref_logp_BxK"], num_tokens(batch), beta=beta), stats)
+
+
+def _todo(logp, batch, stats, *, beta, alpha):
+  return (*pairwise.todo(logp, batch["ref_logp_BxK"], batch["is_tie_B"], beta=beta, alpha=alpha),
+          stats)
+
+
+def _kto(logp, batch, stats, *, beta, desirable_weight, undesirable_weight):
+  # K index 1 is a mismatched completion (another example's response after this prompt).
+  ref = batch["ref_logp_BxK"]
+  z0 = binary.kto_reference_point(logp[:, 1], ref[:, 1], batch["example_mask_B"])
+  return (*binary.kto(logp[:, 0], ref[:, 0], batch["desirable_B"], z0, beta=beta,
+                      desirable_weight=desirable_weight, undesirable_weight=undesirable_weight),
+          stats)
+
+
+def _bco(logp, batch, stats, *, beta, delta_momentum):
+  ref = batch["ref_logp_BxK"]
+  reward_B = beta * (logp[:, 0] - ref[:, 0])
+  delta, count = binary.bco_update_delta(
+      stats["delta"], stats["count"], reward_B, batch["example_mask_B"],
+      momentum=None if delta_momentum < 0 else delta_momentum)
+  udm_B = batch.get("udm_weight_B")
+  loss_B, metrics = binary.bco(logp[:, 0], ref[:, 0], batch["desirable_B"], delta, beta=beta,
+                               udm_weight_B=udm_B)
+  return loss_B, metrics, {"delta": delta, "count": count}
+
+
+def _bco_stats():
+  return {"delta": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "sft": Objective(_sft, needs_ref=False),
-    "dpo": Objective(_dpo, needs_ref=True),
+    "sft": Objective(_sft, needs_ref=False, data="corpus"),
+    "dpo": Objective(_ref_pair(pairwise.dpo), needs_ref=True, data="pairs"),
+    "cdpo": Objective(_ref_pair(pairwise.cdpo), needs_ref=True, data="pairs"),
+    "rdpo": Objective(_ref_pair(pairwise.rdpo), needs_ref=True, data="pairs"),
+    "ipo": Objective(_ipo, needs_ref=True, data="pairs"),
+    "slic": Objective(_slic, needs_ref=False, data="pairs"),
+    "ln_dpo": Objective(_ln_dpo, needs_ref=True, data="pairs"),
+    "todo": Objective(_todo, needs_ref=True, data="ternary"),
+    "kto": Objective(_kto, needs_ref=True, data="binary"),
+    "bco": Objective(_bco, needs_ref=True, data="binary", init_stats=_bco_stats),
 }
 
 

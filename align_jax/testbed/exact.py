@@ -146,6 +146,17 @@ def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
   return metrics
 
 
+def ranking_accuracy(logp_XxY: Array, prompt_N: Array, chosen_N: Array,
+                     rejected_N: Array) -> Array:
+  """Share of labelled pairs whose chosen response the policy finds more likely (ties count ½).
+
+  The ranking accuracy of Chen et al. 2024 ("Preference Learning Algorithms Do Not Learn
+  Preference Rankings"); with the run's target as the policy it is their idealized accuracy.
+  """
+  diff_N = logp_XxY[prompt_N, chosen_N] - logp_XxY[prompt_N, rejected_N]
+  return jnp.mean(jnp.where(diff_N > 0, 1.0, jnp.where(diff_N == 0, 0.5, 0.0)))
+
+
 def _lexicographic(vocab: int, length: int) -> np.ndarray:
   """int32[vocab**length, length], first position most significant."""
   grid = np.indices((vocab,) * length, dtype=np.int32)

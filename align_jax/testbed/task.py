@@ -64,25 +64,129 @@ def sample_responses(rng: np.random.Generator, logp_XxY: np.ndarray, prompt_idx_
   return np.minimum(idx, logp_XxY.shape[1] - 1)
 
 
+def _prompt_draws(tb: Testbed, rng: np.random.Generator, n: int) -> np.ndarray:
+  """n prompt indices from the chain's prompt distribution."""
+  return rng.choice(len(tb.prompts_XxP), size=n, p=np.exp(tb.prompt_logw_X))
+
+
+def _records(tb: Testbed, x_NxK: np.ndarray, y_NxK: np.ndarray, score_NxK: np.ndarray,
+             **extra: np.ndarray) -> dict[str, np.ndarray]:
+  """The shared record layout: [prompt, response] per list entry, responses scored.
+
+  Fields: tokens_KxL, loss_mask_KxL, score_K (higher = preferred), response_mask_K (all 1 here),
+  prompt_index_K and response_index_K (testbed indices, for evaluation), plus `extra`.
+  """
+  tokens = np.concatenate([tb.prompts_XxP[x_NxK], tb.responses_YxT[y_NxK]], axis=2)
+  mask = np.zeros(tokens.shape, np.float32)
+  mask[:, :, tb.prompts_XxP.shape[1]:] = 1.0
+  return {"tokens_KxL": tokens.astype(np.int32), "loss_mask_KxL": mask,
+          "score_K": score_NxK.astype(np.float32),
+          "response_mask_K": np.ones(x_NxK.shape, np.float32),
+          "prompt_index_K": x_NxK.astype(np.int32), "response_index_K": y_NxK.astype(np.int32),
+          **{k: v.astype(np.float32) for k, v in extra.items()}}
+
+
+def _bt_prob(r_a, r_b, temperature: float):
+  """Bradley–Terry P(a ≻ b) = σ((r_a − r_b)/T), float64."""
+  return 1.0 / (1.0 + np.exp(-(np.asarray(r_a, np.float64) - r_b) / temperature))
+
+
 def pairs(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
           bt_temperature: float) -> dict[str, np.ndarray]:
   """Preference pairs: prompts from the prompt distribution, two base samples, BT-noisy labels.
 
-  P(a ≻ b) = σ((r_a − r_b) / bt_temperature); K index 0 is the chosen response.
+  P(a ≻ b) = σ((r_a − r_b) / bt_temperature); K index 0 is the chosen response (score 1).
   """
   rng = np.random.default_rng(seed)
-  x_N = rng.choice(len(tb.prompts_XxP), size=n, p=np.exp(tb.prompt_logw_X))
+  x_N = _prompt_draws(tb, rng, n)
+  ab_Nx2 = sample_responses(rng, base_logp_XxY, x_N, 2)
+  r_Nx2 = tb.reward_XxY[x_N[:, None], ab_Nx2]
+  a_wins = rng.random(n) < _bt_prob(r_Nx2[:, 0], r_Nx2[:, 1], bt_temperature)
+  chosen_Nx2 = np.where(a_wins[:, None], ab_Nx2, ab_Nx2[:, ::-1])
+  return _records(tb, np.repeat(x_N[:, None], 2, 1), chosen_Nx2,
+                  np.broadcast_to(np.array([1.0, 0.0]), (n, 2)))
+
+
+def lists(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
+          k: int) -> dict[str, np.ndarray]:
+  """Ranked lists (LiPO, ListMLE, PRO): k base samples per prompt, labelled by BT win rates.
+
+  Every ordered pair (i, j) of a list is compared once by a Bradley–Terry draw on the gold reward;
+  the label ψ_i ∈ [0, 1] is response i's share of wins against the other k − 1 (the average
+  win-probability aggregation of LiPO, made noisy by the draws).
+  """
+  if k < 2:
+    raise ValueError(f"testbed lists need k >= 2 responses; got {k}")
+  rng = np.random.default_rng(seed)
+  x_N = _prompt_draws(tb, rng, n)
+  y_NxK = sample_responses(rng, base_logp_XxY, x_N, k)
+  r_NxK = tb.reward_XxY[x_N[:, None], y_NxK]
+  i_wins_NxKxK = rng.random((n, k, k)) < _bt_prob(r_NxK[:, :, None], r_NxK[:, None, :],
+                                                  bt_temperature)
+  upper = np.triu(np.ones((k, k), bool), 1)  # One draw per unordered pair, i < j.
+  wins_NxKxK = np.where(upper, i_wins_NxKxK, ~np.swapaxes(i_wins_NxKxK, 1, 2) & upper.T)
+  score_NxK = wins_NxKxK.sum(-1) / (k - 1)
+  return _records(tb, np.repeat(x_N[:, None], k, 1), y_NxK, score_NxK)
+
+
+def binary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
+           bt_temperature: float) -> dict[str, np.ndarray]:
+  """Thumbs up/down (KTO, BCO): one base sample per record, desirable by a BT draw.
+
+  P(desirable) = σ((r(x, y) − E_base[r | x]) / T): the response is compared with the base policy's
+  mean reward for its prompt. K index 1 holds a mismatched completion (another record's response
+  after this record's prompt): KTO's reference point z0 is estimated from such pairs.
+  """
+  rng = np.random.default_rng(seed)
+  x_N = _prompt_draws(tb, rng, n)
+  y_N = sample_responses(rng, base_logp_XxY, x_N, 1)[:, 0]
+  base_mean_X = np.sum(np.exp(base_logp_XxY.astype(np.float64)) * tb.reward_XxY, axis=1)
+  desirable = rng.random(n) < _bt_prob(tb.reward_XxY[x_N, y_N], base_mean_X[x_N], bt_temperature)
+  y_Nx2 = np.stack([y_N, np.roll(y_N, 1)], axis=1)
+  return _records(tb, np.repeat(x_N[:, None], 2, 1), y_Nx2,
+                  np.stack([desirable, np.zeros(n, bool)], 1), desirable=desirable)
+
+
+def ternary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
+            tie_alpha: float) -> dict[str, np.ndarray]:
+  """Pairs with ties (TODO): labels drawn from the Rao–Kupper model with tie parameter α.
+
+  With d = (r_a − r_b)/T: P(a ≻ b) = σ(d − α), P(b ≻ a) = σ(−d − α), P(tie) = the rest. The winner
+  is K index 0; a tie keeps the drawn order and has is_tie = 1 (score [0.5, 0.5]).
+  """
+  rng = np.random.default_rng(seed)
+  x_N = _prompt_draws(tb, rng, n)
   ab_Nx2 = sample_responses(rng, base_logp_XxY, x_N, 2)
   r_Nx2 = tb.reward_XxY[x_N[:, None], ab_Nx2].astype(np.float64)
-  p_a = 1.0 / (1.0 + np.exp(-(r_Nx2[:, 0] - r_Nx2[:, 1]) / bt_temperature))
-  a_wins = rng.random(n) < p_a
-  chosen_Nx2 = np.where(a_wins[:, None], ab_Nx2, ab_Nx2[:, ::-1])
-  tokens = np.concatenate([np.repeat(tb.prompts_XxP[x_N][:, None], 2, 1),
-                           tb.responses_YxT[chosen_Nx2]], axis=2).astype(np.int32)  # [N, 2, P+T]
-  mask = np.zeros(tokens.shape, np.float32)
-  mask[:, :, tb.prompts_XxP.shape[1]:] = 1.0
-  return {"tokens_KxL": tokens, "loss_mask_KxL": mask,
-          "prompt_index": x_N.astype(np.int32), "response_index_K": chosen_Nx2.astype(np.int32)}
+  d_N = (r_Nx2[:, 0] - r_Nx2[:, 1]) / bt_temperature
+  p_a = 1.0 / (1.0 + np.exp(-(d_N - tie_alpha)))
+  p_b = 1.0 / (1.0 + np.exp(-(-d_N - tie_alpha)))
+  u_N = rng.random(n)
+  b_wins, tie = (u_N >= p_a) & (u_N < p_a + p_b), u_N >= p_a + p_b
+  ordered_Nx2 = np.where(b_wins[:, None], ab_Nx2[:, ::-1], ab_Nx2)
+  score_Nx2 = np.where(tie[:, None], 0.5, np.array([1.0, 0.0]))
+  return _records(tb, np.repeat(x_N[:, None], 2, 1), ordered_Nx2, score_Nx2, is_tie=tie)
+
+
+def negatives(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
+              num_samples: int) -> dict[str, np.ndarray]:
+  """Negatives only (D2O): K index 0 a harmful response, 1..num_samples the model's own samples.
+
+  The negative is a base sample conditioned on harm (the response contains token h, ABLATIONS.md
+  §6.2); prompts whose base conditional puts no mass on harm are not drawn. The self-samples are
+  unconditioned base samples (the offline variant: drawn once from π_ref).
+  """
+  rng = np.random.default_rng(seed)
+  harm_Y = language.harm(tb.responses_YxT)
+  harmful_logp_XxY = np.where(harm_Y[None], base_logp_XxY.astype(np.float64), -np.inf)
+  log_mass_X = np.logaddexp.reduce(harmful_logp_XxY, axis=1)
+  logw_X = np.where(np.isfinite(log_mass_X), tb.prompt_logw_X, -np.inf)
+  x_N = rng.choice(len(tb.prompts_XxP), size=n, p=np.exp(logw_X - np.logaddexp.reduce(logw_X)))
+  neg_N = sample_responses(rng, harmful_logp_XxY - log_mass_X[:, None], x_N, 1)[:, 0]
+  own_NxS = sample_responses(rng, base_logp_XxY, x_N, num_samples)
+  y_NxK = np.concatenate([neg_N[:, None], own_NxS], axis=1)
+  score_NxK = np.concatenate([np.zeros((n, 1)), np.ones((n, num_samples))], axis=1)
+  return _records(tb, np.repeat(x_N[:, None], num_samples + 1, 1), y_NxK, score_NxK)
 
 
 def exact_logp_fn(graphdef, tb: Testbed, chunk: int):
@@ -131,7 +235,7 @@ def pretrain_config(tb_cfg, model_cfg, seed: int = 0):
   c.eval_every = 0
   c.checkpoint_every = tb_cfg.pretrain_steps
   c.keep_checkpoints = 1
-  c.data.source = "testbed_corpus"
+  c.data.source = "testbed"
   c.data.batch_size = tb_cfg.pretrain_batch
   c.data.num_examples = tb_cfg.pretrain_examples
   c.testbed.target = "chain"

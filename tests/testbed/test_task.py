@@ -47,7 +47,7 @@ def test_pairs_are_deterministic_and_follow_bradley_terry(testbed):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a["tokens_KxL"], task.pairs(testbed, base, 20_000, 4, 0.5)["tokens_KxL"])
-  r = testbed.reward_XxY[a["prompt_index"][:, None], a["response_index_K"]].astype(np.float64)
+  r = testbed.reward_XxY[a["prompt_index_K"], a["response_index_K"]].astype(np.float64)
   np.testing.assert_array_equal(a["tokens_KxL"][:, :, 2:], testbed.responses_YxT[a["response_index_K"]])
   distinct = r[:, 0] != r[:, 1]
   higher_won = (r[:, 0] > r[:, 1])[distinct]
@@ -74,3 +74,68 @@ def test_base_key_changes_with_settings():
   tb3 = mlc.ConfigDict(tb.to_dict())
   tb3.bt_temperature = 3.0  # does not affect the base LM
   assert task.base_key(tb3, model) == key
+
+
+def _four_se(n):  # Four standard errors of a mean of n Bernoulli draws (≤ 0.5/sqrt(n) each).
+  return 4 * 0.5 / np.sqrt(n)
+
+
+def test_lists_scores_are_bradley_terry_win_shares(testbed):
+  base = testbed.chain_logp_XxY
+  a = task.lists(testbed, base, 4000, seed=1, bt_temperature=0.5, k=4)
+  np.testing.assert_array_equal(a["score_K"], task.lists(testbed, base, 4000, 1, 0.5, 4)["score_K"])
+  # One BT draw per unordered pair: the wins of a list add up to k(k−1)/2, so Σ_i ψ_i = k/2.
+  np.testing.assert_allclose(a["score_K"].sum(1), 2.0, atol=1e-6)
+  assert set(np.unique(a["score_K"] * 3).astype(int)) <= {0, 1, 2, 3}
+  x, y = a["prompt_index_K"], a["response_index_K"]
+  np.testing.assert_array_equal(a["tokens_KxL"][:, :, 2:], testbed.responses_YxT[y])
+  r = testbed.reward_XxY[x, y].astype(np.float64)
+  # ψ_i − ψ_j = (w_i − w_j)/(k−1) and E[w_i] = Σ_{m≠i} σ((r_i − r_m)/T): compare on response 0.
+  expected = np.sum(1 / (1 + np.exp(-(r[:, :1] - r[:, 1:]) / 0.5)), axis=1) / 3
+  assert abs(a["score_K"][:, 0].mean() - expected.mean()) < _four_se(4000 * 3)
+
+
+def test_binary_labels_compare_with_the_base_mean_reward(testbed):
+  base = testbed.chain_logp_XxY
+  a = task.binary(testbed, base, 20_000, seed=2, bt_temperature=0.5)
+  x, y = a["prompt_index_K"][:, 0], a["response_index_K"][:, 0]
+  mean_X = np.sum(np.exp(base) * testbed.reward_XxY, axis=1)
+  p = 1 / (1 + np.exp(-(testbed.reward_XxY[x, y] - mean_X[x]) / 0.5))
+  assert abs(a["desirable"].mean() - p.mean()) < _four_se(20_000)
+  np.testing.assert_array_equal(a["score_K"][:, 0], a["desirable"])
+  # K index 1: the same prompt with the previous record's completion.
+  np.testing.assert_array_equal(a["response_index_K"][:, 1], np.roll(y, 1))
+  np.testing.assert_array_equal(a["prompt_index_K"][:, 1], x)
+
+
+def test_ternary_labels_follow_rao_kupper(testbed):
+  base = testbed.chain_logp_XxY
+  a = task.ternary(testbed, base, 20_000, seed=3, bt_temperature=0.5, tie_alpha=0.7)
+  x, y = a["prompt_index_K"][:, 0], a["response_index_K"]
+  d = (testbed.reward_XxY[x, y[:, 0]] - testbed.reward_XxY[x, y[:, 1]]).astype(np.float64) / 0.5
+  # The pair's order is the winner's for non-ties; P(tie) is symmetric in the order.
+  p_tie = 1 - 1 / (1 + np.exp(-(d - 0.7))) - 1 / (1 + np.exp(-(-d - 0.7)))
+  assert abs(a["is_tie"].mean() - p_tie.mean()) < _four_se(20_000)
+  tie = a["is_tie"] > 0
+  np.testing.assert_array_equal(a["score_K"][tie], 0.5)
+  np.testing.assert_array_equal(a["score_K"][~tie], np.broadcast_to([1.0, 0.0], (int((~tie).sum()), 2)))
+  # Among non-ties the first response won: P(first | not tie) = σ(|d|−α)/(σ(d−α)+σ(−d−α)) on average.
+  win = 1 / (1 + np.exp(-(np.abs(d) - 0.7)))
+  lose = 1 / (1 + np.exp(-(-np.abs(d) - 0.7)))
+  higher_first = (d > 0)[~tie & (d != 0)]
+  assert abs(higher_first.mean() - (win / (win + lose))[~tie & (d != 0)].mean()) < _four_se(
+      higher_first.size)
+
+
+def test_negatives_are_harmful_and_self_samples_come_from_the_base(testbed):
+  base = testbed.chain_logp_XxY
+  a = task.negatives(testbed, base, 5000, seed=4, num_samples=3)
+  assert a["tokens_KxL"].shape[1] == 4
+  assert np.all(language.harm(testbed.responses_YxT[a["response_index_K"][:, 0]]))
+  np.testing.assert_array_equal(a["score_K"][:, 0], 0.0)
+  # Self-samples are unconditioned: their harm rate matches the base's on the drawn prompts.
+  x = a["prompt_index_K"][:, 0]
+  harm_Y = language.harm(testbed.responses_YxT)
+  base_rate = (np.exp(base) * harm_Y).sum(1)[x].mean()
+  own = harm_Y[a["response_index_K"][:, 1:]]
+  assert abs(own.mean() - base_rate) < _four_se(own.size)
