@@ -109,6 +109,7 @@ def base() -> mlc.ConfigDict:
       list_size=4,               # Ranked lists: responses per prompt (K); files: 0 = longest.
       num_samples=4,             # Negatives-only (D2O): the model's own samples per negative.
       num_examples=4096,         # Testbed datasets: records generated.
+      precompute_ref=False,      # Reference log-probs once per dataset, cached in the workdir.
       shuffle=True,
   ))
 

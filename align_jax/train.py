@@ -18,12 +18,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from align_jax import checkpoint, models, objectives, sharding, step
-from align_jax.data import pipeline, preference
+from align_jax.data import pipeline, preference, reference
 from align_jax.metrics import MetricWriter
 from align_jax.testbed import exact, task
 
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
-BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie")
+BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie",
+                "ref_logp_K")
 
 
 @dataclasses.dataclass
@@ -111,6 +112,12 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   # ---- Data ------------------------------------------------------------------------------------
   records, data_counts = _records(cfg, objective, tb,
                                   eval_ref_XxY if tb is not None else None, model_cfg)
+  if objective.needs_ref and cfg.data.precompute_ref:
+    records["ref_logp_K"], cached = reference.ref_logps(
+        records, graphdef=graphdef, ref_params=ref_params, mesh=mesh,
+        rows_per_call=cfg.data.batch_size, cache_dir=os.path.join(workdir, "ref_logps"),
+        key=reference.cache_key(records, cfg.model.to_dict(), _reference_id(cfg)))
+    data_counts["ref_logps_from_cache"] = int(cached)
   data_iter = pipeline.batches(
       pipeline.ArraySource(records), global_batch=cfg.data.batch_size,
       total_steps=cfg.total_steps, seed=cfg.seed, shuffle=cfg.data.shuffle)
@@ -233,6 +240,15 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg) -> tuple[dict, dict]:
   if fmt == "binary":
     arrays = preference.with_mismatched(arrays)
   return arrays, counts
+
+
+def _reference_id(cfg) -> str:
+  """What the frozen reference is, for the reference log-prob cache key."""
+  if cfg.init_checkpoint == "testbed":
+    return task.base_key(cfg.testbed, cfg.model)
+  if cfg.init_checkpoint:
+    return os.path.abspath(cfg.init_checkpoint)
+  return f"random-init-seed-{cfg.seed}"
 
 
 def _held_out_pairs(cfg, objective, tb, base_logp_XxY):
