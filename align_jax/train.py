@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from align_jax import checkpoint, models, objectives, sharding, step
 from align_jax.data import pipeline, preference, reference
 from align_jax.metrics import MetricWriter
-from align_jax.testbed import exact, task
+from align_jax.testbed import exact, language, task
 
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie",
@@ -101,6 +101,9 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
       logp_XxY = logp_fn(p)
       metrics = exact.policy_metrics(logp_XxY, eval_ref_XxY, tb.reward_XxY, tb.prompt_logw_X,
                                      target_XxY)
+      if objective.data == "negatives":  # D2O's negatives are the responses containing h.
+        metrics["exact/harm"] = exact.expectation(
+            logp_XxY, language.harm(tb.responses_YxT)[None].astype(np.float32), tb.prompt_logw_X)
       if held_out is not None:
         metrics["exact/ranking_accuracy"] = exact.ranking_accuracy(logp_XxY, *held_out)
         if target_XxY is not None:

@@ -4,8 +4,8 @@ Each config's smoke variant (tiny base LM, 6 steps, lr 1e-3, no warm-up) runs th
 on one device. The exact expected reward and the held-out ranking accuracy are computed by
 enumeration, so they carry no sampling noise: any change is the policy's. Bradley–Terry labels
 favour higher reward, so every objective must raise E_π[r] above the base. The margin, 0.05
-nats of reward, is about a fifth of the smallest rise measured at this budget (KTO/BCO: ≈ 0.17;
-DPO: ≈ 0.44) and ~10⁴ times the float32 evaluation error; the ranking accuracy over 2048 held-out
+nats of reward, is about a fifth of the smallest rise measured at this budget (D2O: ≈ 0.14, KTO/BCO:
+≈ 0.17, DPO: ≈ 0.44) and ~10⁴ times the float32 evaluation error; the ranking accuracy over 2048 held-out
 pairs must rise too (a step of 1 pair is 5e-4).
 """
 
@@ -18,7 +18,8 @@ import pytest
 from align_jax import train
 from conftest import load_config
 
-OFFLINE = ["dpo", "cdpo", "rdpo", "ipo", "slic", "ln_dpo", "todo", "kto", "bco"]
+OFFLINE = ["dpo", "cdpo", "rdpo", "ipo", "slic", "ln_dpo", "todo", "kto", "bco", "d2o", "aot",
+           "aot_unpaired"]
 REWARD_MARGIN = 0.05
 
 
@@ -33,6 +34,8 @@ def test_smoke_config_raises_exact_reward_and_ranking_accuracy(tmp_path, name):
   assert final["exact/ranking_accuracy"] > initial["exact/ranking_accuracy"]
   assert initial["exact/kl_policy_ref"] == pytest.approx(0.0, abs=1e-5)
   assert final["exact/kl_policy_ref"] > 0.0
+  if name == "d2o":  # Trained only on harmful negatives: the harm rate must fall (measured ≈ −57 %).
+    assert final["exact/harm"] < 0.75 * initial["exact/harm"], (initial, final)
   summary = json.load(open(os.path.join(tmp_path, "summary.json")))
   assert summary["final"] == final
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from align_jax.objectives import binary, likelihood, pairwise
+from align_jax.objectives import binary, distributional, likelihood, pairwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,20 @@ def _bco(logp, batch, stats, *, beta, delta_momentum):
   return loss_B, metrics, {"delta": delta, "count": count}
 
 
+def _d2o(logp, batch, stats, *, beta, alpha):
+  # K index 0 is the human negative, 1.. the model's own samples; one reference for both roles.
+  return (*distributional.d2o(logp, batch["ref_logp_BxK"], beta=beta, alpha=alpha,
+                              sample_mask_BxK=batch["response_mask_BxK"]), stats)
+
+
+def _aot(fn):
+  """Binds a batch-coupled AOT variant: padding prompts are removed from its sort."""
+  def bound(logp, batch, stats, **cfg):
+    return (*fn(logp, batch["ref_logp_BxK"], example_mask_B=batch["example_mask_B"], **cfg),
+            stats)
+  return bound
+
+
 def _bco_stats():
   return {"delta": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
 
@@ -97,6 +111,9 @@ OBJECTIVES: dict[str, Objective] = {
     "todo": Objective(_todo, needs_ref=True, data="ternary"),
     "kto": Objective(_kto, needs_ref=True, data="binary"),
     "bco": Objective(_bco, needs_ref=True, data="binary", init_stats=_bco_stats),
+    "d2o": Objective(_d2o, needs_ref=True, data="negatives"),
+    "aot": Objective(_aot(distributional.aot), needs_ref=True, data="pairs"),
+    "aot_unpaired": Objective(_aot(distributional.aot_unpaired), needs_ref=True, data="pairs"),
 }
 
 

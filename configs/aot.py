@@ -1,0 +1,32 @@
+r"""AOT, paired (Melnyk et al. 2024, arXiv 2406.05882; TRL "aot") on testbed pairs.
+
+Policy margins log π(y_w) − log π(y_l) must first-order dominate the reference margins; both
+are sorted over the global batch and the logistic surrogate penalises violations (ALGORITHMS.md
+§4.2). On 4-token testbed responses log-ratios are a few nats, so β must make β·|ρ| of order 1
+for the sort to matter (ABLATIONS.md §7.3: with β = 0.01 AOT ≡ DPO); β = 0.5 here, TRL's
+default is 0.1.
+
+  python -m align_jax.main --config=configs/aot.py
+  python -m align_jax.main --config=configs/aot.py:smoke --workdir=runs/aot_smoke
+  python -m align_jax.main --config=configs/aot.py --config.loss.h=squared_hinge
+
+Expected (default, testbed): summary.json's final exact/reward above its initial value and
+exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
+"""
+
+from align_jax import config_lib, models
+
+
+def get_config(arg: str | None = None):
+  arg = config_lib.parse_arg(arg, smoke=False, model="testbed")
+  c = config_lib.base()
+  c.name = "aot"
+  c.objective = "aot"
+  c.loss.beta = 0.5              # Scale of the margin in the surrogate h.
+  c.loss.label_smoothing = 0.0   # ε of the logistic h (TRL).
+  c.loss.h = "logistic"         # logistic | squared_hinge | least_squares.
+  c.model = models.preset(arg.model)
+  config_lib.testbed_preference(c)
+  if arg.smoke:
+    config_lib.smoke(c)
+  return c

@@ -1,0 +1,29 @@
+r"""AOT, unpaired (Melnyk et al. 2024; TRL "aot_unpaired") on testbed pairs.
+
+Chosen and rejected implicit rewards log π/π_ref are sorted over the global batch separately,
+so the loss asks the distribution of positives to dominate that of negatives without using
+which ones were paired (ALGORITHMS.md §4.2). β as in configs/aot.py.
+
+  python -m align_jax.main --config=configs/aot_unpaired.py
+  python -m align_jax.main --config=configs/aot_unpaired.py:smoke --workdir=runs/aot_unpaired_smoke
+
+Expected (default, testbed): summary.json's final exact/reward above its initial value and
+exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
+"""
+
+from align_jax import config_lib, models
+
+
+def get_config(arg: str | None = None):
+  arg = config_lib.parse_arg(arg, smoke=False, model="testbed")
+  c = config_lib.base()
+  c.name = "aot_unpaired"
+  c.objective = "aot_unpaired"
+  c.loss.beta = 0.5              # Scale of the margin in the surrogate h.
+  c.loss.label_smoothing = 0.0   # ε of the logistic h (TRL).
+  c.loss.h = "logistic"         # logistic | squared_hinge | least_squares.
+  c.model = models.preset(arg.model)
+  config_lib.testbed_preference(c)
+  if arg.smoke:
+    config_lib.smoke(c)
+  return c
