@@ -75,6 +75,7 @@ def base() -> mlc.ConfigDict:
       ("kv_heads", "tensor"),
       ("head_dim", None),
       ("norm", None),
+      ("scores", None),
       ("act_batch", ("data", "fsdp")),
       ("act_len", None),
       ("act_embed", None),
@@ -152,6 +153,34 @@ def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:
   c.log_every = 25
   c.eval_every = 100
   c.checkpoint_every = 100
+
+
+# configs/lipo.py's `loss` arg -> objective; every one trains on ranked lists (ALGORITHMS.md §3.2).
+LISTWISE = {"lambda": "lipo", "listmle": "listmle", "softmax": "list_softmax",
+            "pair_logistic": "list_pair_logistic", "pair_hinge": "list_pair_hinge"}
+
+
+def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
+  """A LiPO-family config on testbed ranked lists; `arg` takes smoke, model and k (list size).
+
+  Scores s = β·log(π/π_ref), β = 0.05 (LiPO's small β, [M] in ALGORITHMS.md §3.3); losses are
+  sums over a list's labelled pairs / positions; labels are BT win shares (task.lists).
+  """
+  arg = parse_arg(arg, smoke=False, model="testbed", k=4)
+  c = base()
+  c.name = name
+  c.objective = objective
+  c.loss.beta = 0.05
+  if objective == "lipo":
+    c.loss.discount = "log2"     # Rank discount D(τ) = log2(1 + τ) (LambdaRank); ln rescales.
+  if objective == "list_pair_hinge":
+    c.loss.delta = 1.0           # Hinge margin (LiPO / RSO / TRL).
+  c.model = models.preset(arg.model)
+  testbed_preference(c)
+  c.data.list_size = arg.k
+  if arg.smoke:
+    smoke(c)
+  return c
 
 
 def smoke(c: mlc.ConfigDict) -> None:

@@ -32,3 +32,17 @@ def sequence_logps(graphdef, params, tokens_BxKxL: jax.Array,
   tok_logp_RxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L))
   mask_RxT = loss_mask_BxKxL.reshape(B * K, L)[:, 1:].astype(jnp.float32)
   return jnp.sum(tok_logp_RxT * mask_RxT, axis=-1).reshape(B, K)
+
+
+def sequence_scores(graphdef, params, tokens_BxKxL: jax.Array,
+                    loss_mask_BxKxL: jax.Array) -> jax.Array:
+  """A scoring model's outputs at each response's last scored token: float32 [B, K, O].
+
+  The last scored position has seen the prompt and the whole response (reward models read it).
+  """
+  B, K, L = tokens_BxKxL.shape
+  scores_RxLxO, _ = models.apply(graphdef, params, tokens_BxKxL.reshape(B * K, L))
+  mask_RxL = loss_mask_BxKxL.reshape(B * K, L) > 0
+  last_R = L - 1 - jnp.argmax(mask_RxL[:, ::-1], axis=1)
+  picked_RxO = jnp.take_along_axis(scores_RxLxO, last_R[:, None, None], axis=1)[:, 0]
+  return picked_RxO.astype(jnp.float32).reshape(B, K, -1)

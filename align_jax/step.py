@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from align_jax import objectives as objectives_lib
-from align_jax.logps import sequence_logps
+from align_jax.logps import sequence_logps, sequence_scores
 
 
 @jax.tree_util.register_dataclass
@@ -70,10 +70,12 @@ def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graph
     ref_logp_BxK = jax.lax.stop_gradient(logps(ref_params, tokens_BxKxL, mask_BxKxL))
     batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
   w_B = batch["example_mask_B"].astype(jnp.float32)
+  # Policies are trained on sequence log-probs [B, K]; reward models on head outputs [B, K, O].
+  model_fn = functools.partial(sequence_scores if objective.scores else sequence_logps, graphdef)
 
   def loss_fn(params):
-    logp_BxK = logps(params, tokens_BxKxL, mask_BxKxL)
-    loss_B, metrics_B, stats = objective.fn(logp_BxK, batch, state.stats, **loss_cfg)
+    out = model_fn(params, tokens_BxKxL, mask_BxKxL)
+    loss_B, metrics_B, stats = objective.fn(out, batch, state.stats, **loss_cfg)
     metrics = {k: _weighted_mean(v, w_B) for k, v in metrics_B.items()}
     return _weighted_mean(loss_B, w_B), (metrics, stats)
 

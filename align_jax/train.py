@@ -13,11 +13,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from align_jax import checkpoint, models, objectives, sharding, step
+from align_jax import checkpoint, logps, models, objectives, sharding, step
 from align_jax.data import pipeline, preference, reference
 from align_jax.metrics import MetricWriter
 from align_jax.testbed import exact, language, task
@@ -75,11 +76,18 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
                     out_shardings=param_shardings)
 
   def load_init_params():  # Each call returns its own buffers (the reference is never aliased).
-    if cfg.init_checkpoint == "testbed":
-      return checkpoint.load_params(os.path.join(_testbed_base(cfg), "params"), abstract_params)
-    if cfg.init_checkpoint:
-      return checkpoint.load_params(cfg.init_checkpoint, abstract_params)
-    return init_fn(jax.random.key(cfg.seed))
+    if not cfg.init_checkpoint:
+      return init_fn(jax.random.key(cfg.seed))
+    path = (os.path.join(_testbed_base(cfg), "params") if cfg.init_checkpoint == "testbed"
+            else cfg.init_checkpoint)
+    if not model_cfg.num_scores:
+      return checkpoint.load_params(path, abstract_params)
+    # A scoring model (reward model): the language model's body, a freshly initialised head.
+    _, lm_shapes, lm_names = models.abstract(dataclasses.replace(model_cfg, num_scores=0))
+    body = checkpoint.load_params(path, checkpoint.abstract_like(
+        lm_shapes, sharding.tree_shardings(lm_names, mesh, table)))
+    head = init_fn(jax.random.key(cfg.seed))["score_DxO"]
+    return {**{k: v for k, v in body.items() if k not in ("unembed_DxV",)}, "score_DxO": head}
 
   params = load_init_params()
   ref_params = load_init_params() if objective.needs_ref else None
@@ -87,7 +95,11 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   # ---- Exact evaluation on the testbed ---------------------------------------------------------
   tb = task.make(cfg.testbed) if cfg.data.source == "testbed" else None
   evaluate = None
-  if tb is not None:
+  if tb is not None and objective.scores:
+    # Reward-model pairs are drawn from the chain's conditional (no policy is involved).
+    evaluate = _reward_model_eval(cfg, objective, tb, graphdef, mesh)
+    eval_ref_XxY = jnp.asarray(tb.chain_logp_XxY, jnp.float32)
+  elif tb is not None:
     logp_fn = jax.jit(task.exact_logp_fn(graphdef, tb, cfg.testbed.eval_chunk),
                       out_shardings=replicated)
     # The reference of the exact metrics: the starting policy (the base LM of testbed configs;
@@ -245,6 +257,28 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg) -> tuple[dict, dict]:
   return arrays, counts
 
 
+def _reward_model_eval(cfg, objective, tb, graphdef, mesh):
+  """params -> held-out accuracy of a reward model: on BT-labelled pairs and on gold orderings.
+
+  The held-out pairs are drawn from the testbed's chain conditional (no policy is involved).
+  """
+  held = task.pairs(tb, tb.chain_logp_XxY, cfg.testbed.eval_pairs, seed=cfg.seed + 7919,
+                    bt_temperature=cfg.testbed.bt_temperature)
+  batch = sharding.batch_sharding(mesh, 3)
+  tokens, mask = (sharding.global_array(held[k], batch) for k in ("tokens_KxL", "loss_mask_KxL"))
+  gold_Nx2 = tb.reward_XxY[held["prompt_index_K"], held["response_index_K"]]
+  gold_sign_N = jnp.asarray(np.sign(gold_Nx2[:, 0] - gold_Nx2[:, 1]), jnp.float32)
+
+  def metrics(params):
+    reward_Nx2 = objective.reward(logps.sequence_scores(graphdef, params, tokens, mask))
+    diff_N = reward_Nx2[:, 0] - reward_Nx2[:, 1]
+    gold_ok_N = jnp.where(gold_sign_N > 0, diff_N > 0, diff_N < 0)
+    return {"exact/pair_accuracy": jnp.mean(diff_N > 0),
+            "exact/gold_pair_accuracy": jnp.sum(jnp.where(gold_sign_N != 0, gold_ok_N, False))
+                                        / jnp.maximum(jnp.sum(gold_sign_N != 0), 1.0)}
+  return jax.jit(metrics, out_shardings=sharding.replicated(mesh))
+
+
 def _reference_id(cfg) -> str:
   """What the frozen reference is, for the reference log-prob cache key."""
   if cfg.init_checkpoint == "testbed":
@@ -281,12 +315,14 @@ def _initial_eval(workdir, evaluate, params, is_main) -> dict | None:
 
 def _testbed_base(cfg) -> str:
   """The cached base LM for these testbed/model settings; pretrains it on first use."""
-  path = task.base_dir(cfg.testbed, cfg.model)
+  lm = mlc.ConfigDict(cfg.model.to_dict())
+  lm.num_scores = 0  # Reward models start from the language model's body.
+  path = task.base_dir(cfg.testbed, lm)
   if os.path.isdir(os.path.join(path, "params")):
     return path
   print(f"pretraining the testbed base LM ({cfg.testbed.pretrain_steps} steps), cached in {path}",
         flush=True)
-  pcfg = task.pretrain_config(cfg.testbed, cfg.model)
+  pcfg = task.pretrain_config(cfg.testbed, lm)
   pcfg.mesh, pcfg.rules = cfg.mesh, cfg.rules
   result = run(pcfg, path + ".run")
   staging = task.staging_dir(pcfg.testbed, pcfg.model)

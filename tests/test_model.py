@@ -123,3 +123,18 @@ def test_every_parameter_has_logical_names_of_its_rank():
   for s, n in zip(jax.tree.leaves(shapes), jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))):
     assert len(s.shape) == len(n)
     assert set(n) <= set(models.transformer.PARAM_AXES)
+
+
+def test_scoring_head_replaces_unembed_and_is_read_at_each_response_last_token():
+  cfg = dataclasses.replace(CFG, num_scores=3)
+  graphdef, shapes, names = models.abstract(cfg)
+  assert "unembed_DxV" not in shapes and shapes["score_DxO"].shape == (CFG.d_model, 3)
+  assert names["score_DxO"] == ("embed", "scores")
+  params = models.init_params(cfg, jax.random.key(3))
+  tokens = jnp.array([[[2, 5, 1, 7, 0, 0], [2, 5, 3, 0, 0, 0]]])
+  mask = jnp.array([[[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]]], jnp.float32)
+  out = logps.sequence_scores(graphdef, params, tokens, mask)
+  full, _ = models.apply(graphdef, params, tokens[0])
+  assert out.shape == (1, 2, 3) and full.shape == (2, 6, 3)
+  np.testing.assert_allclose(out[0, 0], full[0, 3], rtol=1e-6)
+  np.testing.assert_allclose(out[0, 1], full[1, 2], rtol=1e-6)

@@ -16,7 +16,7 @@ PRESETS = {
 }
 
 _DEFAULTS = dict(rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False, dtype="float32",
-                 param_dtype="float32", remat=False)
+                 param_dtype="float32", remat=False, num_scores=0)
 
 
 def preset(name: str) -> mlc.ConfigDict:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from align_jax.sharding import shard
 
-PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm")
+PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "scores")
 ACT_AXES = ("act_batch", "act_len", "act_embed", "act_mlp", "act_heads", "act_kv_heads",
             "act_vocab")
 
@@ -37,6 +37,9 @@ class ModelConfig:
   dtype: str = "float32"         # Activation / matmul dtype (bfloat16 on accelerators).
   param_dtype: str = "float32"   # Storage dtype of parameters.
   remat: bool = False            # Recompute each block's activations in the backward pass.
+  # 0: a language model (next-token logits over the vocabulary). O > 0: a scoring model (reward
+  # models) whose head maps each position's final hidden state to O outputs instead.
+  num_scores: int = 0
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -168,14 +171,17 @@ class Transformer(nnx.Module):
                             cfg.param_dtype, 1.0)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg, rngs=rngs)
-    if not cfg.tie_embeddings:
+    if cfg.num_scores:
+      self.score_DxO = _param(rngs, (cfg.d_model, cfg.num_scores), ("embed", "scores"),
+                              cfg.param_dtype)
+    elif not cfg.tie_embeddings:
       self.unembed_DxV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                 cfg.param_dtype)
 
   def __call__(self, tokens_RxL: jax.Array, positions_RxL: jax.Array | None = None, *,
                cache: list[dict] | None = None, cache_index: jax.Array | int = 0,
                kv_mask_RxS: jax.Array | None = None):
-    """Returns (logits_RxLxV float32, new cache or None).
+    """Returns (logits_RxLxV float32, new cache or None); a scoring model returns (scores_RxLxO, None).
 
     Args:
       tokens_RxL: token ids.
@@ -199,6 +205,9 @@ class Transformer(nnx.Module):
         x_RxLxD, c = block(x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
       new_cache.append(c)
     x_RxLxD = self.final_norm(x_RxLxD)
+    if cfg.num_scores:
+      return jnp.einsum("rld,do->rlo", x_RxLxD, self.score_DxO[...].astype(cfg.dtype),
+                        preferred_element_type=jnp.float32), None
     w_DxV = (self.embed_VxD[...].T if cfg.tie_embeddings else self.unembed_DxV[...])
     logits_RxLxV = jnp.einsum("rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype),
                               preferred_element_type=jnp.float32)

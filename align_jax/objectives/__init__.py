@@ -17,7 +17,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from align_jax.objectives import binary, distributional, likelihood, pairwise
+from align_jax.objectives import (binary, distributional, likelihood, listwise, pairwise,
+                                  reward_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,11 @@ class Objective:
   needs_ref: bool
   data: str
   init_stats: Callable[[], dict] = dict
+  # Reward models: the model is a scoring model (model.num_scores outputs), `fn` gets its outputs
+  # [B, K, O] at each response's last token, and `reward` maps them to scalar rewards [B, K]: the
+  # reward a trained model gives to other objectives.
+  scores: bool = False
+  reward: Callable | None = None
 
 
 def num_tokens(batch) -> jax.Array:
@@ -82,6 +88,19 @@ def _bco(logp, batch, stats, *, beta, delta_momentum):
   return loss_B, metrics, {"delta": delta, "count": count}
 
 
+def _list(fn):
+  """Binds a listwise function of (logp, ref_logp, score) over the real entries of each list."""
+  def bound(logp, batch, stats, **cfg):
+    return (*fn(logp, batch["ref_logp_BxK"], batch["score_BxK"],
+                mask_BxK=batch["response_mask_BxK"], **cfg), stats)
+  return bound
+
+
+def _pro(logp, batch, stats, *, sft_weight, temperature):
+  return (*listwise.pro(logp, batch["score_BxK"], num_tokens(batch), sft_weight=sft_weight,
+                        temperature=temperature, mask_BxK=batch["response_mask_BxK"]), stats)
+
+
 def _d2o(logp, batch, stats, *, beta, alpha):
   # K index 0 is the human negative, 1.. the model's own samples; one reference for both roles.
   return (*distributional.d2o(logp, batch["ref_logp_BxK"], beta=beta, alpha=alpha,
@@ -94,6 +113,10 @@ def _aot(fn):
     return (*fn(logp, batch["ref_logp_BxK"], example_mask_B=batch["example_mask_B"], **cfg),
             stats)
   return bound
+
+
+def _bt_reward(scores, batch, stats, *, center_weight):
+  return (*reward_model.bt_reward(scores[..., 0], center_weight=center_weight), stats)
 
 
 def _bco_stats():
@@ -111,9 +134,18 @@ OBJECTIVES: dict[str, Objective] = {
     "todo": Objective(_todo, needs_ref=True, data="ternary"),
     "kto": Objective(_kto, needs_ref=True, data="binary"),
     "bco": Objective(_bco, needs_ref=True, data="binary", init_stats=_bco_stats),
+    "lipo": Objective(_list(listwise.lipo_lambda), needs_ref=True, data="lists"),
+    "listmle": Objective(_list(listwise.listmle), needs_ref=True, data="lists"),
+    "list_softmax": Objective(_list(listwise.list_softmax), needs_ref=True, data="lists"),
+    "list_pair_logistic": Objective(_list(listwise.list_pair_logistic), needs_ref=True,
+                                    data="lists"),
+    "list_pair_hinge": Objective(_list(listwise.list_pair_hinge), needs_ref=True, data="lists"),
+    "pro": Objective(_pro, needs_ref=False, data="lists"),
     "d2o": Objective(_d2o, needs_ref=True, data="negatives"),
     "aot": Objective(_aot(distributional.aot), needs_ref=True, data="pairs"),
     "aot_unpaired": Objective(_aot(distributional.aot_unpaired), needs_ref=True, data="pairs"),
+    "bt_reward": Objective(_bt_reward, needs_ref=False, data="pairs", scores=True,
+                           reward=lambda scores: scores[..., 0]),
 }
 
 
