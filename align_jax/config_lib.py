@@ -130,6 +130,8 @@ def base() -> mlc.ConfigDict:
       target_beta=1.0,           # β of the rlhf target π_ref·exp(r/β).
       tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (TODO's model).
       eval_pairs=2048,           # Held-out BT pairs for exact/ranking_accuracy (0: none).
+      categories=6,              # Distributional labels (DPRM): ordered rating categories C ...
+      voters=10,                 # ... and simulated annotators per response.
   ))
   return c
 

@@ -25,7 +25,7 @@ from align_jax.testbed import exact, language, task
 
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie",
-                "ref_logp_K")
+                "label_dist_C", "ref_logp_K")
 
 
 @dataclasses.dataclass
@@ -241,6 +241,8 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg) -> tuple[dict, dict]:
         "ternary": lambda: task.ternary(tb, base, d.num_examples, cfg.seed, T,
                                         cfg.testbed.tie_alpha),
         "negatives": lambda: task.negatives(tb, base, d.num_examples, cfg.seed, d.num_samples),
+        "distribution": lambda: task.distribution(tb, base, d.num_examples, cfg.seed, T,
+                                                  cfg.testbed.categories, cfg.testbed.voters),
     }[fmt]
     return {k: v for k, v in make().items() if k in BATCH_FIELDS}, {}
   if fmt not in preference.FORMATS:

@@ -26,9 +26,8 @@ def get_config(arg: str | None = None):
   c.objective = "bt_reward"
   c.loss.center_weight = 0.0     # c ≥ 0: weight of the reward-centering regulariser.
   c.model = models.preset(arg.model)
-  c.model.num_scores = 1         # A scalar reward head on the base LM's body.
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)
-    c.model.num_scores = 1
+  c.model.num_scores = 1         # A scalar reward head on the base LM's body.
   return c

@@ -15,7 +15,11 @@ import pytest  # noqa: E402
 
 # Runs of different configs share compiled programs (exact evaluation, init) through the
 # persistent cache: identical computations compile once per session.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="align_jax_test_xla_"))
+# Subprocesses (the CLI tests) share it through the environment.
+_XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="align_jax_test_xla_"),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -31,6 +35,7 @@ def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONUNBUFFERED"] = "1"
+  env.update(_XLA_CACHE)
   return env
 
 

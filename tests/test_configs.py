@@ -10,7 +10,7 @@ from test_objective_runs import OFFLINE
 
 NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
 # pretrain_testbed's smoke run happens inside every smoke run above (the cached base LM).
-RUN_ELSEWHERE = {"pretrain_testbed", "bt_reward"}
+RUN_ELSEWHERE = {"pretrain_testbed", "bt_reward", "dprm"}  # Reward models: own test.
 
 
 def test_every_config_smoke_variant_runs_in_the_suite():

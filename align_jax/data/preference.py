@@ -1,4 +1,4 @@
-"""Pre-tokenized preference data in five formats, from JSONL, ArrayRecord or TFDS, as padded arrays.
+"""Pre-tokenized preference data in six formats, from JSONL, ArrayRecord or TFDS, as padded arrays.
 
 Formats (`fmt`); every record also has "prompt" (token ids). Token ids are lists of non-negative
 ints; text is refused (tokenizers come later). Unknown extra fields are ignored.
@@ -10,8 +10,12 @@ ints; text is refused (tokenizers come later). Unknown extra fields are ignored.
 | negatives | rejected                                | 1         | [0]                |           |
 | binary    | completion, label (true/false or 1/0)   | 1         | [label]            | desirable |
 | ternary   | a, b, label ("a" / "b" / "tie")         | 2         | [1, 0]; tie [½, ½] | is_tie    |
+| distribution | completion, distribution or votes [C] | 1        | [mean category/(C−1)] | label_dist_C |
 
-"lists": scores are floats, higher = better; ranks are ints >= 1, 1 = best (ties share a rank);
+"distribution" (DPRM): the share of a population choosing each of C ordered categories (worst
+first), given directly ("distribution", non-negative, normalised here) or as vote counts ("votes",
+non-negative ints, turned into the posterior mean (1 + n_c)/Σ(1 + n) of a uniform Dirichlet prior);
+every record must have the same C. "lists": scores are floats, higher = better; ranks are ints >= 1, 1 = best (ties share a rank);
 responses keep their order. "ternary": the winner comes first (a first for a tie).
 
 Sources (`source`), each record a JSON object:
@@ -51,10 +55,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-FORMATS = ("pairs", "lists", "negatives", "binary", "ternary")
+FORMATS = ("pairs", "lists", "negatives", "binary", "ternary", "distribution")
 COUNTS = ("records", "padded_lists", "truncated_responses", "skipped_all_tied",
           "skipped_identical_pair")
-_FIXED_K = {"pairs": 2, "negatives": 1, "binary": 1, "ternary": 2}
+_FIXED_K = {"pairs": 2, "negatives": 1, "binary": 1, "ternary": 2, "distribution": 1}
 _EXTRA = {"binary": "desirable", "ternary": "is_tie"}
 
 
@@ -91,12 +95,17 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
     raise ValueError(f"list_size={list_size}: format {fmt!r} has {_FIXED_K[fmt]} responses")
   label, records = _records(source)
   counts = dict.fromkeys(COUNTS, 0)
-  kept, seen = [], 0
+  kept, seen, categories = [], 0, 0
   for where, record in records:
     seen += 1
     prompt, responses, scores, extra = _parse(record, fmt, where, vocab_size)
     if list_size and len(responses) > list_size:
       raise DataError(f"{where}: {len(responses)} responses exceed list_size={list_size}")
+    if fmt == "distribution":
+      categories = categories or len(extra["label_dist"])
+      if len(extra["label_dist"]) != categories:
+        raise DataError(f"{where}: {len(extra['label_dist'])} categories; earlier records have "
+                        f"{categories}")
     truncated = 0
     if max_len:
       room = max_len - len(prompt)
@@ -246,6 +255,25 @@ def _scores(record: dict, n: int, where: str) -> list[float]:
   return [float(v) if key == "scores" else -float(v) for v in values]
 
 
+def _label_distribution(record: dict, where: str) -> list[float]:
+  """"distribution" (normalised) or "votes" (uniform-prior posterior mean) over C >= 2 categories."""
+  if ("distribution" in record) == ("votes" in record):
+    raise DataError(f"{where}: record needs exactly one of the fields 'distribution' and 'votes'")
+  key = "distribution" if "distribution" in record else "votes"
+  values = _sequence(record[key], key, where)
+  if len(values) < 2:
+    raise DataError(f"{where}: field {key!r} needs at least 2 categories, has {len(values)}")
+  for v in values:
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+    if bad or (key == "votes" and not isinstance(v, int)):
+      kind = "non-negative ints" if key == "votes" else "non-negative numbers"
+      raise DataError(f"{where}: field {key!r} must hold {kind}, has {v!r}")
+  counts = np.asarray(values, np.float64) + (1.0 if key == "votes" else 0.0)
+  if counts.sum() <= 0:
+    raise DataError(f"{where}: field 'distribution' sums to 0")
+  return (counts / counts.sum()).tolist()
+
+
 def _parse(record: dict, fmt: str, where: str, vocab_size: int | None):
   """One record -> (prompt, responses, scores, extra fields)."""
   def ids(key: str, value=None) -> list[int]:
@@ -262,6 +290,10 @@ def _parse(record: dict, fmt: str, where: str, vocab_size: int | None):
       raise DataError(f"{where}: field 'responses' is empty")
     responses = [ids(f"responses[{i}]", v) for i, v in enumerate(values)]
     return prompt, responses, _scores(record, len(responses), where), {}
+  if fmt == "distribution":
+    dist = _label_distribution(record, where)
+    mean = float(np.dot(dist, np.arange(len(dist)))) / (len(dist) - 1)
+    return prompt, [ids("completion")], [mean], {"label_dist": dist}
   label = _plain(_field(record, "label", where))
   if fmt == "binary":
     if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
@@ -299,6 +331,8 @@ def _arrays(kept: list, fmt: str, max_len: int, list_size: int,
             "response_mask_K": response_mask}
   if fmt in _EXTRA:
     arrays[_EXTRA[fmt]] = extra
+  if fmt == "distribution":
+    arrays["label_dist_C"] = np.array([f["label_dist"] for _, _, _, f in kept], np.float32)
   return arrays
 
 

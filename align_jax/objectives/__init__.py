@@ -2,13 +2,13 @@
 
 Each entry is an `Objective`: `fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`,
 whether the step must compute frozen-reference log-probs (`batch["ref_logp_BxK"]`), the record
-format it trains on (`data`: corpus, pairs, lists, binary, ternary, negatives) and the initial
+format it trains on (`data`: corpus, pairs, lists, binary, ternary, negatives, distribution) and the initial
 running statistics it keeps in the train state. A new objective is one pure function in a family
 file and one entry here.
 
 Batch fields (see align_jax/data/): tokens_BxKxL, loss_mask_BxKxL, example_mask_B (0 for padding
 prompts), score_BxK (higher = preferred), response_mask_BxK (0 for padded list entries),
-desirable_B (binary), is_tie_B (ternary).
+desirable_B (binary), is_tie_B (ternary), label_dist_BxC (distribution).
 """
 
 import dataclasses
@@ -119,6 +119,15 @@ def _bt_reward(scores, batch, stats, *, center_weight):
   return (*reward_model.bt_reward(scores[..., 0], center_weight=center_weight), stats)
 
 
+def _dprm(scores, batch, stats, *, cost):
+  return (*reward_model.dprm_ot_loss(scores[:, 0], batch["label_dist_BxC"], cost=cost), stats)
+
+
+def _dprm_reward(scores):
+  """The expected category score, categories evenly spaced on [0, 1] (worst = 0)."""
+  return reward_model.expected_reward(scores, jnp.linspace(0.0, 1.0, scores.shape[-1]))
+
+
 def _bco_stats():
   return {"delta": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
 
@@ -146,6 +155,8 @@ OBJECTIVES: dict[str, Objective] = {
     "aot_unpaired": Objective(_aot(distributional.aot_unpaired), needs_ref=True, data="pairs"),
     "bt_reward": Objective(_bt_reward, needs_ref=False, data="pairs", scores=True,
                            reward=lambda scores: scores[..., 0]),
+    "dprm": Objective(_dprm, needs_ref=False, data="distribution", scores=True,
+                      reward=_dprm_reward),
 }
 
 

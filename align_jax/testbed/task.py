@@ -168,6 +168,36 @@ def ternary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temper
   return _records(tb, np.repeat(x_N[:, None], 2, 1), ordered_Nx2, score_Nx2, is_tie=tie)
 
 
+def distribution(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
+                 categories: int, voters: int) -> dict[str, np.ndarray]:
+  """Distributional labels (DPRM): one base sample per record, rated by a simulated population.
+
+  Each of `voters` annotators sees the response's advantage d = r(x, y) − E_base[r | x] plus
+  logistic noise of scale T and votes the number of cut points below it; the C − 1 cut points are
+  the base distribution's quantiles of d at 1/C, …, (C−1)/C, so categories are ordered worst
+  first. The label is the posterior mean (1 + n_c)/Σ(1 + n) of a uniform Dirichlet prior
+  (ALGORITHMS.md §4.3, §7.6); score_K is the label's mean category / (C − 1).
+  """
+  if categories < 2 or voters < 1:
+    raise ValueError(f"testbed distribution labels need categories >= 2 and voters >= 1; got "
+                     f"{categories} and {voters}")
+  rng = np.random.default_rng(seed)
+  x_N = _prompt_draws(tb, rng, n)
+  y_N = sample_responses(rng, base_logp_XxY, x_N, 1)[:, 0]
+  p_XxY = np.exp(base_logp_XxY.astype(np.float64))
+  d_XxY = tb.reward_XxY - np.sum(p_XxY * tb.reward_XxY, axis=1, keepdims=True)
+  mass = (np.exp(tb.prompt_logw_X)[:, None] * p_XxY).ravel()
+  order = np.argsort(d_XxY.ravel(), kind="stable")
+  cdf = np.cumsum(mass[order])
+  cuts_C1 = d_XxY.ravel()[order][np.searchsorted(cdf, np.arange(1, categories) / categories)]
+  seen_NxV = d_XxY[x_N, y_N][:, None] + bt_temperature * rng.logistic(size=(n, voters))
+  votes_NxC = np.stack([np.sum(np.searchsorted(cuts_C1, seen_NxV) == c, axis=1)
+                        for c in range(categories)], axis=1)
+  label_NxC = (1.0 + votes_NxC) / (categories + voters)
+  mean_N = label_NxC @ np.arange(categories) / (categories - 1)
+  return _records(tb, x_N[:, None], y_N[:, None], mean_N[:, None], label_dist_C=label_NxC)
+
+
 def negatives(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
               num_samples: int) -> dict[str, np.ndarray]:
   """Negatives only (D2O): K index 0 a harmful response, 1..num_samples the model's own samples.

@@ -356,3 +356,40 @@ def test_binary_records_gain_the_previous_completion_after_their_prompt(tmp_path
   np.testing.assert_array_equal(out["tokens_KxL"][:, 0], arrays["tokens_KxL"][:, 0])
   np.testing.assert_array_equal(out["desirable"], [1, 0, 1])
   assert out["score_K"].shape == out["response_mask_K"].shape == (3, 2)
+
+
+def test_distribution_labels_from_votes_and_shares(tmp_path):
+  from align_jax.objectives import reward_model
+  votes = [0, 1, 2, 5, 8, 4]
+  path = tmp_path / "dist.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in [
+      {"prompt": [1], "completion": [2, 3], "votes": votes},
+      {"prompt": [4, 5], "completion": [6], "distribution": [0, 0, 1, 1, 0, 2]}]) + "\n")
+  arrays, counts = preference.read(f"jsonl:{path}", "distribution")
+  # ALGORITHMS.md §7.6: uniform prior pseudo-counts 1 and these votes.
+  np.testing.assert_allclose(arrays["label_dist_C"][0], [0.038462, 0.076923, 0.115385, 0.230769,
+                                                         0.346154, 0.192308], atol=1e-6)
+  np.testing.assert_allclose(arrays["label_dist_C"][0], np.asarray(reward_model.dprm_posterior(
+      np.array([votes], np.float32), np.ones((1, 6), np.float32)))[0], atol=1e-6)
+  np.testing.assert_allclose(arrays["label_dist_C"][1], [0, 0, 0.25, 0.25, 0, 0.5])
+  np.testing.assert_allclose(arrays["score_K"][:, 0], [
+      np.dot(arrays["label_dist_C"][0], np.arange(6)) / 5, (0.5 + 0.75 + 2.5) / 5], rtol=1e-6)
+  np.testing.assert_array_equal(arrays["loss_mask_KxL"][0, 0], [0, 1, 1])
+  assert counts["records"] == 2
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": [1], "completion": [2]}, "exactly one of the fields 'distribution' and 'votes'"),
+    ({"prompt": [1], "completion": [2], "votes": [1, 2.5]}, "must hold non-negative ints"),
+    ({"prompt": [1], "completion": [2], "distribution": [0.5, -0.5]}, "non-negative numbers"),
+    ({"prompt": [1], "completion": [2], "distribution": [1.0]}, "at least 2 categories"),
+    ({"prompt": [1], "completion": [2], "distribution": [0, 0]}, "sums to 0"),
+    ({"prompt": [1], "completion": [2], "votes": [1, 2, 3]}, "3 categories; earlier records have 2"),
+])
+def test_distribution_errors_name_the_record(tmp_path, record, message):
+  path = tmp_path / "dist.jsonl"
+  path.write_text(json.dumps({"prompt": [1], "completion": [2], "votes": [1, 0]}) + "\n"
+                  + json.dumps(record) + "\n")
+  with pytest.raises(DataError) as e:
+    preference.read(f"jsonl:{path}", "distribution")
+  assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)

@@ -139,3 +139,27 @@ def test_negatives_are_harmful_and_self_samples_come_from_the_base(testbed):
   base_rate = (np.exp(base) * harm_Y).sum(1)[x].mean()
   own = harm_Y[a["response_index_K"][:, 1:]]
   assert abs(own.mean() - base_rate) < _four_se(own.size)
+
+
+def test_distribution_labels_are_posterior_means_of_ordered_votes(testbed):
+  base = testbed.chain_logp_XxY
+  a = task.distribution(testbed, base, 20_000, seed=5, bt_temperature=1e-6, categories=4, voters=3)
+  label = a["label_dist_C"]
+  np.testing.assert_allclose(label.sum(1), 1.0, atol=1e-6)
+  votes = np.rint(label * (4 + 3) - 1).astype(int)  # (1 + n_c)/(C + voters) inverted.
+  np.testing.assert_allclose(label, (1 + votes) / 7, atol=1e-6)
+  assert np.all(votes.sum(1) == 3)
+  # Nearly noise-free voters agree (all but responses sitting exactly on a cut point, measured
+  # 0.4 %): each response falls in one base-quantile bin, holding 1/4 of the base mass each
+  # (up to the mass of the response at a cut, which cannot be split).
+  unanimous = votes.max(1) == 3
+  assert unanimous.mean() > 0.98
+  share = np.bincount(votes[unanimous].argmax(1), minlength=4) / unanimous.sum()
+  np.testing.assert_allclose(share, 0.25, atol=_four_se(20_000) + 0.01)
+  votes = votes[unanimous]
+  a = {k: v[unanimous] for k, v in a.items()}
+  # The bin order follows the advantage r − E_base[r|x]: higher bins have higher reward on average.
+  x, y = a["prompt_index_K"][:, 0], a["response_index_K"][:, 0]
+  adv = testbed.reward_XxY[x, y] - (np.exp(base) * testbed.reward_XxY).sum(1)[x]
+  means = [adv[votes.argmax(1) == c].mean() for c in range(4)]
+  assert means == sorted(means)
