@@ -111,6 +111,12 @@ def base() -> mlc.ConfigDict:
       num_samples=4,             # Negatives-only (D2O): the model's own samples per negative.
       num_examples=4096,         # Testbed datasets: records generated.
       precompute_ref=False,      # Reference log-probs once per dataset, cached in the workdir.
+      # BCO's underlying-distribution matching: undesirable examples weighted by the clipped
+      # density ratio p̂/(1−p̂) of a prompt classifier (align_jax/data/udm.py).
+      udm=False,
+      udm_per_class=1024,        # Prompts per class the classifier is fitted on (TRL: 1024).
+      udm_min_ratio=0.5,         # Clip range of the density ratio (TRL: 0.5, 10).
+      udm_max_ratio=10.0,
       shuffle=True,
   ))
 

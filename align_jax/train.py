@@ -18,14 +18,14 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from align_jax import checkpoint, logps, models, objectives, sharding, step
-from align_jax.data import pipeline, preference, reference
+from align_jax import checkpoint, logps, models, objectives, sampling, sharding, step
+from align_jax.data import pipeline, preference, reference, udm
 from align_jax.metrics import MetricWriter
 from align_jax.testbed import exact, language, task
 
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie",
-                "label_dist_C", "ref_logp_K")
+                "label_dist_C", "ref_logp_K", "udm_weight")
 
 
 @dataclasses.dataclass
@@ -126,7 +126,17 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
 
   # ---- Data ------------------------------------------------------------------------------------
   records, data_counts = _records(cfg, objective, tb,
-                                  eval_ref_XxY if tb is not None else None, model_cfg)
+                                  eval_ref_XxY if tb is not None else None, model_cfg, graphdef,
+                                  ref_params, mesh)
+  if cfg.data.udm:
+    if cfg.objective != "bco":
+      raise ValueError(f"data.udm is BCO's density-ratio matching; objective is {cfg.objective!r}")
+    embed_VxD = multihost_utils.process_allgather(ref_params["embed_VxD"], tiled=True)
+    records["udm_weight"] = udm.density_ratio_weights(
+        records["tokens_KxL"], records["loss_mask_KxL"], records["desirable"], np.asarray(embed_VxD),
+        per_class=cfg.data.udm_per_class, seed=cfg.seed, min_ratio=cfg.data.udm_min_ratio,
+        max_ratio=cfg.data.udm_max_ratio)
+    data_counts["udm_mean_weight"] = float(records["udm_weight"][records["desirable"] == 0].mean())
   if objective.needs_ref and cfg.data.precompute_ref:
     records["ref_logp_K"], cached = reference.ref_logps(
         records, graphdef=graphdef, ref_params=ref_params, mesh=mesh,
@@ -227,7 +237,8 @@ def _target(cfg, tb, ref_XxY):
   return None
 
 
-def _records(cfg, objective, tb, base_logp_XxY, model_cfg) -> tuple[dict, dict]:
+def _records(cfg, objective, tb, base_logp_XxY, model_cfg, graphdef, ref_params,
+             mesh) -> tuple[dict, dict]:
   """(record arrays, data counts) for the objective's record format, from the testbed or a file."""
   fmt, d = objective.data, cfg.data
   if tb is not None:
@@ -248,14 +259,16 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg) -> tuple[dict, dict]:
   if fmt not in preference.FORMATS:
     raise ValueError(f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
                      "testbed provides; set data.source=testbed")
-  if fmt == "negatives":
-    raise ValueError(f"objective {cfg.objective!r} needs the model's own samples beside each "
-                     "negative; from files this is not supported yet: set data.source=testbed")
   arrays, counts = preference.read(d.source, fmt, max_len=d.max_len,
                                    list_size=d.list_size if fmt == "lists" else 0,
                                    vocab_size=model_cfg.vocab_size)
   if fmt == "binary":
     arrays = preference.with_mismatched(arrays)
+  if fmt == "negatives":  # The model's own samples beside each negative, drawn from π_ref.
+    arrays = reference.append_samples(
+        arrays, graphdef=graphdef, ref_params=ref_params, mesh=mesh,
+        sampling_cfg=sampling.SamplingConfig(**cfg.sampling), num_samples=d.num_samples,
+        rows_per_call=d.batch_size * d.num_samples, seed=cfg.seed)
   return arrays, counts
 
 

@@ -6,6 +6,9 @@ train state and checkpointed). ALGORITHMS.md §5.7; TRL's default β = 0.1.
 
   python -m align_jax.main --config=configs/bco.py
   python -m align_jax.main --config=configs/bco.py:smoke --workdir=runs/bco_smoke
+  # Underlying-distribution matching: undesirable examples weighted by clip(p̂/(1−p̂), 0.5, 10)
+  # of a class-balanced logistic classifier on prompt embeddings (TRL's defaults):
+  python -m align_jax.main --config=configs/bco.py --config.data.udm=True
 
 Expected (default, testbed): summary.json's final exact/reward above its initial value and
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.

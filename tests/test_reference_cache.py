@@ -65,3 +65,63 @@ def test_cache_key_changes_with_data_model_and_reference():
   assert reference.cache_key(records, {"d_model": 64}, "base-a") != key
   assert reference.cache_key(records, {"d_model": 32}, "base-b") != key
   assert reference.cache_key(records, {"d_model": 32}, "base-a", tokenizer="spm") != key
+
+
+def _greedy(graphdef, params, prompt, steps):
+  """Argmax decoding by repeated full forward passes (no cache, no padding)."""
+  import jax.numpy as jnp
+  from align_jax import models
+  seq = list(prompt)
+  for _ in range(steps):
+    logits, _ = models.apply(graphdef, params, jnp.asarray([seq]))
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_negatives_from_a_file_gain_reference_samples_after_their_own_prompt(tmp_path):
+  import jax
+  from align_jax import models, sampling, sharding
+  from align_jax.data import preference
+  path = tmp_path / "neg.jsonl"
+  prompts = [[1, 2, 3], [4], [5, 6]]
+  path.write_text("".join(json.dumps({"prompt": p, "rejected": [7, 7]}) + "\n" for p in prompts))
+  records, _ = preference.read(f"jsonl:{path}", "negatives")
+  cfg = models.ModelConfig(**models.preset("tiny"))
+  graphdef, _, _ = models.abstract(cfg)
+  params = models.init_params(cfg, jax.random.key(0))
+  mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
+  out = reference.append_samples(
+      records, graphdef=graphdef, ref_params=params, mesh=mesh,
+      sampling_cfg=sampling.SamplingConfig(max_new_tokens=3, temperature=0.0), num_samples=2,
+      rows_per_call=4, seed=0)
+  assert out["tokens_KxL"].shape == (3, 3, 6)
+  np.testing.assert_array_equal(out["tokens_KxL"][:, 0, :5], records["tokens_KxL"][:, 0])
+  np.testing.assert_array_equal(out["loss_mask_KxL"][:, 0, :5], records["loss_mask_KxL"][:, 0])
+  for i, prompt in enumerate(prompts):
+    want = _greedy(graphdef, params, prompt, 3)
+    for k in (1, 2):  # Left-padded batched decoding equals unpadded greedy decoding.
+      np.testing.assert_array_equal(out["tokens_KxL"][i, k, :len(prompt)], prompt)
+      np.testing.assert_array_equal(out["tokens_KxL"][i, k, len(prompt):len(prompt) + 3], want)
+      np.testing.assert_array_equal(out["loss_mask_KxL"][i, k],
+                                    [0] * len(prompt) + [1] * 3 + [0] * (3 - len(prompt)))
+  np.testing.assert_array_equal(out["score_K"], [[0, 1, 1]] * 3)
+
+
+def test_d2o_trains_on_negatives_from_a_file(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / "neg.jsonl"
+  path.write_text("".join(json.dumps({"prompt": rng.integers(0, 8, 2).tolist(),
+                                      "rejected": [7] + rng.integers(0, 8, 2).tolist()}) + "\n"
+                          for _ in range(64)))
+  cfg = load_config("d2o", "smoke")
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.data.source = f"jsonl:{path}"
+    cfg.data.num_samples = 3
+    cfg.sampling.max_new_tokens = 3
+    cfg.log_every = 1
+  result = train.run(cfg, str(tmp_path / "run"))
+  records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+  assert len(records) == cfg.total_steps and all(np.isfinite(r["loss"]) for r in records)
+  assert result.summary["data/records"] == 64
+  assert len({r["loss"] for r in records}) > 1

@@ -1,4 +1,8 @@
-"""Reference log-probs of a whole offline dataset, computed once and cached in the workdir.
+"""What the frozen reference adds to an offline dataset, computed once: log-probs and self-samples.
+
+Self-samples: negatives-only records (D2O) from files hold one human negative per prompt; the
+model's own samples beside it are drawn here from the reference with the sampler (the offline
+variant of D2O), `append_samples`.
 
 Objectives with a frozen reference need log π_ref(y|x) of every response. The step computes them
 when a batch lacks `ref_logp_BxK`; with `data.precompute_ref` the run computes them here once for
@@ -18,7 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from align_jax import sharding
+from align_jax import sampling, sharding
 from align_jax.logps import sequence_logps
 
 
@@ -69,3 +73,53 @@ def ref_logps(records: dict[str, np.ndarray], *, graphdef, ref_params: dict, mes
     os.replace(tmp, path)  # Atomic: a killed run never leaves a partial file under the key.
   logging.info("reference log-probs of %d records computed and cached in %s", n, path)
   return logp_NxK, False
+
+
+def append_samples(records: dict[str, np.ndarray], *, graphdef, ref_params: dict, mesh,
+                   sampling_cfg: sampling.SamplingConfig, num_samples: int, rows_per_call: int,
+                   seed: int) -> dict[str, np.ndarray]:
+  """Negatives-only records (K = 1) gain K indices 1..num_samples: samples of the reference.
+
+  Each record's prompt (the tokens before its first scored one) is left-padded into one batch and
+  continued by `sampling.sample` (prefill + KV-cache decode, up to EOS or max_new_tokens); the
+  samples become [prompt, sample] rows scored on the sampled tokens, with L grown to fit. Every
+  process draws the same samples (same key, replicated output).
+  """
+  tokens_NxL, mask_NxL = records["tokens_KxL"][:, 0], records["loss_mask_KxL"][:, 0]
+  n = len(tokens_NxL)
+  start_N = np.argmax(mask_NxL > 0, axis=1)
+  P, N = int(start_N.max()), sampling_cfg.max_new_tokens
+  prompts_NxP = np.zeros((n, P), np.int32)
+  prompt_mask_NxP = np.zeros((n, P), np.int32)
+  for i, s in enumerate(start_N):  # Left padding: the prompt ends where the response starts.
+    prompts_NxP[i, P - s:] = tokens_NxL[i, :s]
+    prompt_mask_NxP[i, P - s:] = 1
+  rows = max(rows_per_call - rows_per_call % mesh.size, mesh.size)
+  reps = np.repeat(np.arange(n), num_samples)  # Row r samples for record reps[r].
+  pad = -len(reps) % rows
+  reps_padded = np.concatenate([reps, reps[:pad]])
+  draw = jax.jit(lambda p, t, m, key: sampling.sample(graphdef, p, t, key, sampling_cfg, m),
+                 out_shardings=sharding.replicated(mesh))
+  batch = sharding.batch_sharding(mesh, 2)
+  key = jax.random.key(seed)
+  new_NxN, new_mask_NxN = [], []
+  for c, i in enumerate(range(0, len(reps_padded), rows)):
+    idx = reps_padded[i:i + rows]
+    out = draw(ref_params, sharding.global_array(prompts_NxP[idx], batch),
+               sharding.global_array(prompt_mask_NxP[idx], batch), jax.random.fold_in(key, c))
+    new_NxN.append(np.asarray(out["tokens_RxL"])[:, P:])
+    new_mask_NxN.append(np.asarray(out["mask_RxN"]))
+  new_NxN = np.concatenate(new_NxN)[:len(reps)].reshape(n, num_samples, N)
+  new_mask_NxN = np.concatenate(new_mask_NxN)[:len(reps)].reshape(n, num_samples, N)
+  L = max(tokens_NxL.shape[1], P + N)
+  tokens = np.zeros((n, 1 + num_samples, L), np.int32)
+  mask = np.zeros((n, 1 + num_samples, L), np.float32)
+  tokens[:, 0, :tokens_NxL.shape[1]] = tokens_NxL
+  mask[:, 0, :tokens_NxL.shape[1]] = mask_NxL
+  for i, s in enumerate(start_N):
+    tokens[i, 1:, :s] = tokens_NxL[i, :s]
+    tokens[i, 1:, s:s + N] = new_NxN[i]
+    mask[i, 1:, s:s + N] = new_mask_NxN[i]
+  return {**records, "tokens_KxL": tokens, "loss_mask_KxL": mask,
+          "score_K": np.concatenate([records["score_K"], np.ones((n, num_samples), np.float32)], 1),
+          "response_mask_K": np.ones((n, 1 + num_samples), np.float32)}

@@ -91,7 +91,7 @@ def fit_logistic(features_NxD: np.ndarray, labels_N: np.ndarray, *, l2: float = 
   sigma_D = np.sqrt(s_N @ (x_NxD - mu_D) ** 2 / s_N.sum())
   sigma_D = np.where(sigma_D > 0, sigma_D, 1.0)
   z_NxE = np.concatenate([(x_NxD - mu_D) / sigma_D, np.ones((len(y_N), 1))], axis=1)
-  ridge_E = np.append(np.full(x_NxD.shape[1], l2), l2)
+  ridge_E = np.append(np.full(x_NxD.shape[1], l2), 0.0)
   theta_E = np.zeros(z_NxE.shape[1])
   logit_N = z_NxE @ theta_E
   loss = _objective(logit_N, y_N, s_N, theta_E[:-1], l2)

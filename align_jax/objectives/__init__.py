@@ -82,7 +82,7 @@ def _bco(logp, batch, stats, *, beta, delta_momentum):
   delta, count = binary.bco_update_delta(
       stats["delta"], stats["count"], reward_B, batch["example_mask_B"],
       momentum=None if delta_momentum < 0 else delta_momentum)
-  udm_B = batch.get("udm_weight_B")
+  udm_B = batch.get("udm_weight_B")  # Present when data.udm is on (density-ratio matching).
   loss_B, metrics = binary.bco(logp[:, 0], ref[:, 0], batch["desirable_B"], delta, beta=beta,
                                udm_weight_B=udm_B)
   return loss_B, metrics, {"delta": delta, "count": count}
