@@ -123,6 +123,11 @@ def base() -> mlc.ConfigDict:
   c.sampling = mlc.ConfigDict(dict(
       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, eos_id=-1))
 
+  # On-policy objectives: per prompt, num_policy samples of the policy and num_anchor of the
+  # anchor; the anchor is the frozen reference, an EMA of the policy, or a periodic copy of it.
+  c.rollout = mlc.ConfigDict(dict(
+      num_policy=2, num_anchor=0, anchor="reference", anchor_ema=0.02, anchor_every=50))
+
   c.testbed = mlc.ConfigDict(dict(
       prompt_len=2,              # First tokens of a ToyLang string are the prompt ...
       response_len=4,            # ... the rest the response: 8**2 prompts x 8**4 responses.
@@ -132,8 +137,15 @@ def base() -> mlc.ConfigDict:
       pretrain_lr=3e-3,
       pretrain_examples=200_000,
       eval_chunk=8192,           # Rows per forward in the exact enumeration pass.
-      target="",                 # Explicit target for exact divergences: '' | chain | rlhf.
+      # Explicit target for exact divergences (and f-DPG's energy-based target):
+      # '' | chain | rlhf | bon | pointwise | distributional.
+      target="",
       target_beta=1.0,           # β of the rlhf target π_ref·exp(r/β).
+      constraint_token=6,        # pointwise target: b = the response contains this token (g) ...
+      epsilon=0.0,               # ... smoothed to max(b, ε) when ε > 0 (for reverse KL).
+      moment=0.5,                # distributional target: E_p[response starts with e or f] = this.
+      target_n=4,                # N of the bon target, Best-of-N of π_ref (ties included) ...
+      target_jeffreys=0.5,       # ... and the mix β of exact/jeffreys_bon (1−β)KL(BoN‖π) + βKL(π‖BoN).
       tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (TODO's model).
       eval_pairs=2048,           # Held-out BT pairs for exact/ranking_accuracy (0: none).
       categories=6,              # Distributional labels (DPRM): ordered rating categories C ...
@@ -156,6 +168,20 @@ def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:
     c.testbed.target = "rlhf"
     c.testbed.target_beta = c.loss.get_ref("beta") * c.testbed.get_ref("bt_temperature")
   c.optim.lr = 1e-3
+  c.optim.warmup_steps = 10
+  c.total_steps = 300
+  c.log_every = 25
+  c.eval_every = 100
+  c.checkpoint_every = 100
+
+
+def testbed_on_policy(c: mlc.ConfigDict) -> None:
+  """On-policy training on the testbed from its cached base LM (prompts drawn from the chain)."""
+  c.init_checkpoint = "testbed"
+  c.data.batch_size = 64         # Prompts per step; each gets the rollout's samples.
+  c.data.num_examples = 8192     # Prompt draws (the dataset the Grain pipeline cycles through).
+  c.sampling.max_new_tokens = c.testbed.get_ref("response_len")
+  c.optim.lr = 3e-4
   c.optim.warmup_steps = 10
   c.total_steps = 300
   c.log_every = 25

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from align_jax import objectives as objectives_lib
+from align_jax.objectives import bond
 from align_jax.logps import sequence_logps, sequence_scores
 
 
@@ -46,10 +47,28 @@ def optimizer(optim) -> optax.GradientTransformation:
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, seed: int,
-               stats: dict | None = None) -> TrainState:
-  """Step 0; `stats` are the objective's initial running statistics ({} for most)."""
+               stats: dict | None = None, moving_anchor: bool = False) -> TrainState:
+  """Step 0; `stats` are the objective's initial running statistics ({} for most). A moving
+  anchor starts as a copy of the policy."""
+  anchor = {"params": jax.tree.map(jnp.copy, params)} if moving_anchor else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)), anchor={}, stats=stats or {})
+                    rng=jax.random.key_data(jax.random.key(seed)), anchor=anchor,
+                    stats=stats or {})
+
+
+def anchor_update(mode: str, *, ema_rate: float, every: int):
+  """How the anchor follows the policy after each update: None for a fixed anchor (the reference),
+  an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), or a hard copy every `every` steps (iterative BOND)."""
+  if mode == "reference":
+    return None
+  if mode == "ema":
+    return lambda anchor, params, step: bond.ema(anchor, params, ema_rate)
+  if mode == "periodic":
+    if every < 1:
+      raise ValueError(f"rollout.anchor_every={every} must be >= 1 for a periodic anchor")
+    return lambda anchor, params, step: jax.tree.map(
+        lambda a, p: jnp.where(step % every == 0, p, a), anchor, params)
+  raise ValueError(f"rollout.anchor {mode!r} is unknown; use reference, ema or periodic")
 
 
 def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
@@ -58,7 +77,7 @@ def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graphdef,
                objective: objectives_lib.Objective, loss_cfg: dict,
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule):
+               tx: optax.GradientTransformation, lr_fn: optax.Schedule, move_anchor=None):
   """One optimizer update: (state, batch, frozen reference) -> (state, scalar metrics).
 
   Batch fields: tokens_BxKxL (int32), loss_mask_BxKxL (1 where a token is scored),
@@ -81,9 +100,12 @@ def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graph
 
   (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = dataclasses.replace(
-      state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      opt_state=opt_state, stats=stats)
+  params = optax.apply_updates(state.params, updates)
+  anchor = state.anchor
+  if move_anchor is not None:  # After the update, so the anchor sees this step's policy.
+    anchor = {"params": move_anchor(state.anchor["params"], params, state.step + 1)}
+  new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state,
+                                  anchor=anchor, stats=stats)
   return new_state, {
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),

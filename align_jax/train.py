@@ -18,14 +18,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from align_jax import checkpoint, logps, models, objectives, sampling, sharding, step
+from align_jax import (checkpoint, logps, models, objectives, rollout, sampling, sharding,
+                       step)
 from align_jax.data import pipeline, preference, reference, udm
 from align_jax.metrics import MetricWriter
+from align_jax import targets
+from align_jax.objectives import bond
 from align_jax.testbed import exact, language, task
 
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = ("tokens_KxL", "loss_mask_KxL", "score_K", "response_mask_K", "desirable", "is_tie",
-                "label_dist_C", "ref_logp_K", "udm_weight")
+                "label_dist_C", "ref_logp_K", "udm_weight", "prompt_P", "prompt_index")
 
 
 @dataclasses.dataclass
@@ -94,7 +97,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
 
   # ---- Exact evaluation on the testbed ---------------------------------------------------------
   tb = task.make(cfg.testbed) if cfg.data.source == "testbed" else None
-  evaluate = None
+  evaluate = potential_XxY = None
   if tb is not None and objective.scores:
     # Reward-model pairs are drawn from the chain's conditional (no policy is involved).
     evaluate = _reward_model_eval(cfg, objective, tb, graphdef, mesh)
@@ -106,13 +109,26 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     # the same as the frozen reference where there is one), or the chain for pretraining.
     eval_ref_XxY = (jnp.asarray(tb.chain_logp_XxY, jnp.float32) if objective.data == "corpus"
                     else logp_fn(params))
-    target_XxY = _target(cfg, tb, eval_ref_XxY)
+    potential_XxY = _target_potential(cfg, tb, eval_ref_XxY)  # log P − log π_ref (f-DPG targets)
+    target_XxY = _target(cfg, tb, eval_ref_XxY, potential_XxY)
     held_out = _held_out_pairs(cfg, objective, tb, eval_ref_XxY)
 
-    def exact_metrics(p):
+    def exact_metrics(p, eval_ref_XxY, target_XxY, reward_XxY):  # Arguments: not folded by XLA.
       logp_XxY = logp_fn(p)
-      metrics = exact.policy_metrics(logp_XxY, eval_ref_XxY, tb.reward_XxY, tb.prompt_logw_X,
+      metrics = exact.policy_metrics(logp_XxY, eval_ref_XxY, reward_XxY, tb.prompt_logw_X,
                                      target_XxY)
+      if cfg.testbed.target == "bon":
+        metrics["exact/jeffreys_bon"] = bond.jeffreys(logp_XxY, target_XxY, tb.prompt_logw_X,
+                                                      cfg.testbed.target_jeffreys)
+        metrics["exact/bon_quantile"] = bond.bon_quantile(logp_XxY, eval_ref_XxY, reward_XxY,
+                                                          tb.prompt_logw_X)
+      if cfg.testbed.target == "pointwise":
+        metrics["exact/constraint_rate"] = exact.expectation(
+            logp_XxY, language.contains(tb.responses_YxT, cfg.testbed.constraint_token)[None]
+            .astype(np.float32), tb.prompt_logw_X)
+      if cfg.testbed.target == "distributional":
+        metrics["exact/moments"] = exact.expectation(logp_XxY, _moment_features(tb)[..., 0],
+                                                     tb.prompt_logw_X)
       if objective.data == "negatives":  # D2O's negatives are the responses containing h.
         metrics["exact/harm"] = exact.expectation(
             logp_XxY, language.harm(tb.responses_YxT)[None].astype(np.float32), tb.prompt_logw_X)
@@ -122,7 +138,9 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
           metrics["exact/idealized_ranking_accuracy"] = exact.ranking_accuracy(target_XxY,
                                                                                *held_out)
       return metrics
-    evaluate = jax.jit(exact_metrics, out_shardings=replicated)
+    exact_jit = jax.jit(exact_metrics, out_shardings=replicated)
+    evaluate = functools.partial(exact_jit, eval_ref_XxY=eval_ref_XxY, target_XxY=target_XxY,
+                                 reward_XxY=jnp.asarray(tb.reward_XxY))
 
   # ---- Data ------------------------------------------------------------------------------------
   records, data_counts = _records(cfg, objective, tb,
@@ -150,8 +168,12 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   # ---- Train state and the one step ------------------------------------------------------------
   optim = cfg.optim.to_dict() | {"total_steps": cfg.total_steps}
   tx = step.optimizer(_Attrs(optim))
-  state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed,
-                                                   objective.init_stats()))(params)
+  move_anchor = step.anchor_update(cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema,
+                                   every=cfg.rollout.anchor_every)
+  num_contexts = len(tb.prompts_XxP) if tb is not None else 0  # Per-prompt statistics (Ẑ).
+  stats = objective.init_stats(num_contexts, cfg.loss.to_dict())
+  state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed, stats,
+                                            moving_anchor=move_anchor is not None))(params)
   state_shardings = jax.tree.map(
       lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
       state)
@@ -159,9 +181,24 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   batch_shardings = {pipeline.batch_key(k): sharding.batch_sharding(mesh, v.ndim)
                      for k, v in records.items()} | {"example_mask_B": sharding.batch_sharding(
                          mesh, 1)}
+  make_batch = None
+  if objective.data == "prompts":  # On-policy: the rollout turns prompts into the step's batch.
+    roll = functools.partial(
+        rollout.rollout, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(**cfg.sampling),
+        num_policy=cfg.rollout.num_policy, num_anchor=cfg.rollout.num_anchor,
+        anchor_is_ref=move_anchor is None,
+        score_fn=task.scorer(tb, potential_XxY))
+    prompt_shardings = (batch_shardings["prompt_BxP"], batch_shardings["prompt_index_B"])
+    shapes = jax.eval_shape(roll, state, *(jax.ShapeDtypeStruct(
+        (cfg.data.batch_size, *records[k].shape[1:]), records[k].dtype)
+        for k in ("prompt_P", "prompt_index")), ref_params)
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
+    make_batch = jax.jit(roll, in_shardings=(state_shardings, *prompt_shardings, param_shardings),
+                         out_shardings=batch_shardings)
   train_step = jax.jit(
       functools.partial(step.train_step, graphdef=graphdef, objective=objective,
-                        loss_cfg=cfg.loss.to_dict(), tx=tx, lr_fn=step.learning_rate(_Attrs(optim))),
+                        loss_cfg=cfg.loss.to_dict(), tx=tx, lr_fn=step.learning_rate(_Attrs(optim)),
+                        move_anchor=move_anchor),
       in_shardings=(state_shardings, batch_shardings,
                     param_shardings if ref_params is not None else None),
       out_shardings=(state_shardings, replicated),
@@ -187,6 +224,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     for s in range(start + 1, cfg.total_steps + 1):
       batch = pipeline.to_global(next(data_iter), mesh)  # The one explicit host->device copy.
       with jax.transfer_guard("disallow"):  # Anything else implicit in the step is a bug.
+        if make_batch is not None:
+          batch = make_batch(state, batch["prompt_BxP"], batch["prompt_index_B"], ref_params)
         state, metrics = train_step(state, batch, ref_params)
       writer.submit(s, metrics)
       if evaluate is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < cfg.total_steps:
@@ -225,16 +264,50 @@ def _host(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _target(cfg, tb, ref_XxY):
+def _target(cfg, tb, ref_XxY, potential_XxY):
   """The run's explicit target distribution, if it has one (cfg.testbed.target)."""
   kind = cfg.testbed.target
   if kind == "chain":
     return jnp.asarray(tb.chain_logp_XxY, jnp.float32)
+  if kind == "bon":  # Best-of-N of the reference, ties included (exact).
+    return bond.bon_logp(ref_XxY, jnp.asarray(tb.reward_XxY), cfg.testbed.target_n)
+  if kind in ("", "rlhf", "pointwise", "distributional"):
+    return None if potential_XxY is None else exact.normalize(ref_XxY + potential_XxY)
+  raise ValueError(f"testbed.target {kind!r} is unknown; use '', chain, rlhf, bon, pointwise or "
+                   "distributional")
+
+
+def _target_potential(cfg, tb, ref_XxY) -> jax.Array | None:
+  """log P − log π_ref of the run's energy-based target on every (prompt, response), or None.
+
+  rlhf: r/β. pointwise: log max(b, ε) with b = the response contains testbed.constraint_token
+  (GDC's hard constraint; ε > 0 smooths it). distributional: λ·φ with φ = [the response's first
+  token is one of testbed.moment_tokens] and λ fitted exactly (enumeration) so that
+  E_p[φ] = testbed.moment (GDC's I-projection; λ shared by all prompts).
+  """
+  kind, t = cfg.testbed.target, cfg.testbed
   if kind == "rlhf":
-    return exact.rlhf_target(ref_XxY, jnp.asarray(tb.reward_XxY), cfg.testbed.target_beta)
-  if kind:
-    raise ValueError(f"testbed.target {kind!r} is unknown; use '', 'chain' or 'rlhf'")
+    return jnp.asarray(tb.reward_XxY / t.target_beta, jnp.float32)
+  if kind == "pointwise":
+    b_XxY = np.broadcast_to(language.contains(tb.responses_YxT, t.constraint_token),
+                            tb.reward_XxY.shape)
+    return targets.pointwise(jnp.zeros(b_XxY.shape, jnp.float32), b_XxY, epsilon=t.epsilon)
+  if kind == "distributional":
+    phi_XxYx1 = _moment_features(tb)
+    lam, achieved, converged = targets.fit_lambda(
+        phi_XxYx1, ref_XxY, jnp.array([t.moment]), lr=1.0, tol=1e-6, max_iter=10_000,
+        prompt_logw_X=jnp.asarray(tb.prompt_logw_X))
+    if not bool(converged):
+      raise ValueError(f"testbed.moment={t.moment}: moment matching did not converge (reached "
+                       f"{float(achieved[0]):.4f})")
+    return targets.exponential(jnp.zeros(phi_XxYx1.shape[:2], jnp.float32), phi_XxYx1, lam)
   return None
+
+
+def _moment_features(tb) -> jax.Array:
+  """φ(y) = 1[y_0 ∈ moment tokens {e, f}] on every (prompt, response): [X, Y, 1]."""
+  phi_Y = np.isin(tb.responses_YxT[:, 0], (4, 5)).astype(np.float32)
+  return jnp.asarray(np.broadcast_to(phi_Y[None, :, None], (*tb.reward_XxY.shape, 1)))
 
 
 def _records(cfg, objective, tb, base_logp_XxY, model_cfg, graphdef, ref_params,
@@ -252,6 +325,7 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg, graphdef, ref_params,
         "ternary": lambda: task.ternary(tb, base, d.num_examples, cfg.seed, T,
                                         cfg.testbed.tie_alpha),
         "negatives": lambda: task.negatives(tb, base, d.num_examples, cfg.seed, d.num_samples),
+        "prompts": lambda: task.prompt_records(tb, d.num_examples, cfg.seed),
         "distribution": lambda: task.distribution(tb, base, d.num_examples, cfg.seed, T,
                                                   cfg.testbed.categories, cfg.testbed.voters),
     }[fmt]

@@ -7,6 +7,7 @@ import pytest
 from align_jax import objectives
 from conftest import ROOT, load_config
 from test_objective_runs import OFFLINE
+from test_on_policy import ON_POLICY
 
 NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
 # pretrain_testbed's smoke run happens inside every smoke run above (the cached base LM).
@@ -14,7 +15,7 @@ RUN_ELSEWHERE = {"pretrain_testbed", "bt_reward", "dprm"}  # Reward models: own 
 
 
 def test_every_config_smoke_variant_runs_in_the_suite():
-  assert set(NAMES) == set(OFFLINE) | RUN_ELSEWHERE
+  assert set(NAMES) == set(OFFLINE) | set(ON_POLICY) | RUN_ELSEWHERE
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,7 +2,8 @@
 
 Each entry is an `Objective`: `fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`,
 whether the step must compute frozen-reference log-probs (`batch["ref_logp_BxK"]`), the record
-format it trains on (`data`: corpus, pairs, lists, binary, ternary, negatives, distribution) and the initial
+format it trains on (`data`: corpus, pairs, lists, binary, ternary, negatives, distribution;
+prompts for on-policy objectives, whose batches the rollout makes) and the initial
 running statistics it keeps in the train state. A new objective is one pure function in a family
 file and one entry here.
 
@@ -17,8 +18,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from align_jax.objectives import (binary, distributional, likelihood, listwise, pairwise,
-                                  reward_model)
+from align_jax.objectives import (binary, bond, distributional, fdpg, likelihood, listwise,
+                                  pairwise, policy_gradient, reward_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Objective:
   fn: Callable
   needs_ref: bool
   data: str
-  init_stats: Callable[[], dict] = dict
+  # (num_contexts, loss_cfg) -> the running statistics kept in the train state ({} for most).
+  init_stats: Callable[[int, dict], dict] = lambda num_contexts, loss_cfg: {}
   # Reward models: the model is a scoring model (model.num_scores outputs), `fn` gets its outputs
   # [B, K, O] at each response's last token, and `reward` maps them to scalar rewards [B, K]: the
   # reward a trained model gives to other objectives.
@@ -128,7 +130,55 @@ def _dprm_reward(scores):
   return reward_model.expected_reward(scores, jnp.linspace(0.0, 1.0, scores.shape[-1]))
 
 
-def _bco_stats():
+# On-policy objectives (data "prompts"): the batch comes from `align_jax.rollout` — K = the policy's
+# samples, then the anchor's — with reward_BxK, anchor_logp_BxK, sample_logp_BxK, target_logp_BxK.
+
+def _bond(logp, batch, stats, **cfg):
+  return (*bond.bond(logp, batch["anchor_logp_BxK"], batch["reward_BxK"], **cfg), stats)
+
+
+def _jbond(logp, batch, stats, **cfg):
+  return (*bond.jbond(logp, batch["anchor_logp_BxK"], batch["reward_BxK"], **cfg), stats)
+
+
+def _reinforce(logp, batch, stats, **cfg):
+  return (*policy_gradient.reinforce(logp, batch["ref_logp_BxK"], batch["reward_BxK"], **cfg),
+          stats)
+
+
+def _fdpg(logp, batch, stats, *, divergence, alpha, outside_support, baseline, clip_log_ratio,
+          baseline_window):
+  """f-DPG with a per-prompt running Ẑ and a baseline (window of past pseudo-rewards, the exact
+  forward-KL one, or none), all kept in `stats`; samples come from the proposal the rollout used."""
+  del baseline_window  # Its size is fixed when the statistics are created.
+  lq, lP, x_B = batch["sample_logp_BxK"], batch["target_logp_BxK"], batch["prompt_index_B"]
+  log_z_X, count_X = fdpg.update_log_z(stats["log_z_X"], stats["count_X"], x_B, lP - lq)
+  if baseline == "window":
+    b = fdpg.baseline_window_mean(stats["window"])[0]
+  elif baseline == "exact":
+    if divergence != "forward_kl":
+      raise ValueError(f"loss.baseline=exact (B = 1) is forward KL's; divergence is {divergence}")
+    b = fdpg.FORWARD_KL_BASELINE
+  elif baseline == "none":
+    b = 0.0
+  else:
+    raise ValueError(f"loss.baseline {baseline!r} is unknown; use window, exact or none")
+  loss_B, metrics, used = fdpg.fdpg(
+      logp, lq, lP, log_z_X[x_B], b, divergence=divergence,
+      alpha=alpha if divergence == "amari" else None, outside_support=outside_support,
+      clip_log_ratio=clip_log_ratio or None)
+  window = fdpg.baseline_window_push(stats["window"], used["pseudo_reward_BxK"], used["used_BxK"])
+  return loss_B, metrics, {"log_z_X": log_z_X, "count_X": count_X, "window": window}
+
+
+def _fdpg_stats(num_contexts, loss_cfg):
+  return {"log_z_X": jnp.full((num_contexts,), -jnp.inf, jnp.float32),
+          "count_X": jnp.zeros((num_contexts,), jnp.float32),
+          "window": fdpg.baseline_window_init(loss_cfg["baseline_window"])}
+
+
+def _bco_stats(num_contexts, loss_cfg):
+  del num_contexts, loss_cfg
   return {"delta": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
 
 
@@ -153,6 +203,10 @@ OBJECTIVES: dict[str, Objective] = {
     "d2o": Objective(_d2o, needs_ref=True, data="negatives"),
     "aot": Objective(_aot(distributional.aot), needs_ref=True, data="pairs"),
     "aot_unpaired": Objective(_aot(distributional.aot_unpaired), needs_ref=True, data="pairs"),
+    "fdpg": Objective(_fdpg, needs_ref=True, data="prompts", init_stats=_fdpg_stats),
+    "bond": Objective(_bond, needs_ref=True, data="prompts"),
+    "jbond": Objective(_jbond, needs_ref=True, data="prompts"),
+    "reinforce": Objective(_reinforce, needs_ref=True, data="prompts"),
     "bt_reward": Objective(_bt_reward, needs_ref=False, data="pairs", scores=True,
                            reward=lambda scores: scores[..., 0]),
     "dprm": Objective(_dprm, needs_ref=False, data="distribution", scores=True,

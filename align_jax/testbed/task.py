@@ -219,6 +219,38 @@ def negatives(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
   return _records(tb, np.repeat(x_N[:, None], num_samples + 1, 1), y_NxK, score_NxK)
 
 
+def prompt_records(tb: Testbed, n: int, seed: int) -> dict[str, np.ndarray]:
+  """On-policy training prompts drawn from the prompt distribution: prompt_P and prompt_index."""
+  x_N = _prompt_draws(tb, np.random.default_rng(seed), n)
+  return {"prompt_P": tb.prompts_XxP[x_N].astype(np.int32), "prompt_index": x_N.astype(np.int32)}
+
+
+def response_index(tokens_BxKxL: jax.Array, prompt_len: int) -> jax.Array:
+  """The lexicographic index y of each [prompt, response] row's response (base-V digits)."""
+  response_BxKxT = tokens_BxKxL[..., prompt_len:].astype(jnp.int32)
+  T = response_BxKxT.shape[-1]
+  return jnp.sum(response_BxKxT * language.V ** jnp.arange(T - 1, -1, -1, dtype=jnp.int32), -1)
+
+
+def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None):
+  """score_fn of `rollout.rollout` on the testbed: the gold reward, and the target log P.
+
+  The target is log π_ref + extra(x, y) with `extra_logp_XxY` the task's log-potential (r/β, log b,
+  λ·φ, ...); without one, target_logp_BxK is the reference's log-prob (no target).
+  """
+  reward_XxY = jnp.asarray(tb.reward_XxY, jnp.float32)
+  extra_XxY = None if extra_logp_XxY is None else jnp.asarray(extra_logp_XxY, jnp.float32)
+  prompt_len = tb.prompts_XxP.shape[1]
+
+  def score(tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK):
+    del loss_mask_BxKxL  # Testbed responses have a fixed length.
+    y_BxK = response_index(tokens_BxKxL, prompt_len)
+    x_Bx1 = prompt_index_B[:, None]
+    target = ref_logp_BxK if extra_XxY is None else ref_logp_BxK + extra_XxY[x_Bx1, y_BxK]
+    return {"reward_BxK": reward_XxY[x_Bx1, y_BxK], "target_logp_BxK": target}
+  return score
+
+
 def exact_logp_fn(graphdef, tb: Testbed, chunk: int):
   """params -> log π(y|x) for every prompt and response [X, Y] (one enumeration pass)."""
   from align_jax import logps  # Imported here: align_jax.logps imports the model stack.

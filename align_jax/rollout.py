@@ -1,0 +1,68 @@
+"""On-policy rollouts: prompts -> samples of the policy and an anchor -> one [B, K] batch for the step.
+
+For every prompt the rollout draws `num_policy` responses from the current policy and `num_anchor`
+from the anchor (the frozen reference for plain BOND, the moving anchor of the train state
+otherwise) with the jitted sampler, and stacks them on K: indices [0, num_policy) are the policy's,
+[num_policy, K) the anchor's. It scores every response once: sequence log-probs under the
+reference (and the anchor), the log-prob of the distribution each was actually drawn from, and the
+task's reward and target log P through `score_fn`. The randomness is `fold_in(state.rng, step)`,
+so a resumed run draws exactly the samples it would have drawn. Pure and jit-able; batch rows
+follow the sharding of `prompts_BxP`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from align_jax import sampling
+from align_jax.logps import sequence_logps
+
+
+def _draw(graphdef, params, prompts_BxP, count, key, cfg):
+  """count samples per prompt: tokens [B, count, L], scored mask, summed sampler log-probs."""
+  B, P = prompts_BxP.shape
+  out = sampling.sample(graphdef, params, jnp.repeat(prompts_BxP, count, axis=0), key, cfg)
+  tokens = out["tokens_RxL"].reshape(B, count, -1)
+  mask = jnp.concatenate([jnp.zeros((B * count, P), jnp.float32), out["mask_RxN"]], axis=1)
+  logp = jnp.sum(out["logp_RxN"] * out["mask_RxN"], axis=1).reshape(B, count)
+  return tokens, mask.reshape(B, count, -1), logp
+
+
+def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params: dict, *,
+            graphdef, sampling_cfg: sampling.SamplingConfig, num_policy: int, num_anchor: int,
+            anchor_is_ref: bool, score_fn) -> dict[str, jax.Array]:
+  """The batch of one on-policy step.
+
+  Args:
+    state: the train state (params, anchor, rng, step).
+    prompts_BxP: prompt tokens, all of length P.
+    prompt_index_B: each prompt's id (its row of per-prompt statistics and tables).
+    ref_params: the frozen reference.
+    graphdef: the model's graph definition.
+    sampling_cfg: how to sample (temperature 1 without truncation for unbiased estimators).
+    num_policy: samples per prompt from the policy.
+    num_anchor: samples per prompt from the anchor (0 for none).
+    anchor_is_ref: the anchor is the frozen reference (else `state.anchor["params"]`).
+    score_fn: (tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK) -> {"reward_BxK",
+      "target_logp_BxK"}: the task's reward and unnormalised target log P of every response.
+
+  Returns:
+    tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
+    the distribution each response was drawn from), ref_logp_BxK, anchor_logp_BxK (with an
+    anchor), reward_BxK and target_logp_BxK.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  parts = [_draw(graphdef, state.params, prompts_BxP, num_policy, jax.random.fold_in(key, 0),
+                 sampling_cfg)]
+  anchor = ref_params if anchor_is_ref else state.anchor.get("params")
+  if num_anchor:
+    parts.append(_draw(graphdef, anchor, prompts_BxP, num_anchor, jax.random.fold_in(key, 1),
+                       sampling_cfg))
+  tokens, mask, sample_logp = (jnp.concatenate(x, axis=1) for x in zip(*parts))
+  ref_logp = jax.lax.stop_gradient(sequence_logps(graphdef, ref_params, tokens, mask))
+  batch = {"tokens_BxKxL": tokens, "loss_mask_BxKxL": mask, "sample_logp_BxK": sample_logp,
+           "ref_logp_BxK": ref_logp, "prompt_index_B": prompt_index_B,
+           "example_mask_B": jnp.ones(prompts_BxP.shape[:1], jnp.float32)}
+  if num_anchor:
+    batch["anchor_logp_BxK"] = (ref_logp if anchor_is_ref else
+                                sequence_logps(graphdef, anchor, tokens, mask))
+  return batch | score_fn(tokens, mask, prompt_index_B, ref_logp)
