@@ -181,12 +181,12 @@ def testbed_on_policy(c: mlc.ConfigDict) -> None:
   c.data.batch_size = 64         # Prompts per step; each gets the rollout's samples.
   c.data.num_examples = 8192     # Prompt draws (the dataset the Grain pipeline cycles through).
   c.sampling.max_new_tokens = c.testbed.get_ref("response_len")
-  c.optim.lr = 3e-4
+  c.optim.lr = 6e-4
   c.optim.warmup_steps = 10
-  c.total_steps = 300
+  c.total_steps = 150
   c.log_every = 25
-  c.eval_every = 100
-  c.checkpoint_every = 100
+  c.eval_every = 50
+  c.checkpoint_every = 50
 
 
 # configs/lipo.py's `loss` arg -> objective; every one trains on ranked lists (ALGORITHMS.md §3.2).

@@ -1,5 +1,7 @@
 """The only code objectives use to run the model: per-sequence log-probabilities.
 
+Log-probs are float32 (float64 for a float64 model), whatever the compute dtype.
+
 Convention: `loss_mask[..., t] = 1` when token t is scored, i.e. log π(tokens[t] | tokens[<t])
 enters the sum. Position 0 is never scored (nothing predicts it).
 """
@@ -13,13 +15,13 @@ from align_jax import models
 def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
   """log π(· | tokens[≤t]) for every position t: float32 [R, L, V]."""
   logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
-  return jax.nn.log_softmax(logits_RxLxV.astype(jnp.float32), axis=-1)
+  return jax.nn.log_softmax(logits_RxLxV.astype(models.wide(logits_RxLxV.dtype)), axis=-1)
 
 
 def token_logps(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
   """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]."""
   logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
-  logits_RxTxV = logits_RxLxV[:, :-1].astype(jnp.float32)
+  logits_RxTxV = logits_RxLxV[:, :-1].astype(models.wide(logits_RxLxV.dtype))
   target_RxT = tokens_RxL[:, 1:]
   picked_RxT = jnp.take_along_axis(logits_RxTxV, target_RxT[..., None], axis=-1)[..., 0]
   return picked_RxT - jax.nn.logsumexp(logits_RxTxV, axis=-1)
@@ -30,7 +32,7 @@ def sequence_logps(graphdef, params, tokens_BxKxL: jax.Array,
   """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]."""
   B, K, L = tokens_BxKxL.shape
   tok_logp_RxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L))
-  mask_RxT = loss_mask_BxKxL.reshape(B * K, L)[:, 1:].astype(jnp.float32)
+  mask_RxT = loss_mask_BxKxL.reshape(B * K, L)[:, 1:].astype(tok_logp_RxT.dtype)
   return jnp.sum(tok_logp_RxT * mask_RxT, axis=-1).reshape(B, K)
 
 
@@ -45,4 +47,4 @@ def sequence_scores(graphdef, params, tokens_BxKxL: jax.Array,
   mask_RxL = loss_mask_BxKxL.reshape(B * K, L) > 0
   last_R = L - 1 - jnp.argmax(mask_RxL[:, ::-1], axis=1)
   picked_RxO = jnp.take_along_axis(scores_RxLxO, last_R[:, None, None], axis=1)[:, 0]
-  return picked_RxO.astype(jnp.float32).reshape(B, K, -1)
+  return picked_RxO.astype(models.wide(picked_RxO.dtype)).reshape(B, K, -1)

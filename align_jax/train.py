@@ -4,6 +4,7 @@ Reads top to bottom. Resume order: a checkpoint in the workdir > `init_checkpoin
 """
 
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -57,6 +58,8 @@ def run(cfg, workdir: str) -> RunResult:
 
 def _validate(cfg) -> None:
   objectives.get(cfg.objective)
+  if cfg.data.source != "testbed":
+    preference.check_source(cfg.data.source)
   if cfg.total_steps < 1:
     raise ValueError(f"total_steps={cfg.total_steps} must be >= 1")
   for key in ("log_every", "eval_every", "checkpoint_every"):
@@ -409,6 +412,18 @@ def _testbed_base(cfg) -> str:
   path = task.base_dir(cfg.testbed, lm)
   if os.path.isdir(os.path.join(path, "params")):
     return path
+  if jax.process_count() == 1:  # Other runs on this host (e.g. parallel tests) wait, then reuse.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if os.path.isdir(os.path.join(path, "params")):
+        return path
+      return _pretrain_base(cfg, lm, path)
+  return _pretrain_base(cfg, lm, path)
+
+
+def _pretrain_base(cfg, lm, path) -> str:
+  """Trains the base LM (configs/pretrain_testbed.py) and publishes it into the cache at `path`."""
   print(f"pretraining the testbed base LM ({cfg.testbed.pretrain_steps} steps), cached in {path}",
         flush=True)
   pcfg = task.pretrain_config(cfg.testbed, lm)

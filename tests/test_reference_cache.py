@@ -68,14 +68,14 @@ def test_cache_key_changes_with_data_model_and_reference():
 
 
 def _greedy(graphdef, params, prompt, steps):
-  """Argmax decoding by repeated full forward passes (no cache, no padding)."""
+  """Greedy decoding of one unpadded prompt (the sampler at temperature 0 is tested to be argmax
+  decoding by full forward passes in tests/test_sampling.py)."""
+  import jax
   import jax.numpy as jnp
-  from align_jax import models
-  seq = list(prompt)
-  for _ in range(steps):
-    logits, _ = models.apply(graphdef, params, jnp.asarray([seq]))
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[len(prompt):]
+  from align_jax import sampling
+  out = sampling.sample(graphdef, params, jnp.asarray([prompt]), jax.random.key(9),
+                        sampling.SamplingConfig(max_new_tokens=steps, temperature=0.0))
+  return np.asarray(out["tokens_RxL"])[0, len(prompt):].tolist()
 
 
 def test_negatives_from_a_file_gain_reference_samples_after_their_own_prompt(tmp_path):

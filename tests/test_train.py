@@ -44,6 +44,7 @@ def test_step_traces_once(tmp_path, monkeypatch, devices8):
   cfg = load_config("dpo", "smoke")
   with cfg.unlocked():
     cfg.total_steps = 5
+    cfg.mesh.shape = (1, 1, 1)
   result = train.run(cfg, str(tmp_path))
   assert int(result.state.step) == 5
   assert len(traces) == 1
@@ -51,14 +52,17 @@ def test_step_traces_once(tmp_path, monkeypatch, devices8):
 
 def test_same_losses_on_every_mesh(tmp_path):
   losses = {}
-  for shape in ["(1,1,1)", "(8,1,1)", "(2,2,2)", "(1,4,2)"]:
-    workdir = tmp_path / shape.strip("()").replace(",", "_")
-    _cli(workdir, f"--config.mesh.shape={shape}", "--config.total_steps=3", "--config.log_every=1")
+  for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+    cfg = load_config("dpo", "smoke")
+    with cfg.unlocked():
+      cfg.mesh.shape, cfg.total_steps, cfg.log_every = shape, 3, 1
+    workdir = tmp_path / "_".join(map(str, shape))
+    train.run(cfg, str(workdir))
     losses[shape] = [r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
-  assert len(losses["(1,1,1)"]) == 3
+  assert len(losses[(1, 1, 1)]) == 3
   for shape, values in losses.items():
-    np.testing.assert_allclose(values, losses["(1,1,1)"], atol=1e-5, err_msg=shape)
-  assert len(set(losses["(1,1,1)"])) == 3  # training moved: the comparison is not of constants
+    np.testing.assert_allclose(values, losses[(1, 1, 1)], atol=1e-5, err_msg=str(shape))
+  assert len(set(losses[(1, 1, 1)])) == 3  # training moved: the comparison is not of constants
 
 
 def test_sigkill_resume_is_bitwise_identical(tmp_path):

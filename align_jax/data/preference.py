@@ -129,6 +129,20 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
   return _arrays(kept, fmt, max_len, list_size, counts), counts
 
 
+def check_source(source: str) -> None:
+  """Fails early (before any model work) on a malformed source string or a missing file."""
+  kind, sep, rest = source.partition(":")
+  if sep and kind == "tfds":
+    return
+  path = rest if sep and kind in ("jsonl", "arrayrecord") else source
+  if not (sep and kind in ("jsonl", "arrayrecord")) and not source.endswith(
+      (".jsonl", ".array_record")):
+    raise ValueError(f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
+                     "tfds:NAME/SPLIT[@DATA_DIR], or a path ending in .jsonl or .array_record")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data source {source!r}: no such file")
+
+
 def _records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
   """(label for messages, iterator of (record location, record)) for a source string."""
   kind, sep, rest = source.partition(":")

@@ -2,4 +2,4 @@
 
 from align_jax.models.presets import preset
 from align_jax.models.transformer import (ModelConfig, Transformer, abstract, apply, init_cache,
-                                          init_params)
+                                          init_params, wide)

@@ -47,6 +47,12 @@ class ModelConfig:
                        f"n_kv_heads={self.n_kv_heads}")
 
 
+def wide(dtype) -> jnp.dtype:
+  """The dtype of numerically sensitive parts (norms, RoPE, softmax, logits): float32, or float64
+  for a float64 model (exact tests)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _param(rngs: nnx.Rngs, shape, names, dtype, scale: float | str = "fan_in") -> nnx.Param:
   if scale == "ones":
     value = jnp.ones(shape, dtype)
@@ -63,18 +69,19 @@ class RMSNorm(nnx.Module):
     self.eps = cfg.norm_eps
 
   def __call__(self, x_RxLxD: jax.Array) -> jax.Array:
-    x = x_RxLxD.astype(jnp.float32)
+    x = x_RxLxD.astype(wide(x_RxLxD.dtype))
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale_D[...].astype(jnp.float32)).astype(x_RxLxD.dtype)
+    return (x * self.scale_D[...].astype(x.dtype)).astype(x_RxLxD.dtype)
 
 
 def rope(x_RxLxNxK: jax.Array, positions_RxL: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, rotate-half convention (Llama / HF)."""
   half = x_RxLxNxK.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_RxLxk = positions_RxL[..., None].astype(jnp.float32) * inv_freq
+  dt = wide(x_RxLxNxK.dtype)
+  inv_freq = theta ** (-jnp.arange(half, dtype=dt) / half)
+  angle_RxLxk = positions_RxL[..., None].astype(dt) * inv_freq
   sin, cos = jnp.sin(angle_RxLxk)[:, :, None], jnp.cos(angle_RxLxk)[:, :, None]
-  x = x_RxLxNxK.astype(jnp.float32)
+  x = x_RxLxNxK.astype(dt)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_RxLxNxK.dtype)
@@ -120,7 +127,7 @@ class Attention(nnx.Module):
     G, K = cfg.n_kv_heads, cfg.head_dim
     q_RxLxGxNxK = q_RxLxHxK.reshape(*q_RxLxHxK.shape[:2], G, cfg.n_heads // G, K)
     scores = jnp.einsum("rlgnk,rsgk->rgnls", q_RxLxGxNxK, k_RxSxGxK.astype(dt),
-                        preferred_element_type=jnp.float32) * K ** -0.5
+                        preferred_element_type=wide(dt)) * K ** -0.5
     scores = jnp.where(mask_RxLxS[:, None, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out_RxLxGxNxK = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxK.astype(dt))
@@ -207,10 +214,10 @@ class Transformer(nnx.Module):
     x_RxLxD = self.final_norm(x_RxLxD)
     if cfg.num_scores:
       return jnp.einsum("rld,do->rlo", x_RxLxD, self.score_DxO[...].astype(cfg.dtype),
-                        preferred_element_type=jnp.float32), None
+                        preferred_element_type=wide(cfg.dtype)), None
     w_DxV = (self.embed_VxD[...].T if cfg.tie_embeddings else self.unembed_DxV[...])
     logits_RxLxV = jnp.einsum("rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype),
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=wide(cfg.dtype))
     logits_RxLxV = shard(logits_RxLxV, ("act_batch", "act_len", "act_vocab"))
     return logits_RxLxV, (None if cache is None else new_cache)
 
