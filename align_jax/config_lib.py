@@ -89,6 +89,8 @@ def base() -> mlc.ConfigDict:
   c.loss = mlc.ConfigDict()      # The objective's keyword arguments.
   c.model = mlc.ConfigDict()     # Filled from align_jax.models.presets.
   c.init_checkpoint = ""         # Orbax params directory to start from (default: testbed base).
+  c.reward_model = ""            # On-policy: the workdir of a trained reward-model run to use as
+                                 # the reward instead of the task's rule (testbed: gold reward).
 
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3,

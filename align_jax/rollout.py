@@ -27,7 +27,8 @@ def _draw(graphdef, params, prompts_BxP, count, key, cfg):
   return tokens, mask.reshape(B, count, -1), logp
 
 
-def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params: dict, *,
+def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params: dict,
+            reward_params: dict | None = None, *,
             graphdef, sampling_cfg: sampling.SamplingConfig, num_policy: int, num_anchor: int,
             anchor_is_ref: bool, score_fn) -> dict[str, jax.Array]:
   """The batch of one on-policy step.
@@ -37,13 +38,15 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
     prompts_BxP: prompt tokens, all of length P.
     prompt_index_B: each prompt's id (its row of per-prompt statistics and tables).
     ref_params: the frozen reference.
+    reward_params: a learned reward model's parameters, passed to `score_fn` (None: a rule reward).
     graphdef: the model's graph definition.
     sampling_cfg: how to sample (temperature 1 without truncation for unbiased estimators).
     num_policy: samples per prompt from the policy.
     num_anchor: samples per prompt from the anchor (0 for none).
     anchor_is_ref: the anchor is the frozen reference (else `state.anchor["params"]`).
-    score_fn: (tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK) -> {"reward_BxK",
-      "target_logp_BxK"}: the task's reward and unnormalised target log P of every response.
+    score_fn: (tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK, reward_params) ->
+      {"reward_BxK", "target_logp_BxK"}: the reward and unnormalised target log P of every
+      response.
 
   Returns:
     tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
@@ -65,4 +68,4 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
   if num_anchor:
     batch["anchor_logp_BxK"] = (ref_logp if anchor_is_ref else
                                 sequence_logps(graphdef, anchor, tokens, mask))
-  return batch | score_fn(tokens, mask, prompt_index_B, ref_logp)
+  return batch | score_fn(tokens, mask, prompt_index_B, ref_logp, reward_params)

@@ -74,6 +74,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
 
   # ---- Model: abstract shapes, logical names -> shardings, parameters created sharded ---------
   model_cfg = models.ModelConfig(**cfg.model)
+  file_data = _read_file(cfg, objective, model_cfg)
   graphdef, shapes, names = models.abstract(model_cfg)
   param_shardings = sharding.tree_shardings(names, mesh, table)
   sharding.log_param_shardings(shapes, param_shardings)
@@ -147,7 +148,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
 
   # ---- Data ------------------------------------------------------------------------------------
   records, data_counts = _records(cfg, objective, tb,
-                                  eval_ref_XxY if tb is not None else None, model_cfg, graphdef,
+                                  eval_ref_XxY if tb is not None else None, file_data, graphdef,
                                   ref_params, mesh)
   if cfg.data.udm:
     if cfg.objective != "bco":
@@ -185,19 +186,20 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
                      for k, v in records.items()} | {"example_mask_B": sharding.batch_sharding(
                          mesh, 1)}
   make_batch = None
+  reward_fn, reward_params, reward_shardings = _reward_model(cfg, mesh, table)
   if objective.data == "prompts":  # On-policy: the rollout turns prompts into the step's batch.
     roll = functools.partial(
         rollout.rollout, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(**cfg.sampling),
         num_policy=cfg.rollout.num_policy, num_anchor=cfg.rollout.num_anchor,
         anchor_is_ref=move_anchor is None,
-        score_fn=task.scorer(tb, potential_XxY))
+        score_fn=task.scorer(tb, potential_XxY, reward_fn))
     prompt_shardings = (batch_shardings["prompt_BxP"], batch_shardings["prompt_index_B"])
     shapes = jax.eval_shape(roll, state, *(jax.ShapeDtypeStruct(
         (cfg.data.batch_size, *records[k].shape[1:]), records[k].dtype)
-        for k in ("prompt_P", "prompt_index")), ref_params)
+        for k in ("prompt_P", "prompt_index")), ref_params, reward_params)
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
-    make_batch = jax.jit(roll, in_shardings=(state_shardings, *prompt_shardings, param_shardings),
-                         out_shardings=batch_shardings)
+    make_batch = jax.jit(roll, in_shardings=(state_shardings, *prompt_shardings, param_shardings,
+                                             reward_shardings), out_shardings=batch_shardings)
   train_step = jax.jit(
       functools.partial(step.train_step, graphdef=graphdef, objective=objective,
                         loss_cfg=cfg.loss.to_dict(), tx=tx, lr_fn=step.learning_rate(_Attrs(optim)),
@@ -228,7 +230,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
       batch = pipeline.to_global(next(data_iter), mesh)  # The one explicit host->device copy.
       with jax.transfer_guard("disallow"):  # Anything else implicit in the step is a bug.
         if make_batch is not None:
-          batch = make_batch(state, batch["prompt_BxP"], batch["prompt_index_B"], ref_params)
+          batch = make_batch(state, batch["prompt_BxP"], batch["prompt_index_B"], ref_params,
+                             reward_params)
         state, metrics = train_step(state, batch, ref_params)
       writer.submit(s, metrics)
       if evaluate is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < cfg.total_steps:
@@ -242,6 +245,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     writer.close()
 
   # ---- Summary ---------------------------------------------------------------------------------
+  if objective.scores:  # A trained reward model, ready for --config.reward_model=<workdir>.
+    checkpoint.save_params(os.path.join(workdir, "params"), state.params)
   summary = {"steps": cfg.total_steps, "wall_time_s": time.time() - t_start,
              "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
              "commit": _commit(), **{f"data/{k}": v for k, v in data_counts.items()}}
@@ -313,7 +318,20 @@ def _moment_features(tb) -> jax.Array:
   return jnp.asarray(np.broadcast_to(phi_Y[None, :, None], (*tb.reward_XxY.shape, 1)))
 
 
-def _records(cfg, objective, tb, base_logp_XxY, model_cfg, graphdef, ref_params,
+def _read_file(cfg, objective, model_cfg) -> tuple[dict, dict] | None:
+  """A file source's records and counts, read before any model work (bad data fails fast)."""
+  fmt, d = objective.data, cfg.data
+  if d.source == "testbed":
+    return None
+  if fmt not in preference.FORMATS:
+    raise ValueError(f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
+                     "testbed provides; set data.source=testbed")
+  return preference.read(d.source, fmt, max_len=d.max_len,
+                         list_size=d.list_size if fmt == "lists" else 0,
+                         vocab_size=model_cfg.vocab_size)
+
+
+def _records(cfg, objective, tb, base_logp_XxY, file_data, graphdef, ref_params,
              mesh) -> tuple[dict, dict]:
   """(record arrays, data counts) for the objective's record format, from the testbed or a file."""
   fmt, d = objective.data, cfg.data
@@ -333,12 +351,7 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg, graphdef, ref_params,
                                                   cfg.testbed.categories, cfg.testbed.voters),
     }[fmt]
     return {k: v for k, v in make().items() if k in BATCH_FIELDS}, {}
-  if fmt not in preference.FORMATS:
-    raise ValueError(f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
-                     "testbed provides; set data.source=testbed")
-  arrays, counts = preference.read(d.source, fmt, max_len=d.max_len,
-                                   list_size=d.list_size if fmt == "lists" else 0,
-                                   vocab_size=model_cfg.vocab_size)
+  arrays, counts = file_data
   if fmt == "binary":
     arrays = preference.with_mismatched(arrays)
   if fmt == "negatives":  # The model's own samples beside each negative, drawn from π_ref.
@@ -347,6 +360,37 @@ def _records(cfg, objective, tb, base_logp_XxY, model_cfg, graphdef, ref_params,
         sampling_cfg=sampling.SamplingConfig(**cfg.sampling), num_samples=d.num_samples,
         rows_per_call=d.batch_size * d.num_samples, seed=cfg.seed)
   return arrays, counts
+
+
+def _reward_model(cfg, mesh, table):
+  """(reward_fn, params, shardings) of the learned reward model named by cfg.reward_model, or
+  (None, None, None) for the task's own reward.
+
+  cfg.reward_model is the workdir of a reward-model run (configs/bt_reward.py, dprm.py): its
+  config.json gives the architecture and objective, its `params` the trained parameters.
+  """
+  if not cfg.reward_model:
+    return None, None, None
+  config_path = os.path.join(cfg.reward_model, "config.json")
+  if not os.path.isfile(config_path) or not os.path.isdir(os.path.join(cfg.reward_model, "params")):
+    raise FileNotFoundError(f"reward_model {cfg.reward_model!r}: no finished reward-model run "
+                            "there (config.json and params/)")
+  with open(config_path) as f:
+    rm_cfg = json.load(f)
+  objective = objectives.get(rm_cfg["objective"])
+  if not objective.scores:
+    raise ValueError(f"reward_model {cfg.reward_model!r} was trained with {rm_cfg['objective']!r}, "
+                     "which is not a reward model")
+  model_cfg = models.ModelConfig(**rm_cfg["model"])
+  graphdef, shapes, names = models.abstract(model_cfg)
+  shardings = sharding.tree_shardings(names, mesh, table)
+  params = checkpoint.load_params(os.path.join(cfg.reward_model, "params"),
+                                  checkpoint.abstract_like(shapes, shardings))
+
+  def reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL):
+    scores = logps.sequence_scores(graphdef, reward_params, tokens_BxKxL, loss_mask_BxKxL)
+    return jax.lax.stop_gradient(objective.reward(scores))
+  return reward_fn, params, shardings
 
 
 def _reward_model_eval(cfg, objective, tb, graphdef, mesh):

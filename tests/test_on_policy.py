@@ -155,3 +155,23 @@ def test_fdpg_resume_restores_running_z_and_baseline_window_exactly(tmp_path):
                   jax.tree.leaves((resumed.params, resumed.stats))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert 0 < int(straight.stats["window"]["count"]) <= 6 * 16 * 4  # ≤ steps × prompts × samples
+
+
+def test_bond_trains_on_a_learned_bradley_terry_reward_model(tmp_path):
+  """configs/bt_reward.py's run exports its parameters; BOND then ranks samples by that model's
+  reward (its quantiles differ from the gold-reward run's) and still raises the gold reward."""
+  rm, _ = _smoke("bt_reward", tmp_path / "rm")
+  assert (tmp_path / "rm" / "params").is_dir()
+  _, gold = _smoke("bond", tmp_path / "gold")
+  cfg, learned = _smoke("bond", tmp_path / "learned", reward_model=str(tmp_path / "rm"))
+  records = [r for r in read_jsonl(tmp_path / "learned" / "metrics.jsonl") if "loss" in r]
+  assert records and all(np.isfinite(r["loss"]) for r in records)
+  gold_records = [r for r in read_jsonl(tmp_path / "gold" / "metrics.jsonl") if "loss" in r]
+  assert [r["objective/quantile"] for r in records] != [r["objective/quantile"]
+                                                          for r in gold_records]
+  assert learned.summary["final"]["exact/reward"] > learned.summary["initial"]["exact/reward"]
+
+
+def test_reward_model_must_be_a_finished_reward_model_run(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no finished reward-model run"):
+    _smoke("bond", tmp_path / "bond", reward_model=str(tmp_path / "absent"))

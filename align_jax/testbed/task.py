@@ -232,22 +232,24 @@ def response_index(tokens_BxKxL: jax.Array, prompt_len: int) -> jax.Array:
   return jnp.sum(response_BxKxT * language.V ** jnp.arange(T - 1, -1, -1, dtype=jnp.int32), -1)
 
 
-def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None):
-  """score_fn of `rollout.rollout` on the testbed: the gold reward, and the target log P.
+def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None, reward_fn=None):
+  """score_fn of `rollout.rollout` on the testbed: the reward, and the target log P.
 
-  The target is log π_ref + extra(x, y) with `extra_logp_XxY` the task's log-potential (r/β, log b,
-  λ·φ, ...); without one, target_logp_BxK is the reference's log-prob (no target).
+  The reward is the gold rule reward, or `reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL)`
+  (a learned reward model). The target is log π_ref + extra(x, y) with `extra_logp_XxY` the task's
+  log-potential (r/β, log b, λ·φ, ...); without one, target_logp_BxK is the reference's log-prob.
   """
   reward_XxY = jnp.asarray(tb.reward_XxY, jnp.float32)
   extra_XxY = None if extra_logp_XxY is None else jnp.asarray(extra_logp_XxY, jnp.float32)
   prompt_len = tb.prompts_XxP.shape[1]
 
-  def score(tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK):
-    del loss_mask_BxKxL  # Testbed responses have a fixed length.
+  def score(tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK, reward_params):
     y_BxK = response_index(tokens_BxKxL, prompt_len)
     x_Bx1 = prompt_index_B[:, None]
     target = ref_logp_BxK if extra_XxY is None else ref_logp_BxK + extra_XxY[x_Bx1, y_BxK]
-    return {"reward_BxK": reward_XxY[x_Bx1, y_BxK], "target_logp_BxK": target}
+    reward = (reward_XxY[x_Bx1, y_BxK] if reward_fn is None
+              else reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL))
+    return {"reward_BxK": reward, "target_logp_BxK": target}
   return score
 
 
