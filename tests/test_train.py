@@ -26,12 +26,6 @@ def _cli(workdir, *overrides, config=f"{DPO}:smoke", devices=8, check=True):
   return out
 
 
-def _params(workdir, step):
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path)["params"]
-
-
 def test_step_traces_once(tmp_path, monkeypatch, devices8):
   traces = []
   dpo = objectives.OBJECTIVES["dpo"]
@@ -65,14 +59,23 @@ def test_same_losses_on_every_mesh(tmp_path):
   assert len(set(losses[(1, 1, 1)])) == 3  # training moved: the comparison is not of constants
 
 
-def test_sigkill_resume_is_bitwise_identical(tmp_path):
-  args = ("--config.total_steps=150", "--config.checkpoint_every=10", "--config.eval_every=50",
-          "--config.log_every=10", "--config.keep_checkpoints=3")
-  _cli(tmp_path / "warm", "--config.total_steps=1")  # Pretrains/caches the base outside timing.
-  _cli(tmp_path / "straight", *args)
+def _state(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)
+
+
+@pytest.mark.parametrize("config, steps", [
+    (f"{DPO}:smoke", 150),
+    # On-policy: the rollout's samples, the EMA anchor and the rng must all resume exactly.
+    (f"{os.path.join(ROOT, 'configs', 'bond.py')}:smoke,anchor=ema", 120)])
+def test_sigkill_resume_is_bitwise_identical(tmp_path, config, steps):
+  args = (f"--config.total_steps={steps}", "--config.checkpoint_every=10",
+          "--config.eval_every=50", "--config.log_every=10", "--config.keep_checkpoints=3")
+  _cli(tmp_path / "straight", *args, config=config)  # Also caches the base LM for the next run.
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(main_command(f"--config={DPO}:smoke", f"--workdir={killed}", *args),
+  proc = subprocess.Popen(main_command(f"--config={config}", f"--workdir={killed}", *args),
                           env=subprocess_env(8), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
@@ -82,12 +85,13 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   saved = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
-  assert 150 not in saved, f"the run finished before it was killed: {saved}"
+  assert steps not in saved, f"the run finished before it was killed: {saved}"
 
-  out = _cli(killed, *args)
+  out = _cli(killed, *args, config=config)
   assert "resuming from step" in out.stdout
-  for a, b in zip(jax.tree.leaves(_params(tmp_path / "straight", 150)),
-                  jax.tree.leaves(_params(killed, 150))):
+  straight, resumed = _state(tmp_path / "straight", steps), _state(killed, steps)
+  assert jax.tree.structure(straight) == jax.tree.structure(resumed)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):  # params, anchor, stats
     np.testing.assert_array_equal(a, b)
   final = [json.load(open(d / "summary.json"))["final"] for d in (tmp_path / "straight", killed)]
   assert final[0] == final[1]
@@ -120,7 +124,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
   bad_step = int(line[0].split(" at step ")[1].split(";")[0])
   saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert saved and max(saved) == bad_step - 1
-  for leaf in jax.tree.leaves(_params(tmp_path, max(saved))):
+  for leaf in jax.tree.leaves(_state(tmp_path, max(saved))["params"]):
     assert np.all(np.isfinite(leaf))
 
 
