@@ -10,6 +10,8 @@ so a resumed run draws exactly the samples it would have drawn. Pure and jit-abl
 follow the sharding of `prompts_BxP`.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -30,7 +32,7 @@ def _draw(graphdef, params, prompts_BxP, count, key, cfg):
 def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params: dict,
             reward_params: dict | None = None, *,
             graphdef, sampling_cfg: sampling.SamplingConfig, num_policy: int, num_anchor: int,
-            anchor_is_ref: bool, score_fn) -> dict[str, jax.Array]:
+            anchor_is_ref: bool, score_fn, greedy: bool = False) -> dict[str, jax.Array]:
   """The batch of one on-policy step.
 
   Args:
@@ -47,6 +49,8 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
     score_fn: (tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK, reward_params) ->
       {"reward_BxK", "target_logp_BxK"}: the reward and unnormalised target log P of every
       response.
+    greedy: also decode each prompt greedily with the policy (ReMax's baseline) and return its
+      reward greedy_reward_B and log-ratio to the reference greedy_log_ratio_B.
 
   Returns:
     tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
@@ -68,4 +72,13 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
   if num_anchor:
     batch["anchor_logp_BxK"] = (ref_logp if anchor_is_ref else
                                 sequence_logps(graphdef, anchor, tokens, mask))
-  return batch | score_fn(tokens, mask, prompt_index_B, ref_logp, reward_params)
+  batch |= score_fn(tokens, mask, prompt_index_B, ref_logp, reward_params)
+  if greedy:  # Temperature 0: the first argmax at every step, no randomness.
+    argmax_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
+    g_tokens, g_mask, _ = _draw(graphdef, state.params, prompts_BxP, 1, key, argmax_cfg)
+    g_ref = sequence_logps(graphdef, ref_params, g_tokens, g_mask)
+    g_logp = sequence_logps(graphdef, state.params, g_tokens, g_mask)
+    g_score = score_fn(g_tokens, g_mask, prompt_index_B, g_ref, reward_params)
+    batch |= {"greedy_reward_B": g_score["reward_BxK"][:, 0],
+              "greedy_log_ratio_B": jax.lax.stop_gradient(g_logp - g_ref)[:, 0]}
+  return batch

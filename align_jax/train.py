@@ -191,7 +191,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     roll = functools.partial(
         rollout.rollout, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(**cfg.sampling),
         num_policy=cfg.rollout.num_policy, num_anchor=cfg.rollout.num_anchor,
-        anchor_is_ref=move_anchor is None,
+        anchor_is_ref=move_anchor is None, greedy=objective.greedy,
         score_fn=task.scorer(tb, potential_XxY, reward_fn))
     prompt_shardings = (batch_shardings["prompt_BxP"], batch_shardings["prompt_index_B"])
     shapes = jax.eval_shape(roll, state, *(jax.ShapeDtypeStruct(

@@ -1,7 +1,7 @@
-r"""REINFORCE on the KL-penalised reward r − β·log(π/π_ref): the RLHF baseline (RLOO by default).
+r"""REINFORCE on the KL-penalised reward r − β·log(π/π_ref): the RLHF baseline, without a baseline.
 
-K = rollout.num_policy samples per prompt; with loss.baseline = loo the advantage of each sample
-is its penalised reward minus the mean of the other K − 1 (RLOO, Ahmadian et al. 2024). The
+K = rollout.num_policy samples per prompt, each pushed by its own penalised reward (Williams
+1992); loss.baseline = loo subtracts the mean of the other K − 1 (that is configs/rloo.py). The
 expected gradient is −∇(E_π[r] − β·KL(π‖π_ref)) (ALGORITHMS.md §1.7): the exact metrics compare the
 policy with that objective's optimum π_ref·exp(r/β) (testbed.target = rlhf, β tied to loss.beta).
 
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4
   c.loss.beta = 1.0              # KL coefficient of the penalised reward.
-  c.loss.baseline = "loo"        # loo (RLOO) | none.
+  c.loss.baseline = "none"       # none | loo (configs/rloo.py).
   c.testbed.target = "rlhf"
   c.testbed.target_beta = c.loss.get_ref("beta")
   if arg.smoke:

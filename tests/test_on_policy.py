@@ -13,7 +13,7 @@ from align_jax.testbed import task
 from conftest import load_config, main_command, read_jsonl, subprocess_env
 
 
-ON_POLICY = ["bond", "jbond", "reinforce", "fdpg", "gdc"]
+ON_POLICY = ["bond", "jbond", "reinforce", "rloo", "remax", "fdpg", "gdc"]
 # The exact divergence each f-DPG divergence minimises (ALGORITHMS.md §1.4).
 OWN_DIVERGENCE = {"forward_kl": "exact/kl_target_policy", "reverse_kl": "exact/kl_policy_target",
                   "tv": "exact/tv", "js": "exact/js"}
@@ -41,8 +41,9 @@ def test_bond_smoke_moves_towards_best_of_n(tmp_path):
   assert initial["exact/kl_target_policy"] <= np.log(4) - 0.75 + 1e-4
 
 
-def test_reinforce_smoke_approaches_the_rlhf_optimum(tmp_path):
-  _, result = _smoke("reinforce", tmp_path)
+@pytest.mark.parametrize("name", ["reinforce", "rloo", "remax"])
+def test_policy_gradient_smoke_approaches_the_rlhf_optimum(tmp_path, name):
+  _, result = _smoke(name, tmp_path)
   initial, final = result.summary["initial"], result.summary["final"]
   assert final["exact/reward"] > initial["exact/reward"] + 0.05
   assert final["exact/kl_policy_target"] < initial["exact/kl_policy_target"]

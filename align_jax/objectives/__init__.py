@@ -34,6 +34,8 @@ class Objective:
   # reward a trained model gives to other objectives.
   scores: bool = False
   reward: Callable | None = None
+  # On-policy: the rollout also decodes each prompt greedily (ReMax's baseline).
+  greedy: bool = False
 
 
 def num_tokens(batch) -> jax.Array:
@@ -177,6 +179,16 @@ def _fdpg_stats(num_contexts, loss_cfg):
           "window": fdpg.baseline_window_init(loss_cfg["baseline_window"])}
 
 
+def _rloo(logp, batch, stats, **cfg):
+  return (*policy_gradient.rloo(logp, batch["ref_logp_BxK"], batch["reward_BxK"], **cfg), stats)
+
+
+def _remax(logp, batch, stats, *, beta):
+  return (*policy_gradient.remax(logp, batch["ref_logp_BxK"], batch["reward_BxK"],
+                                 batch["greedy_reward_B"], beta=beta,
+                                 greedy_log_ratio_B=batch["greedy_log_ratio_B"]), stats)
+
+
 def _bco_stats(num_contexts, loss_cfg):
   del num_contexts, loss_cfg
   return {"delta": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
@@ -207,6 +219,8 @@ OBJECTIVES: dict[str, Objective] = {
     "bond": Objective(_bond, needs_ref=True, data="prompts"),
     "jbond": Objective(_jbond, needs_ref=True, data="prompts"),
     "reinforce": Objective(_reinforce, needs_ref=True, data="prompts"),
+    "rloo": Objective(_rloo, needs_ref=True, data="prompts"),
+    "remax": Objective(_remax, needs_ref=True, data="prompts", greedy=True),
     "bt_reward": Objective(_bt_reward, needs_ref=False, data="pairs", scores=True,
                            reward=lambda scores: scores[..., 0]),
     "dprm": Objective(_dprm, needs_ref=False, data="distribution", scores=True,

@@ -1,0 +1,30 @@
+r"""RLOO (Ahmadian et al. 2024, arXiv 2402.14740): REINFORCE with a leave-one-out baseline.
+
+K = rollout.num_policy samples per prompt; each sample's advantage is its KL-penalised reward
+r − β·log(π/π_ref) minus the mean of the other K − 1 samples' — unbiased, no value network. The
+exact metrics compare the policy with the optimum π_ref·exp(r/β) of E_π[r] − β·KL(π‖π_ref).
+
+  python -m align_jax.main --config=configs/rloo.py
+  python -m align_jax.main --config=configs/rloo.py:smoke
+  python -m align_jax.main --config=configs/rloo.py --config.loss.beta=0.3 --config.rollout.num_policy=8
+
+Expected (default): exact/reward rises and exact/kl_policy_target falls.
+"""
+
+from align_jax import config_lib, models
+
+
+def get_config(arg: str | None = None):
+  arg = config_lib.parse_arg(arg, smoke=False, model="testbed")
+  c = config_lib.base()
+  c.name = "rloo"
+  c.objective = "rloo"
+  c.model = models.preset(arg.model)
+  config_lib.testbed_on_policy(c)
+  c.rollout.num_policy = 4       # K ≥ 2 samples per prompt for the leave-one-out baseline.
+  c.loss.beta = 1.0              # KL coefficient of the penalised reward.
+  c.testbed.target = "rlhf"
+  c.testbed.target_beta = c.loss.get_ref("beta")
+  if arg.smoke:
+    config_lib.smoke(c)
+  return c
