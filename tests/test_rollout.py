@@ -1,0 +1,79 @@
+"""The on-policy rollout: layout, log-probs of what was sampled, rewards, determinism, greedy decode."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from align_jax import config_lib, logps, models, rollout, sampling, step
+from align_jax.testbed import task
+
+CFG = models.ModelConfig(**models.preset("tiny"))
+
+
+def _setup(greedy=False):
+  tb_cfg = config_lib.base().testbed
+  tb_cfg.response_len = 3
+  tb = task.make(tb_cfg)
+  graphdef, _, _ = models.abstract(CFG)
+  params = models.init_params(CFG, jax.random.key(0))
+  ref = models.init_params(CFG, jax.random.key(1))
+  state = step.init_state(params, optax.sgd(0.1), seed=3)
+  potential = jnp.asarray(tb.reward_XxY, jnp.float32)  # target log P = log π_ref + r
+  fn = jax.jit(lambda st, p, x, r: rollout.rollout(
+      st, p, x, r, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(max_new_tokens=3),
+      num_policy=2, num_anchor=3, anchor_is_ref=True, score_fn=task.scorer(tb, potential),
+      greedy=greedy))
+  x = jnp.array([0, 5, 63, 17])
+  return tb, graphdef, params, ref, state, fn, x, jnp.asarray(tb.prompts_XxP)[x]
+
+
+def test_rollout_layout_log_probs_and_rewards():
+  tb, graphdef, params, ref, state, fn, x, prompts = _setup()
+  batch = fn(state, prompts, x, ref)
+  tokens, mask = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
+  assert tokens.shape == (4, 5, 5) and mask.shape == (4, 5, 5)
+  np.testing.assert_array_equal(tokens[:, :, :2], np.repeat(np.asarray(prompts)[:, None], 5, 1))
+  np.testing.assert_array_equal(mask[..., :2], 0.0)
+  np.testing.assert_array_equal(mask[..., 2:], 1.0)
+  # Columns 0-1 come from the policy, 2-4 from the anchor (= the reference here): each sample's
+  # log-prob of the distribution it was drawn from is its teacher-forced log-prob under that model.
+  np.testing.assert_allclose(batch["sample_logp_BxK"][:, :2],
+                             logps.sequence_logps(graphdef, params, tokens, mask)[:, :2], atol=1e-5)
+  np.testing.assert_allclose(batch["sample_logp_BxK"][:, 2:],
+                             logps.sequence_logps(graphdef, ref, tokens, mask)[:, 2:], atol=1e-5)
+  np.testing.assert_allclose(batch["ref_logp_BxK"], logps.sequence_logps(graphdef, ref, tokens,
+                                                                          mask), atol=1e-6)
+  np.testing.assert_array_equal(batch["anchor_logp_BxK"], batch["ref_logp_BxK"])
+  y = np.asarray(task.response_index(tokens, 2))
+  np.testing.assert_array_equal(tb.responses_YxT[y], np.asarray(tokens)[..., 2:])
+  np.testing.assert_allclose(batch["reward_BxK"], tb.reward_XxY[np.asarray(x)[:, None], y])
+  np.testing.assert_allclose(batch["target_logp_BxK"],
+                             batch["ref_logp_BxK"] + tb.reward_XxY[np.asarray(x)[:, None], y],
+                             rtol=1e-6)
+
+
+def test_rollout_samples_are_a_function_of_the_state_step():
+  _, _, _, ref, state, fn, x, prompts = _setup()
+  a, b = fn(state, prompts, x, ref), fn(state, prompts, x, ref)
+  np.testing.assert_array_equal(a["tokens_BxKxL"], b["tokens_BxKxL"])
+  moved = fn(dataclasses.replace(state, step=state.step + 1), prompts, x, ref)
+  assert not np.array_equal(a["tokens_BxKxL"], moved["tokens_BxKxL"])
+
+
+def test_greedy_baseline_is_the_reward_of_argmax_decoding():
+  tb, graphdef, params, ref, state, fn, x, prompts = _setup(greedy=True)
+  batch = fn(state, prompts, x, ref)
+  seqs = list(np.asarray(prompts))
+  for _ in range(3):  # Argmax decoding by full forward passes.
+    logits, _ = models.apply(graphdef, params, jnp.asarray(np.stack(seqs)))
+    seqs = [np.append(s, int(np.argmax(l[-1]))) for s, l in zip(seqs, np.asarray(logits))]
+  y = np.asarray(task.response_index(jnp.asarray(np.stack(seqs))[:, None], 2))[:, 0]
+  np.testing.assert_allclose(batch["greedy_reward_B"], tb.reward_XxY[np.asarray(x), y])
+  greedy = jnp.asarray(np.stack(seqs))[:, None]
+  mask = jnp.concatenate([jnp.zeros((4, 1, 2)), jnp.ones((4, 1, 3))], axis=2)
+  np.testing.assert_allclose(batch["greedy_log_ratio_B"],
+                             (logps.sequence_logps(graphdef, params, greedy, mask)
+                              - logps.sequence_logps(graphdef, ref, greedy, mask))[:, 0], atol=1e-5)
