@@ -140,12 +140,14 @@ def base() -> mlc.ConfigDict:
       pretrain_examples=200_000,
       eval_chunk=8192,           # Rows per forward in the exact enumeration pass.
       # Explicit target for exact divergences (and f-DPG's energy-based target):
-      # '' | chain | rlhf | bon | pointwise | distributional.
+      # '' | chain | rlhf | bon | pointwise | distributional | hybrid.
       target="",
       target_beta=1.0,           # β of the rlhf target π_ref·exp(r/β).
       constraint_token=6,        # pointwise target: b = the response contains this token (g) ...
       epsilon=0.0,               # ... smoothed to max(b, ε) when ε > 0 (for reverse KL).
-      moment=0.5,                # distributional target: E_p[response starts with e or f] = this.
+      moment=0.5,                # distributional target: E_p[response starts with e or f] = this
+                                 # (hybrid: both, λ fitted on a·b).
+      reward_transform="",       # On-policy training reward: '' (gold r) | lsc: log σ(r − E_ref[r|x]).
       target_n=4,                # N of the bon target, Best-of-N of π_ref (ties included) ...
       target_jeffreys=0.5,       # ... and the mix β of exact/jeffreys_bon (1−β)KL(BoN‖π) + βKL(π‖BoN).
       tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (TODO's model).

@@ -2,7 +2,7 @@
 
 For every prompt the rollout draws `num_policy` responses from the current policy and `num_anchor`
 from the anchor (the frozen reference for plain BOND, the moving anchor of the train state
-otherwise) with the jitted sampler, and stacks them on K: indices [0, num_policy) are the policy's,
+otherwise, e.g. f-DPG's offline proposal q) with the jitted sampler, and stacks them on K: indices [0, num_policy) are the policy's,
 [num_policy, K) the anchor's. It scores every response once: sequence log-probs under the
 reference (and the anchor), the log-prob of the distribution each was actually drawn from, and the
 task's reward and target log P through `score_fn`. The randomness is `fold_in(state.rng, step)`,
@@ -58,8 +58,10 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
     anchor), reward_BxK and target_logp_BxK.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  parts = [_draw(graphdef, state.params, prompts_BxP, num_policy, jax.random.fold_in(key, 0),
-                 sampling_cfg)]
+  parts = []
+  if num_policy:
+    parts.append(_draw(graphdef, state.params, prompts_BxP, num_policy,
+                       jax.random.fold_in(key, 0), sampling_cfg))
   anchor = ref_params if anchor_is_ref else state.anchor.get("params")
   if num_anchor:
     parts.append(_draw(graphdef, anchor, prompts_BxP, num_anchor, jax.random.fold_in(key, 1),

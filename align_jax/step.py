@@ -57,18 +57,23 @@ def init_state(params: dict, tx: optax.GradientTransformation, seed: int,
 
 
 def anchor_update(mode: str, *, ema_rate: float, every: int):
-  """How the anchor follows the policy after each update: None for a fixed anchor (the reference),
-  an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), or a hard copy every `every` steps (iterative BOND)."""
+  """How the anchor follows the policy after each update, (anchor, params, step, stats) -> anchor:
+  None for a fixed anchor (the reference), an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), a hard copy
+  every `every` steps (iterative BOND), or f-DPG's offline proposal q ← π every `every` steps
+  when the objective's statistics say the policy is closer to the target (stats["q_update"])."""
   if mode == "reference":
     return None
   if mode == "ema":
-    return lambda anchor, params, step: bond.ema(anchor, params, ema_rate)
+    return lambda anchor, params, step, stats: bond.ema(anchor, params, ema_rate)
+  if every < 1:
+    raise ValueError(f"rollout.anchor_every={every} must be >= 1 for a {mode} anchor")
   if mode == "periodic":
-    if every < 1:
-      raise ValueError(f"rollout.anchor_every={every} must be >= 1 for a periodic anchor")
-    return lambda anchor, params, step: jax.tree.map(
+    return lambda anchor, params, step, stats: jax.tree.map(
         lambda a, p: jnp.where(step % every == 0, p, a), anchor, params)
-  raise ValueError(f"rollout.anchor {mode!r} is unknown; use reference, ema or periodic")
+  if mode == "proposal":
+    return lambda anchor, params, step, stats: jax.tree.map(
+        lambda a, p: jnp.where((step % every == 0) & stats["q_update"], p, a), anchor, params)
+  raise ValueError(f"rollout.anchor {mode!r} is unknown; use reference, ema, periodic or proposal")
 
 
 def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
@@ -103,7 +108,7 @@ def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graph
   params = optax.apply_updates(state.params, updates)
   anchor = state.anchor
   if move_anchor is not None:  # After the update, so the anchor sees this step's policy.
-    anchor = {"params": move_anchor(state.anchor["params"], params, state.step + 1)}
+    anchor = {"params": move_anchor(state.anchor["params"], params, state.step + 1, stats)}
   new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state,
                                   anchor=anchor, stats=stats)
   return new_state, {

@@ -126,11 +126,11 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
                                                       cfg.testbed.target_jeffreys)
         metrics["exact/bon_quantile"] = bond.bon_quantile(logp_XxY, eval_ref_XxY, reward_XxY,
                                                           tb.prompt_logw_X)
-      if cfg.testbed.target == "pointwise":
+      if cfg.testbed.target in ("pointwise", "hybrid"):
         metrics["exact/constraint_rate"] = exact.expectation(
             logp_XxY, language.contains(tb.responses_YxT, cfg.testbed.constraint_token)[None]
             .astype(np.float32), tb.prompt_logw_X)
-      if cfg.testbed.target == "distributional":
+      if cfg.testbed.target in ("distributional", "hybrid"):
         metrics["exact/moments"] = exact.expectation(logp_XxY, _moment_features(tb)[..., 0],
                                                      tb.prompt_logw_X)
       if objective.data == "negatives":  # D2O's negatives are the responses containing h.
@@ -192,7 +192,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
         rollout.rollout, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(**cfg.sampling),
         num_policy=cfg.rollout.num_policy, num_anchor=cfg.rollout.num_anchor,
         anchor_is_ref=move_anchor is None, greedy=objective.greedy,
-        score_fn=task.scorer(tb, potential_XxY, reward_fn))
+        score_fn=task.scorer(tb, potential_XxY, reward_fn,
+                             _training_reward(cfg, tb, eval_ref_XxY)))
     prompt_shardings = (batch_shardings["prompt_BxP"], batch_shardings["prompt_index_B"])
     shapes = jax.eval_shape(roll, state, *(jax.ShapeDtypeStruct(
         (cfg.data.batch_size, *records[k].shape[1:]), records[k].dtype)
@@ -279,10 +280,10 @@ def _target(cfg, tb, ref_XxY, potential_XxY):
     return jnp.asarray(tb.chain_logp_XxY, jnp.float32)
   if kind == "bon":  # Best-of-N of the reference, ties included (exact).
     return bond.bon_logp(ref_XxY, jnp.asarray(tb.reward_XxY), cfg.testbed.target_n)
-  if kind in ("", "rlhf", "pointwise", "distributional"):
+  if kind in ("", "rlhf", "pointwise", "distributional", "hybrid"):
     return None if potential_XxY is None else exact.normalize(ref_XxY + potential_XxY)
-  raise ValueError(f"testbed.target {kind!r} is unknown; use '', chain, rlhf, bon, pointwise or "
-                   "distributional")
+  raise ValueError(f"testbed.target {kind!r} is unknown; use '', chain, rlhf, bon, pointwise, "
+                   "distributional or hybrid")
 
 
 def _target_potential(cfg, tb, ref_XxY) -> jax.Array | None:
@@ -290,26 +291,43 @@ def _target_potential(cfg, tb, ref_XxY) -> jax.Array | None:
 
   rlhf: r/β. pointwise: log max(b, ε) with b = the response contains testbed.constraint_token
   (GDC's hard constraint; ε > 0 smooths it). distributional: λ·φ with φ = [the response's first
-  token is one of testbed.moment_tokens] and λ fitted exactly (enumeration) so that
-  E_p[φ] = testbed.moment (GDC's I-projection; λ shared by all prompts).
+  token is e or f] and λ fitted exactly (enumeration) so that E_p[φ] = testbed.moment (GDC's
+  I-projection; λ shared by all prompts). hybrid: both, λ fitted on a·b.
   """
   kind, t = cfg.testbed.target, cfg.testbed
   if kind == "rlhf":
-    return jnp.asarray(tb.reward_XxY / t.target_beta, jnp.float32)
-  if kind == "pointwise":
+    return _training_reward(cfg, tb, ref_XxY) / t.target_beta
+  potential = None
+  if kind in ("pointwise", "hybrid"):
     b_XxY = np.broadcast_to(language.contains(tb.responses_YxT, t.constraint_token),
                             tb.reward_XxY.shape)
-    return targets.pointwise(jnp.zeros(b_XxY.shape, jnp.float32), b_XxY, epsilon=t.epsilon)
-  if kind == "distributional":
+    potential = targets.pointwise(jnp.zeros(b_XxY.shape, jnp.float32), b_XxY, epsilon=t.epsilon)
+  if kind in ("distributional", "hybrid"):  # λ fitted on the base a (hybrid: on a·b).
     phi_XxYx1 = _moment_features(tb)
+    base_XxY = ref_XxY if potential is None else ref_XxY + potential
     lam, achieved, converged = targets.fit_lambda(
-        phi_XxYx1, ref_XxY, jnp.array([t.moment]), lr=1.0, tol=1e-6, max_iter=10_000,
+        phi_XxYx1, base_XxY, jnp.array([t.moment]), lr=1.0, tol=1e-6, max_iter=10_000,
         prompt_logw_X=jnp.asarray(tb.prompt_logw_X))
     if not bool(converged):
       raise ValueError(f"testbed.moment={t.moment}: moment matching did not converge (reached "
                        f"{float(achieved[0]):.4f})")
-    return targets.exponential(jnp.zeros(phi_XxYx1.shape[:2], jnp.float32), phi_XxYx1, lam)
-  return None
+    potential = targets.exponential(jnp.zeros(phi_XxYx1.shape[:2], jnp.float32) if potential
+                                    is None else potential, phi_XxYx1, lam)
+  return potential
+
+
+def _training_reward(cfg, tb, ref_XxY) -> jax.Array:
+  """The reward on-policy objectives train on: the gold reward r, or with testbed.reward_transform
+  = lsc its log-sigmoid-centred utility log σ(r − r_ref(x)), r_ref(x) = E_π_ref[r | x] (ALGORITHMS.md
+  §5.11; the paper's r_ref statistic is unconfirmed). Exact metrics always report the gold r."""
+  reward_XxY = jnp.asarray(tb.reward_XxY, jnp.float32)
+  if cfg.testbed.reward_transform == "lsc":
+    r_ref_X = jnp.sum(jnp.exp(ref_XxY) * reward_XxY, axis=1)
+    return targets.lsc(reward_XxY, r_ref_X[:, None])
+  if cfg.testbed.reward_transform:
+    raise ValueError(f"testbed.reward_transform {cfg.testbed.reward_transform!r} is unknown; use "
+                     "'' or lsc")
+  return reward_XxY
 
 
 def _moment_features(tb) -> jax.Array:

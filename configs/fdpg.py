@@ -3,8 +3,11 @@ r"""f-DPG (Go et al. 2023, arXiv 2302.08215): approximate an energy-based target
 The target is P(y|x) = π_ref(y|x)·φ(x, y) on the testbed, one partition function per prompt:
 `task` pointwise (GDC: the response must contain token g; P = a·b), distributional (GDC: the
 response's first token is e or f with probability 0.5 overall; P = a·exp(λφ), λ fitted exactly by
-moment matching) or rlhf (P = a·exp(r/β)). The policy samples rollout.num_policy responses per
-prompt (on-policy: the proposal q is the policy, weights π/q = 1); each sample's pseudo-reward
+moment matching), hybrid (both: P = a·b·exp(λφ), λ fitted on a·b) or rlhf (P = a·exp(r/β);
+testbed.reward_transform = lsc uses log σ(r − E_ref[r|x]) instead of r). The policy samples rollout.num_policy responses per
+prompt (on-policy: the proposal q is the policy, weights π/q = 1), or with proposal=offline a
+frozen copy q samples them (importance weights π/q) and is replaced by π every
+rollout.anchor_every steps when the IS estimate of D(p‖π) is below D(p‖q) (§1.6); each sample's pseudo-reward
 −f'(π/p) with the running per-prompt Ẑ gives the surrogate loss of ALGORITHMS.md §1.5, minus a
 baseline: the mean of the last loss.baseline_window pseudo-rewards of previous steps (naver/disco),
 `exact` (forward KL's B = 1) or none. Samples outside the target's support (pointwise, b = 0) are
@@ -17,6 +20,7 @@ disco's defaults: JS, window 1024. The exact metrics are the divergences to the 
   python -m align_jax.main --config=configs/fdpg.py:divergence=forward_kl,task=distributional
   python -m align_jax.main --config=configs/fdpg.py:divergence=reverse_kl,task=rlhf
   python -m align_jax.main --config=configs/fdpg.py:divergence=amari --config.loss.alpha=0.5
+  python -m align_jax.main --config=configs/fdpg.py:divergence=forward_kl,proposal=offline   # DPG with q
   python -m align_jax.main --config=configs/fdpg.py:smoke
 
 Expected (default): the run's own divergence to the target falls by more than half from the base
@@ -27,22 +31,29 @@ exact/tv for TV); pointwise: exact/constraint_rate rises towards 1.
 from align_jax import config_lib, models
 from align_jax.objectives import fdpg
 
-TASKS = ("pointwise", "distributional", "rlhf")
+TASKS = ("pointwise", "distributional", "hybrid", "rlhf")
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, smoke=False, model="testbed", divergence="js", task="pointwise")
+  arg = config_lib.parse_arg(arg, smoke=False, model="testbed", divergence="js", task="pointwise",
+                             proposal="policy")
   if arg.divergence not in fdpg.DIVERGENCES:
     raise ValueError(f"config arg divergence={arg.divergence!r} is unknown; known: "
                      f"{fdpg.DIVERGENCES}")
   if arg.task not in TASKS:
     raise ValueError(f"config arg task={arg.task!r} is unknown; known: {TASKS}")
+  if arg.proposal not in ("policy", "offline"):
+    raise ValueError(f"config arg proposal={arg.proposal!r} is unknown; known: policy, offline")
   c = config_lib.base()
   c.name = f"fdpg_{arg.divergence}_{arg.task}"
   c.objective = "fdpg"
   c.model = models.preset(arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4       # Samples per prompt (the proposal is the policy itself).
+  if arg.proposal == "offline":  # Samples from a frozen copy q, replaced by π when π is closer.
+    c.rollout.num_policy, c.rollout.num_anchor = 0, 4
+    c.rollout.anchor = "proposal"
+    c.rollout.anchor_every = 10  # naver/gdc's q_update_interval.
   c.loss.divergence = arg.divergence
   c.loss.alpha = 0.5             # Amari order α (divergence=amari only).
   # Samples with P = 0 get the table's limit pseudo-reward (the unbiased estimator); divergences
@@ -51,10 +62,11 @@ def get_config(arg: str | None = None):
                             else "limit")
   c.loss.baseline = "window"     # window | exact (forward KL) | none.
   c.loss.baseline_window = 1024  # Past pseudo-rewards averaged by the baseline (disco: 1024).
+  c.loss.proposal_criterion = "kl"  # Offline proposal: q ← π when D(p‖π) < D(p‖q) by kl | tv.
   c.loss.clip_log_ratio = 0.0    # > 0 clips log(π/p) to ±c before the pseudo-reward (0: exact).
   c.testbed.target = arg.task
   c.testbed.target_beta = 1.0    # rlhf task: β of a·exp(r/β).
-  if arg.task == "pointwise" and arg.divergence in ("reverse_kl", "pearson", "amari"):
+  if arg.task in ("pointwise", "hybrid") and arg.divergence in ("reverse_kl", "pearson", "amari"):
     c.testbed.epsilon = 0.01     # These divergences are +∞ against a hard constraint.
   if arg.smoke:
     config_lib.smoke(c)

@@ -76,6 +76,7 @@ def test_jbond_raises_reward_and_its_anchor_is_the_ema_of_the_policy(tmp_path):
     ("fdpg", "smoke,divergence=tv", "exact/constraint_rate"),
     ("fdpg", "smoke,task=distributional,divergence=forward_kl", "exact/moments"),
     ("fdpg", "smoke,task=rlhf,divergence=reverse_kl", "exact/reward"),
+    ("fdpg", "smoke,task=hybrid", "exact/constraint_rate"),
 ])
 def test_fdpg_smoke_reduces_its_own_divergence(tmp_path, name, arg, extra):
   """Six steps: the run's own exact divergence to its target falls, and the constrained quantity
@@ -178,3 +179,36 @@ def test_bond_trains_on_a_learned_bradley_terry_reward_model(tmp_path):
 def test_reward_model_must_be_a_finished_reward_model_run(tmp_path):
   with pytest.raises(FileNotFoundError, match="no finished reward-model run"):
     _smoke("bond", tmp_path / "bond", reward_model=str(tmp_path / "absent"))
+
+
+def test_fdpg_offline_proposal_samples_from_q_and_is_replaced_by_the_rule(tmp_path):
+  """Samples come from the frozen proposal q (importance weights π/q ≠ 1 once π moves); at a
+  multiple of anchor_every, q ← π exactly when the §1.6 rule said π is closer to the target."""
+  cfg = load_config("fdpg", "smoke,proposal=offline")
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.total_steps, cfg.rollout.anchor_every, cfg.log_every = 4, 4, 1
+  result = train.run(cfg, str(tmp_path))
+  records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert records[0]["objective/importance_weight"] == pytest.approx(1.0, abs=1e-4)  # q = π at 0
+  assert abs(records[-1]["objective/importance_weight"] - 1.0) > 1e-4
+  state = result.state
+  same = all(np.array_equal(a, p) for a, p in zip(jax.tree.leaves(state.anchor["params"]),
+                                                  jax.tree.leaves(state.params)))
+  assert same == bool(state.stats["q_update"])
+  assert bool(state.stats["q_update"])  # Four steps towards the target beat the base here.
+
+
+def test_lsc_reward_transform_trains_on_log_sigmoid_centred_reward(tmp_path):
+  """testbed.reward_transform = lsc: the rollout's reward is log σ(r − E_ref[r|x]) (< 0, increasing
+  in r, invariant to shifting r), and training on it still raises the gold reward."""
+  import jax.numpy as jnp
+  cfg, result = _smoke("rloo", tmp_path, testbed=dict(load_config("rloo", "smoke").testbed,
+                                                       reward_transform="lsc"))
+  assert result.summary["final"]["exact/reward"] > result.summary["initial"]["exact/reward"]
+  tb = task.make(cfg.testbed)
+  ref_XxY = jnp.log(jnp.full(tb.reward_XxY.shape, 1.0 / tb.reward_XxY.shape[1]))
+  u_XxY = np.asarray(train._training_reward(cfg, tb, ref_XxY))
+  r_ref_X = tb.reward_XxY.mean(axis=1, keepdims=True)
+  np.testing.assert_allclose(u_XxY, -np.logaddexp(0.0, -(tb.reward_XxY - r_ref_X)), rtol=1e-5)
+  assert np.all(u_XxY < 0)

@@ -149,7 +149,7 @@ def _reinforce(logp, batch, stats, **cfg):
 
 
 def _fdpg(logp, batch, stats, *, divergence, alpha, outside_support, baseline, clip_log_ratio,
-          baseline_window):
+          baseline_window, proposal_criterion):
   """f-DPG with a per-prompt running Ẑ and a baseline (window of past pseudo-rewards, the exact
   forward-KL one, or none), all kept in `stats`; samples come from the proposal the rollout used."""
   del baseline_window  # Its size is fixed when the statistics are created.
@@ -170,13 +170,18 @@ def _fdpg(logp, batch, stats, *, divergence, alpha, outside_support, baseline, c
       alpha=alpha if divergence == "amari" else None, outside_support=outside_support,
       clip_log_ratio=clip_log_ratio or None)
   window = fdpg.baseline_window_push(stats["window"], used["pseudo_reward_BxK"], used["used_BxK"])
-  return loss_B, metrics, {"log_z_X": log_z_X, "count_X": count_X, "window": window}
+  # Offline proposal (samples from q ≠ π): is π now closer to p than q? (§1.6; the step acts on it
+  # every rollout.anchor_every steps when rollout.anchor = proposal.)
+  q_update = fdpg.proposal_should_update(logp, lq, lP, log_z_X[x_B], criterion=proposal_criterion)
+  return loss_B, metrics, {"log_z_X": log_z_X, "count_X": count_X, "window": window,
+                           "q_update": q_update}
 
 
 def _fdpg_stats(num_contexts, loss_cfg):
   return {"log_z_X": jnp.full((num_contexts,), -jnp.inf, jnp.float32),
           "count_X": jnp.zeros((num_contexts,), jnp.float32),
-          "window": fdpg.baseline_window_init(loss_cfg["baseline_window"])}
+          "window": fdpg.baseline_window_init(loss_cfg["baseline_window"]),
+          "q_update": jnp.zeros((), bool)}
 
 
 def _rloo(logp, batch, stats, **cfg):

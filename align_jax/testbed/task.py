@@ -232,14 +232,15 @@ def response_index(tokens_BxKxL: jax.Array, prompt_len: int) -> jax.Array:
   return jnp.sum(response_BxKxT * language.V ** jnp.arange(T - 1, -1, -1, dtype=jnp.int32), -1)
 
 
-def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None, reward_fn=None):
+def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None, reward_fn=None,
+           reward_XxY: jax.Array | None = None):
   """score_fn of `rollout.rollout` on the testbed: the reward, and the target log P.
 
-  The reward is the gold rule reward, or `reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL)`
-  (a learned reward model). The target is log π_ref + extra(x, y) with `extra_logp_XxY` the task's
+  The reward is `reward_XxY` (default: the gold rule reward) looked up by response, or
+  `reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL)` (a learned reward model). The target is log π_ref + extra(x, y) with `extra_logp_XxY` the task's
   log-potential (r/β, log b, λ·φ, ...); without one, target_logp_BxK is the reference's log-prob.
   """
-  reward_XxY = jnp.asarray(tb.reward_XxY, jnp.float32)
+  reward_XxY = jnp.asarray(tb.reward_XxY if reward_XxY is None else reward_XxY, jnp.float32)
   extra_XxY = None if extra_logp_XxY is None else jnp.asarray(extra_logp_XxY, jnp.float32)
   prompt_len = tb.prompts_XxP.shape[1]
 
