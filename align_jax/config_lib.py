@@ -139,6 +139,7 @@ def base() -> mlc.ConfigDict:
       pretrain_lr=3e-3,
       pretrain_examples=200_000,
       eval_chunk=8192,           # Rows per forward in the exact enumeration pass.
+      exact_eval=True,           # Exact evaluation at start, every eval_every steps and at the end.
       # Explicit target for exact divergences (and f-DPG's energy-based target):
       # '' | chain | rlhf | bon | pointwise | distributional | hybrid.
       target="",

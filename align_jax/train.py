@@ -104,7 +104,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   evaluate = potential_XxY = None
   if tb is not None and objective.scores:
     # Reward-model pairs are drawn from the chain's conditional (no policy is involved).
-    evaluate = _reward_model_eval(cfg, objective, tb, graphdef, mesh)
+    evaluate = _reward_model_eval(cfg, objective, tb, graphdef, mesh) if cfg.testbed.exact_eval \
+        else None
     eval_ref_XxY = jnp.asarray(tb.chain_logp_XxY, jnp.float32)
   elif tb is not None:
     logp_fn = jax.jit(task.exact_logp_fn(graphdef, tb, cfg.testbed.eval_chunk),
@@ -142,9 +143,10 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
           metrics["exact/idealized_ranking_accuracy"] = exact.ranking_accuracy(target_XxY,
                                                                                *held_out)
       return metrics
-    exact_jit = jax.jit(exact_metrics, out_shardings=replicated)
-    evaluate = functools.partial(exact_jit, eval_ref_XxY=eval_ref_XxY, target_XxY=target_XxY,
-                                 reward_XxY=jnp.asarray(tb.reward_XxY))
+    if cfg.testbed.exact_eval:
+      exact_jit = jax.jit(exact_metrics, out_shardings=replicated)
+      evaluate = functools.partial(exact_jit, eval_ref_XxY=eval_ref_XxY, target_XxY=target_XxY,
+                                   reward_XxY=jnp.asarray(tb.reward_XxY))
 
   # ---- Data ------------------------------------------------------------------------------------
   records, data_counts = _records(cfg, objective, tb,

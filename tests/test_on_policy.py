@@ -72,8 +72,7 @@ def test_jbond_raises_reward_and_its_anchor_is_the_ema_of_the_policy(tmp_path):
 @pytest.mark.parametrize("name, arg, extra", [
     ("gdc", "smoke", "exact/constraint_rate"),
     ("fdpg", "smoke", "exact/constraint_rate"),
-    ("fdpg", "smoke,divergence=reverse_kl", "exact/constraint_rate"),
-    ("fdpg", "smoke,divergence=tv", "exact/constraint_rate"),
+    # Reverse KL and TV on the pointwise task: their default configs are trained below.
     ("fdpg", "smoke,task=distributional,divergence=forward_kl", "exact/moments"),
     ("fdpg", "smoke,task=rlhf,divergence=reverse_kl", "exact/reward"),
     ("fdpg", "smoke,task=hybrid", "exact/constraint_rate"),
@@ -127,14 +126,15 @@ def test_bond_default_config_halves_the_jeffreys_divergence_to_best_of_n(tmp_pat
 
 @pytest.mark.parametrize("name, arg", [("bond", "smoke,anchor=ema"), ("fdpg", "smoke")])
 def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg):
-  """Three steps (rollout + update) on four meshes of 8 devices give the same losses: sampling
-  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor) are global."""
+  """Three steps (rollout + update) on meshes of 1 and 8 devices give the same losses: sampling
+  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor) are global.
+  (The offline step is checked on all four Foundation meshes in tests/test_train.py.)"""
   losses = {}
-  for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+  for shape in [(1, 1, 1), (2, 2, 2), (1, 4, 2)]:  # Batch rows split 4 ways; tensor axis too.
     cfg = load_config(name, arg)
     with cfg.unlocked():
       cfg.mesh.shape = shape
-      cfg.total_steps, cfg.log_every, cfg.eval_every = 3, 1, 0
+      cfg.total_steps, cfg.log_every, cfg.testbed.exact_eval = 3, 1, False
       if name == "bond":
         cfg.rollout.num_anchor = 4  # One group of n = 4 (the default 16 only costs time here).
     workdir = tmp_path / "_".join(map(str, shape))
@@ -162,17 +162,13 @@ def test_fdpg_resume_restores_running_z_and_baseline_window_exactly(tmp_path):
 
 
 def test_bond_trains_on_a_learned_bradley_terry_reward_model(tmp_path):
-  """configs/bt_reward.py's run exports its parameters; BOND then ranks samples by that model's
-  reward (its quantiles differ from the gold-reward run's) and still raises the gold reward."""
+  """configs/bt_reward.py's run exports its parameters; BOND trained on that model's reward
+  (tests/test_rollout.py checks the rollout scores with it) still raises the gold reward."""
   rm, _ = _smoke("bt_reward", tmp_path / "rm")
   assert (tmp_path / "rm" / "params").is_dir()
-  _, gold = _smoke("bond", tmp_path / "gold")
   cfg, learned = _smoke("bond", tmp_path / "learned", reward_model=str(tmp_path / "rm"))
   records = [r for r in read_jsonl(tmp_path / "learned" / "metrics.jsonl") if "loss" in r]
   assert records and all(np.isfinite(r["loss"]) for r in records)
-  gold_records = [r for r in read_jsonl(tmp_path / "gold" / "metrics.jsonl") if "loss" in r]
-  assert [r["objective/quantile"] for r in records] != [r["objective/quantile"]
-                                                          for r in gold_records]
   assert learned.summary["final"]["exact/reward"] > learned.summary["initial"]["exact/reward"]
 
 

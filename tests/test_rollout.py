@@ -64,16 +64,30 @@ def test_rollout_samples_are_a_function_of_the_state_step():
 
 
 def test_greedy_baseline_is_the_reward_of_argmax_decoding():
+  """The greedy decode is the sampler at temperature 0, which tests/test_sampling.py checks against
+  argmax decoding by full forward passes."""
   tb, graphdef, params, ref, state, fn, x, prompts = _setup(greedy=True)
   batch = fn(state, prompts, x, ref)
-  seqs = list(np.asarray(prompts))
-  for _ in range(3):  # Argmax decoding by full forward passes.
-    logits, _ = models.apply(graphdef, params, jnp.asarray(np.stack(seqs)))
-    seqs = [np.append(s, int(np.argmax(l[-1]))) for s, l in zip(seqs, np.asarray(logits))]
-  y = np.asarray(task.response_index(jnp.asarray(np.stack(seqs))[:, None], 2))[:, 0]
+  out = sampling.sample(graphdef, params, prompts, jax.random.key(0),
+                        sampling.SamplingConfig(max_new_tokens=3, temperature=0.0))
+  greedy = out["tokens_RxL"][:, None]
+  y = np.asarray(task.response_index(greedy, 2))[:, 0]
   np.testing.assert_allclose(batch["greedy_reward_B"], tb.reward_XxY[np.asarray(x), y])
-  greedy = jnp.asarray(np.stack(seqs))[:, None]
   mask = jnp.concatenate([jnp.zeros((4, 1, 2)), jnp.ones((4, 1, 3))], axis=2)
   np.testing.assert_allclose(batch["greedy_log_ratio_B"],
                              (logps.sequence_logps(graphdef, params, greedy, mask)
                               - logps.sequence_logps(graphdef, ref, greedy, mask))[:, 0], atol=1e-5)
+
+
+def test_a_learned_reward_model_scores_the_samples():
+  """With a reward function (a reward model's head), the batch reward is that function's value
+  on the sampled tokens, not the testbed's rule."""
+  tb, graphdef, params, ref, state, _, x, prompts = _setup()
+  reward_fn = lambda p, tokens, mask: jnp.sum(tokens * mask, axis=-1) * p["scale"]
+  fn = jax.jit(lambda st, pr, xi, r, rp: rollout.rollout(
+      st, pr, xi, r, rp, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(max_new_tokens=3),
+      num_policy=2, num_anchor=0, anchor_is_ref=True, score_fn=task.scorer(tb, None, reward_fn)))
+  batch = fn(state, prompts, x, ref, {"scale": jnp.float32(0.5)})
+  want = 0.5 * np.sum(np.asarray(batch["tokens_BxKxL"]) * np.asarray(batch["loss_mask_BxKxL"]), -1)
+  np.testing.assert_allclose(batch["reward_BxK"], want)
+  np.testing.assert_allclose(batch["target_logp_BxK"], batch["ref_logp_BxK"])
