@@ -110,7 +110,9 @@ def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
   run(tmp_path / "a", (8, 1, 1), 3)
   run(tmp_path / "a", (2, 2, 2), 6)  # Resumes the (8,1,1) checkpoint at step 3 on another mesh.
   run(tmp_path / "b", (8, 1, 1), 6)
-  resumed = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r}
+  records = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # Steps 1-3 were not run again.
+  resumed = {r["step"]: r["loss"] for r in records}
   straight = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r}
   assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
   for s in straight:
