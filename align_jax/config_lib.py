@@ -107,6 +107,7 @@ def base() -> mlc.ConfigDict:
       # testbed, or a file / dataset: jsonl:PATH, arrayrecord:PATH, tfds:NAME/SPLIT[@DATA_DIR]
       # (align_jax/data/preference.py). The objective decides the record format.
       source="testbed",
+      tokenizer="",              # File sources with text fields: a tokenizer.json to encode them.
       batch_size=64,             # Global prompts per step (B).
       max_len=0,                 # Tokens per sequence (L) for file sources; 0 = from the data.
       list_size=4,               # Ranked lists: responses per prompt (K); files: 0 = longest.
@@ -183,7 +184,7 @@ def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:
 def testbed_on_policy(c: mlc.ConfigDict) -> None:
   """On-policy training on the testbed from its cached base LM (prompts drawn from the chain)."""
   c.init_checkpoint = "testbed"
-  c.data.batch_size = 64         # Prompts per step; each gets the rollout's samples.
+  c.data.batch_size = 32         # Prompts per step; each gets the rollout's samples.
   c.data.num_examples = 8192     # Prompt draws (the dataset the Grain pipeline cycles through).
   c.sampling.max_new_tokens = c.testbed.get_ref("response_len")
   c.optim.lr = 6e-4

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from align_jax import (checkpoint, logps, models, objectives, rollout, sampling, sharding,
                        step)
-from align_jax.data import pipeline, preference, reference, udm
+from align_jax.data import pipeline, preference, reference, tokenize, udm
 from align_jax.metrics import MetricWriter
 from align_jax import targets
 from align_jax.objectives import bond
@@ -348,7 +348,8 @@ def _read_file(cfg, objective, model_cfg) -> tuple[dict, dict] | None:
                      "testbed provides; set data.source=testbed")
   return preference.read(d.source, fmt, max_len=d.max_len,
                          list_size=d.list_size if fmt == "lists" else 0,
-                         vocab_size=model_cfg.vocab_size)
+                         vocab_size=model_cfg.vocab_size,
+                         encode=tokenize.load(d.tokenizer) if d.tokenizer else None)
 
 
 def _records(cfg, objective, tb, base_logp_XxY, file_data, graphdef, ref_params,

@@ -102,3 +102,26 @@ def test_bco_density_ratio_weights_multiply_undesirable_losses_only(tmp_path):
     cfg.data.udm = True
   with pytest.raises(ValueError, match="data.udm is BCO's"):
     train.run(cfg, str(tmp_path / "dpo"))
+
+
+def test_dpo_trains_on_text_pairs_through_a_tokenizer(tmp_path):
+  """data.tokenizer: text records are encoded by a tokenizer.json (a word-level one over the tiny
+  model's 8 ids), then train as token ids would."""
+  import tokenizers
+  from tokenizers import models as tok_models, pre_tokenizers
+  tok = tokenizers.Tokenizer(tok_models.WordLevel({c: i for i, c in enumerate("abcdefgh")},
+                                                  unk_token="h"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  rng = np.random.default_rng(0)
+  words = lambda n: " ".join(rng.choice(list("abcdefgh"), n))
+  (tmp_path / "pairs.jsonl").write_text("".join(
+      json.dumps({"prompt": words(2), "chosen": words(3), "rejected": words(2)}) + "\n"
+      for _ in range(32)))
+  cfg = load_config("dpo", "smoke")
+  with cfg.unlocked():
+    cfg.mesh.shape, cfg.total_steps, cfg.log_every = (1, 1, 1), 2, 1
+    cfg.data.source = f"jsonl:{tmp_path / 'pairs.jsonl'}"
+    cfg.data.tokenizer = str(tmp_path / "tokenizer.json")
+  result = train.run(cfg, str(tmp_path / "run"))
+  assert result.summary["data/records"] == 32 and int(result.state.step) == 2

@@ -1,7 +1,8 @@
 """Pre-tokenized preference data in six formats, from JSONL, ArrayRecord or TFDS, as padded arrays.
 
-Formats (`fmt`); every record also has "prompt" (token ids). Token ids are lists of non-negative
-ints; text is refused (tokenizers come later). Unknown extra fields are ignored.
+Formats (`fmt`); every record also has "prompt". Prompts and responses are token ids (lists of
+non-negative ints) or, with a tokenizer (`encode`, data.tokenizer), text. Unknown extra fields are
+ignored.
 
 | fmt       | fields besides prompt                   | K         | score_K            | extra     |
 |-----------|-----------------------------------------|-----------|--------------------|-----------|
@@ -51,7 +52,7 @@ A source with no records, or whose records are all skipped, is an error.
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -67,7 +68,9 @@ class DataError(ValueError):
 
 
 def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
-         vocab_size: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+         vocab_size: int | None = None,
+         encode: Callable[[str], list[int]] | None = None) -> tuple[dict[str, np.ndarray],
+                                                                   dict[str, int]]:
   """Reads a preference data source into padded arrays.
 
   Args:
@@ -77,6 +80,8 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
     max_len: sequence length L; longer responses are truncated (0: the longest record).
     list_size: K for "lists" (0: the longest list); other formats have a fixed K and accept 0 or it.
     vocab_size: if given, token ids must be below it.
+    encode: text -> token ids (`align_jax.data.tokenize.load`); then text fields are tokenized,
+      token-id fields are taken as they are. None: text is an error.
 
   Returns:
     (arrays, counts): record fields as described in the module docstring, and the counts of
@@ -98,7 +103,7 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
   kept, seen, categories = [], 0, 0
   for where, record in records:
     seen += 1
-    prompt, responses, scores, extra = _parse(record, fmt, where, vocab_size)
+    prompt, responses, scores, extra = _parse(record, fmt, where, vocab_size, encode)
     if list_size and len(responses) > list_size:
       raise DataError(f"{where}: {len(responses)} responses exceed list_size={list_size}")
     if fmt == "distribution":
@@ -221,11 +226,19 @@ def _field(record: dict, key: str, where: str):
   return record[key]
 
 
-def _ids(value, key: str, where: str, vocab_size: int | None) -> list[int]:
-  """A non-empty list of token ids below vocab_size, from a list, tuple or 1-d integer array."""
-  if isinstance(value, (str, bytes)):
-    raise DataError(f"{where}: field {key!r} is text; token ids are required (tokenizers are "
-                    "not supported yet)")
+def _ids(value, key: str, where: str, vocab_size: int | None, encode=None) -> list[int]:
+  """A non-empty list of token ids below vocab_size, from a list, tuple or 1-d integer array, or
+  from text through `encode`."""
+  if isinstance(value, bytes):
+    try:
+      value = value.decode("utf-8")
+    except UnicodeDecodeError:
+      raise DataError(f"{where}: field {key!r} is bytes that are not UTF-8 text") from None
+  if isinstance(value, str):
+    if encode is None:
+      raise DataError(f"{where}: field {key!r} is text; set data.tokenizer (a tokenizer.json) "
+                      "or give token ids")
+    value = list(encode(value))
   if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
     value = value.tolist()
   if not isinstance(value, (list, tuple)):
@@ -288,10 +301,11 @@ def _label_distribution(record: dict, where: str) -> list[float]:
   return (counts / counts.sum()).tolist()
 
 
-def _parse(record: dict, fmt: str, where: str, vocab_size: int | None):
+def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, encode=None):
   """One record -> (prompt, responses, scores, extra fields)."""
   def ids(key: str, value=None) -> list[int]:
-    return _ids(_field(record, key, where) if value is None else value, key, where, vocab_size)
+    return _ids(_field(record, key, where) if value is None else value, key, where, vocab_size,
+                encode)
 
   prompt = ids("prompt")
   if fmt == "pairs":

@@ -248,7 +248,7 @@ LIST3 = {"prompt": [1], "responses": [[2], [3], [4]]}
     ("pairs", {"prompt": [1], "chosen": [2, 1.5], "rejected": [3]}, {}, "'chosen' .* has 1.5"),
     ("pairs", {"prompt": [True], "chosen": [2], "rejected": [3]}, {}, "'prompt' .* has True"),
     ("pairs", {"prompt": [1], "chosen": "a reply", "rejected": [3]}, {},
-     "field 'chosen' is text; token ids are required"),
+     "field 'chosen' is text; set data.tokenizer"),
     ("pairs", {"prompt": [1], "chosen": [2], "rejected": [3, -1]}, {},
      "field 'rejected' has negative token id -1"),
     ("pairs", {"prompt": [1], "chosen": [2, 10], "rejected": [3]}, {"vocab_size": 10},
@@ -303,8 +303,7 @@ def test_bad_tfds_records(tfds_dir):
       "vocab size 14")
   source = f"tfds:preference_test_data/pairs_text/train@{tfds_dir}"
   assert _error(source, "pairs").startswith(
-      "tfds:preference_test_data/pairs_text/train[index 0]: field 'chosen' is text; token ids are "
-      "required")
+      "tfds:preference_test_data/pairs_text/train[index 0]: field 'chosen' is text; set data.tokenizer")
 
 
 def test_empty_or_all_skipped_sources(tmp_path):
@@ -393,3 +392,35 @@ def test_distribution_errors_name_the_record(tmp_path, record, message):
   with pytest.raises(DataError) as e:
     preference.read(f"jsonl:{path}", "distribution")
   assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
+
+
+def _word_tokenizer(tmp_path):
+  """A word-level tokenizer.json over the testbed's 8 tokens a..h (ids 0..7)."""
+  import tokenizers
+  from tokenizers import models as tok_models, pre_tokenizers
+  tok = tokenizers.Tokenizer(tok_models.WordLevel({c: i for i, c in enumerate("abcdefgh")},
+                                                  unk_token="h"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  return str(path)
+
+
+def test_text_records_are_tokenized_with_a_tokenizer_json(tmp_path):
+  from align_jax.data import tokenize
+  encode = tokenize.load(_word_tokenizer(tmp_path))
+  path = tmp_path / "text.jsonl"
+  path.write_text(json.dumps({"prompt": "a b", "chosen": "c d e", "rejected": [5]}) + "\n")
+  arrays, _ = preference.read(f"jsonl:{path}", "pairs", encode=encode)
+  np.testing.assert_array_equal(arrays["tokens_KxL"][0], [[0, 1, 2, 3, 4], [0, 1, 5, 0, 0]])
+  np.testing.assert_array_equal(arrays["loss_mask_KxL"][0], [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]])
+  with pytest.raises(DataError, match="is text; set data.tokenizer"):
+    preference.read(f"jsonl:{path}", "pairs")
+  path.write_text(json.dumps({"prompt": "a", "chosen": "   ", "rejected": "b"}) + "\n")
+  with pytest.raises(DataError, match=":1: field 'chosen' is empty"):
+    preference.read(f"jsonl:{path}", "pairs", encode=encode)
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    tokenize.load(str(tmp_path / "absent.json"))
+  (tmp_path / "bad.json").write_text("{}")
+  with pytest.raises(ValueError, match="not a tokenizer.json"):
+    tokenize.load(str(tmp_path / "bad.json"))

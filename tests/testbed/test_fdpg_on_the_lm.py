@@ -73,21 +73,21 @@ def test_expected_surrogate_gradient_is_the_exact_divergence_gradient(testbed):
       assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want)) > 1e-3  # Not trivial.
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "tv", "js"])
-def test_expected_surrogate_gradient_vanishes_at_the_target(testbed, divergence):
+def test_expected_surrogate_gradient_vanishes_at_the_target(testbed):
   with jax.enable_x64(True):
     graphdef, params, logp_fn = _policy(testbed, 2)
-    p_XxY = logp_fn(params)  # The target is the policy itself.
+    logpi_XxY, model_vjp = jax.vjp(logp_fn, params)
+    p_XxY = logpi_XxY  # The target is the policy itself.
     num_y = p_XxY.shape[1]
+    for divergence, alpha in DIVERGENCES:
+      def expected_surrogate(logpi):
+        loss_X, _, _ = fdpg.fdpg(logpi, jnp.full_like(logpi, -np.log(num_y)), p_XxY, 0.0, 0.3,
+                                 divergence=divergence, alpha=alpha)
+        return jnp.sum(jnp.exp(jnp.asarray(testbed.prompt_logw_X)) * loss_X)
 
-    def expected_surrogate(params):
-      logpi_XxY = logp_fn(params)
-      loss_X, _, _ = fdpg.fdpg(logpi_XxY, jnp.full_like(logpi_XxY, -np.log(num_y)), p_XxY,
-                               0.0, 0.3, divergence=divergence)
-      return jnp.sum(jnp.exp(jnp.asarray(testbed.prompt_logw_X)) * loss_X)
-
-    for g in jax.tree.leaves(jax.grad(expected_surrogate)(params)):
-      np.testing.assert_allclose(g, 0.0, atol=1e-9)
+      (grad,) = model_vjp(jax.grad(expected_surrogate)(logpi_XxY))
+      for g in jax.tree.leaves(grad):
+        np.testing.assert_allclose(g, 0.0, atol=1e-9, err_msg=f"{divergence} {alpha}")
 
 
 def test_rlhf_identity_on_the_lm(testbed):
