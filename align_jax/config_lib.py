@@ -152,7 +152,7 @@ def base() -> mlc.ConfigDict:
       reward_transform="",       # On-policy training reward: '' (gold r) | lsc: log σ(r − E_ref[r|x]).
       target_n=4,                # N of the bon target, Best-of-N of π_ref (ties included) ...
       target_jeffreys=0.5,       # ... and the mix β of exact/jeffreys_bon (1−β)KL(BoN‖π) + βKL(π‖BoN).
-      tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (the todo objective's model).
+      tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (objective todo).
       eval_pairs=2048,           # Held-out BT pairs for exact/ranking_accuracy (0: none).
       categories=6,              # Distributional labels (DPRM): ordered rating categories C ...
       voters=10,                 # ... and simulated annotators per response.

@@ -149,7 +149,7 @@ def binary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
 
 def ternary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
             tie_alpha: float) -> dict[str, np.ndarray]:
-  """Pairs with ties (the `todo` objective): labels drawn from the Rao–Kupper model with tie parameter α.
+  """Pairs with ties (objective `todo`): labels from the Rao–Kupper model with tie parameter α.
 
   With d = (r_a − r_b)/T: P(a ≻ b) = σ(d − α), P(b ≻ a) = σ(−d − α), P(tie) = the rest. The winner
   is K index 0; a tie keeps the drawn order and has is_tie = 1 (score [0.5, 0.5]).
