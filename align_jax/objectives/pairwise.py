@@ -265,7 +265,7 @@ def ln_dpo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, num_tokens_Bx2: jax.Arr
 
 def todo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, is_tie_B: jax.Array, *, beta: float,
          alpha: float):
-  r"""TODO, tie-rank oriented DPO (Guo et al., ICLR 2025, arXiv 2411.02442; code XXares/TODO).
+  r"""Tie-rank oriented DPO, registry `todo` (Guo et al., ICLR 2025, arXiv 2411.02442).
 
   A Rao–Kupper Bradley–Terry model with tie parameter α > 0 on ℓ = βh:
 
