@@ -47,12 +47,8 @@ def devices8():
 
 def load_config(name: str, arg: str | None = None):
   """configs/<name>.py's get_config(arg), as the CLI would build it (then locked)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs",
-                                                                               f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(arg)
+  from align_jax import sweep
+  cfg = sweep.load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
   cfg.lock()
   return cfg
 
