@@ -139,6 +139,10 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
             logp_XxY, language.harm(tb.responses_YxT)[None].astype(np.float32), tb.prompt_logw_X)
       if held_out is not None:
         metrics["exact/ranking_accuracy"] = exact.ranking_accuracy(logp_XxY, *held_out)
+        prompt_N, chosen_N, rejected_N = held_out  # FSD of chosen over rejected log π/π_ref:
+        rho_XxY = logp_XxY - eval_ref_XxY         # AOT's dominance diagnostics.
+        metrics |= {f"exact/fsd_{k}": v for k, v in exact.dominance(
+            rho_XxY[prompt_N, chosen_N], rho_XxY[prompt_N, rejected_N]).items()}
         if target_XxY is not None:
           metrics["exact/idealized_ranking_accuracy"] = exact.ranking_accuracy(target_XxY,
                                                                                *held_out)

@@ -115,6 +115,45 @@ def rlhf_target(logp_ref_XxY: Array, reward_XxY: Array, beta) -> Array:
   return normalize(logp_ref_XxY + reward_XxY / beta)
 
 
+def win_rate(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
+             prompt_logw_X: Array) -> Array:
+  """P(r(x, y) > r(x, y')) + ½ P(r(x, y) = r(x, y')), x ∼ w, y ∼ π(·|x), y' ∼ ρ(·|x) independent.
+
+  The exact win rate of π against ρ (the reference) under the reward, ties counted ½: per prompt
+  the responses are sorted by reward once, so with F⁻ / F⁺ the ρ-mass of rewards below / at most
+  r(x, y), Σ_y π(y|x) ½(F⁻ + F⁺) is the sum over all Y² pairs. π = ρ gives exactly ½.
+  """
+  p_XxY, support = _safe_prob(logp_XxY)
+  q_XxY = jnp.exp(ref_logp_XxY)
+  reward_XxY = jnp.broadcast_to(reward_XxY, p_XxY.shape).astype(p_XxY.dtype)
+
+  def beaten_Y(reward_Y, q_Y):  # ½(F⁻ + F⁺) at each response's reward.
+    order_Y = jnp.argsort(reward_Y)
+    sorted_Y = reward_Y[order_Y]
+    cdf_Y1 = jnp.concatenate([jnp.zeros(1, q_Y.dtype), jnp.cumsum(q_Y[order_Y])])
+    below_Y = cdf_Y1[jnp.searchsorted(sorted_Y, reward_Y, side="left")]
+    at_most_Y = cdf_Y1[jnp.searchsorted(sorted_Y, reward_Y, side="right")]
+    return 0.5 * (below_Y + at_most_Y)
+
+  beaten_XxY = jax.vmap(beaten_Y)(reward_XxY, q_XxY)
+  win_X = jnp.sum(jnp.where(support, p_XxY * beaten_XxY, 0.0), axis=-1)
+  return _prompt_mean(win_X, prompt_logw_X)
+
+
+def dominance(u_N: Array, v_N: Array, num_quantiles: int = 99) -> dict[str, Array]:
+  """First-order stochastic dominance diagnostics of the sample u over the sample v (AOT).
+
+  Empirical quantile functions Q_u, Q_v (linear interpolation) on the grid t = i/(num_quantiles+1),
+  i = 1..num_quantiles: "violation" is the share of t with Q_u(t) < Q_v(t) (0: u dominates v on
+  the grid), "margin" the mean of Q_u(t) − Q_v(t), "margin_q05" Q_u(0.05) − Q_v(0.05).
+  """
+  t_T = jnp.arange(1, num_quantiles + 1, dtype=u_N.dtype) / (num_quantiles + 1)
+  diff_T = jnp.quantile(u_N, t_T) - jnp.quantile(v_N, t_T)
+  low = jnp.quantile(u_N, 0.05) - jnp.quantile(v_N, 0.05)
+  return {"violation": jnp.mean((diff_T < 0).astype(u_N.dtype)), "margin": jnp.mean(diff_T),
+          "margin_q05": low}
+
+
 def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
                    prompt_logw_X: Array,
                    target_logp_XxY: Array | None = None) -> dict[str, Array]:
@@ -128,13 +167,14 @@ def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
     target_logp_XxY: optional target p; adds the divergences to it.
 
   Returns:
-    Scalars keyed "exact/kl_policy_ref", "exact/reward", "exact/entropy" and,
-    with a target, "exact/kl_target_policy" (KL(p‖π)), "exact/kl_policy_target"
-    (KL(π‖p)), "exact/tv", "exact/js".
+    Scalars keyed "exact/kl_policy_ref", "exact/reward", "exact/win_rate" (against π_ref, ties
+    ½), "exact/entropy" and, with a target, "exact/kl_target_policy" (KL(p‖π)),
+    "exact/kl_policy_target" (KL(π‖p)), "exact/tv", "exact/js".
   """
   metrics = {
       "exact/kl_policy_ref": kl(logp_XxY, ref_logp_XxY, prompt_logw_X),
       "exact/reward": expectation(logp_XxY, reward_XxY, prompt_logw_X),
+      "exact/win_rate": win_rate(logp_XxY, ref_logp_XxY, reward_XxY, prompt_logw_X),
       "exact/entropy": entropy(logp_XxY, prompt_logw_X),
   }
   if target_logp_XxY is not None:

@@ -222,7 +222,8 @@ def test_policy_metrics_keys_jit_and_dtype():
   logp, logq, logw = _random_tables(5)
   reward = np.random.default_rng(5).normal(size=logp.shape)
   base = exact.policy_metrics(logp, logq, reward, logw)
-  assert set(base) == {"exact/kl_policy_ref", "exact/reward", "exact/entropy"}
+  assert set(base) == {"exact/kl_policy_ref", "exact/reward", "exact/win_rate",
+                       "exact/entropy"}
   full = jax.jit(exact.policy_metrics)(logp, logq, reward, logw, logq)
   assert set(full) == set(base) | {"exact/kl_target_policy",
                                    "exact/kl_policy_target", "exact/tv",
@@ -236,3 +237,29 @@ def test_policy_metrics_keys_jit_and_dtype():
   for key, value in f32.items():
     assert value.dtype == jnp.float32, key
     np.testing.assert_allclose(value, full[key], rtol=1e-5, atol=1e-6)
+
+
+def test_win_rate_equals_the_sum_over_all_pairs_with_ties_half():
+  logp, logq, logw = _random_tables(7, x=3, y=9)
+  reward = np.round(np.random.default_rng(7).normal(size=logp.shape), 0)  # Many ties.
+  p, q = np.exp(logp), np.exp(logq)
+  beats = (reward[:, :, None] > reward[:, None, :]) + 0.5 * (reward[:, :, None] ==
+                                                             reward[:, None, :])
+  want = np.exp(logw) @ np.einsum("xy,xz,xyz->x", p, q, beats)
+  np.testing.assert_allclose(exact.win_rate(logp, logq, reward, logw), want, rtol=1e-12)
+  np.testing.assert_allclose(jax.jit(exact.win_rate)(logq, logq, reward, logw), 0.5,
+                             rtol=1e-12)  # π = π_ref: exactly ½, ties or not.
+  np.testing.assert_allclose(exact.win_rate(logp, logq, 3.0 * reward + 1.0, logw), want,
+                             rtol=1e-12)  # Only the order of rewards matters.
+
+
+def test_dominance_quantile_diagnostics():
+  u = np.arange(1.0, 101.0)
+  d = exact.dominance(u, u - 2.0)
+  np.testing.assert_allclose([d["violation"], d["margin"], d["margin_q05"]], [0.0, 2.0, 2.0],
+                             rtol=1e-12)
+  d = exact.dominance(u, np.concatenate([u[:50], u[50:] + 10.0]))  # Upper half dominated.
+  np.testing.assert_allclose(d["margin_q05"], 0.0, atol=1e-12)
+  assert 0.45 < float(d["violation"]) < 0.55
+  perm = np.random.default_rng(0).permutation(100)  # Unpaired: order of the samples is moot.
+  np.testing.assert_allclose(exact.dominance(u[perm], u - 2.0)["margin"], 2.0, rtol=1e-12)
