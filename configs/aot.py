@@ -8,6 +8,9 @@ default is 0.1.
 
   python -m align_jax.main --config=configs/aot.py
   python -m align_jax.main --config=configs/aot.py:smoke --workdir=runs/aot_smoke
+  # β ∈ {0.05, 0.1, 0.3} (configs/dpo.py's sweep), one run per seed:
+  python -m align_jax.sweep --config=configs/aot.py --local --seeds=0,1,2
+  python experiments/d2o_aot.py                # with D2O and DPO, tabulated and plotted
   python -m align_jax.main --config=configs/aot.py --config.loss.h=squared_hinge
 
 Expected (default, testbed): summary.json's final exact/reward above its initial value and
@@ -30,3 +33,9 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """β ∈ {0.05, 0.1, 0.3}, the β's of configs/dpo.py's sweep (quick: 0.3)."""
+  del arg
+  return config_lib.product(**{"loss.beta": [0.3] if quick else [0.05, 0.1, 0.3]})

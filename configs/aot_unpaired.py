@@ -6,6 +6,9 @@ which ones were paired (ALGORITHMS.md §4.2). β as in configs/aot.py.
 
   python -m align_jax.main --config=configs/aot_unpaired.py
   python -m align_jax.main --config=configs/aot_unpaired.py:smoke --workdir=runs/aot_unpaired_smoke
+  # β ∈ {0.05, 0.1, 0.3} (configs/dpo.py's sweep), one run per seed:
+  python -m align_jax.sweep --config=configs/aot_unpaired.py --local --seeds=0,1,2
+  python experiments/d2o_aot.py                # with D2O and DPO, tabulated and plotted
 
 Expected (default, testbed): summary.json's final exact/reward above its initial value and
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
@@ -27,3 +30,9 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """β ∈ {0.05, 0.1, 0.3}, the β's of configs/dpo.py's sweep (quick: 0.3)."""
+  del arg
+  return config_lib.product(**{"loss.beta": [0.3] if quick else [0.05, 0.1, 0.3]})

@@ -10,6 +10,10 @@ policy's probability of a harmful response.
   python -m align_jax.main --config=configs/d2o.py
   python -m align_jax.main --config=configs/d2o.py:smoke --workdir=runs/d2o_smoke
   python -m align_jax.main --config=configs/d2o.py --config.data.num_samples=3
+  # Self-sample count N ∈ {1, 3, 11} and the negatives-alone control (β = 0), per seed; N = 1
+  # with α = β is DPO on (self-sample ≻ negative) pairs of the same records (ALGORITHMS.md §4.1):
+  python -m align_jax.sweep --config=configs/d2o.py --local --seeds=0,1,2
+  python experiments/d2o_aot.py                # with AOT and DPO, tabulated and plotted
 
 Expected (default, testbed): summary.json's final exact/reward above its initial value and
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
@@ -31,3 +35,13 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """N ∈ {1 (= DPO, α = β), 3, 11} self-samples, and β = 0 (the negatives alone, N = 11).
+
+  quick: N = 1 and N = 3.
+  """
+  del arg
+  points = config_lib.product(**{"data.num_samples": [1, 3] if quick else [1, 3, 11]})
+  return points if quick else points + [{"loss.beta": 0.0}]

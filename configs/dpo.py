@@ -12,6 +12,8 @@ Bradley–Terry noise, P(a ≻ b) = σ((r_a − r_b)/T). With such labels the po
   python -m align_jax.main --config=configs/dpo.py --config.mesh.shape="(2,2,2)" --config.loss.beta=0.2
   # Your own pre-tokenized pairs ({"prompt", "chosen", "rejected"} per line):
   python -m align_jax.main --config=configs/dpo.py --config.data.source=jsonl:pairs.jsonl
+  # The β sweep (get_sweep), one run per seed; experiments/d2o_aot.py compares it with AOT:
+  python -m align_jax.sweep --config=configs/dpo.py --local --seeds=0,1,2
 
 Expected (default): summary.json's final exact/reward above its initial value, with
 exact/kl_policy_ref > 0 reported; the console prints the initial-vs-final table.
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None):
   return c
 
 
-def get_sweep(arg: str | None = None) -> list[dict]:
-  """β sweep."""
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """β sweep (quick: 0.3)."""
   del arg
-  return config_lib.product(**{"loss.beta": [0.05, 0.1, 0.3]})
+  return config_lib.product(**{"loss.beta": [0.3] if quick else [0.05, 0.1, 0.3]})

@@ -10,8 +10,9 @@ also has its own config file. With k = 2, pair_logistic = listmle = DPO exactly.
   python -m align_jax.main --config=configs/lipo.py:k=8 --workdir=runs/lipo_k8
   python -m align_jax.main --config=configs/lipo.py:k=8,loss=listmle --workdir=runs/listmle_k8
   python -m align_jax.main --config=configs/lipo.py:smoke
-  # The list-size ablation (get_sweep): every loss at k = 2, 4, 8, one run each:
-  for k in 2 4 8; do python -m align_jax.main --config=configs/lipo.py:k=$k --workdir=runs/lipo_k$k; done
+  # The list-size ablation (get_sweep): every loss at k = 2, 4, 8, one run per seed:
+  python -m align_jax.sweep --config=configs/lipo.py --local --seeds=0,1,2
+  python experiments/lipo.py                   # the same runs, tabulated and plotted
 
 Expected (default, testbed): final exact/reward and exact/ranking_accuracy above their initial
 values; ABLATIONS.md §5.4: only LiPO-λ's win rate grows monotonically with k ∈ {2, 4, 8}.
@@ -35,7 +36,12 @@ def get_config(arg: str | None = None):
                              ",".join(rest))
 
 
-def get_sweep(arg: str | None = None) -> list[str]:
-  """The list-size ablation: every loss at k ∈ {2, 4, 8} (config args, one run each)."""
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[str]:
+  """The list-size ablation: every loss at k ∈ {2, 4, 8} (config args, one run each).
+
+  quick: pair_logistic and listmle at k = 2 (both exactly DPO) and LiPO-λ at k = 4.
+  """
   del arg
+  if quick:
+    return ["k=2,loss=pair_logistic", "k=2,loss=listmle", "k=4,loss=lambda"]
   return [f"k={k},loss={loss}" for loss in config_lib.LISTWISE for k in (2, 4, 8)]
