@@ -105,14 +105,21 @@ def base() -> mlc.ConfigDict:
 
   c.data = mlc.ConfigDict(dict(
       # testbed, or a file / dataset: jsonl:PATH, arrayrecord:PATH, tfds:NAME/SPLIT[@DATA_DIR]
-      # (align_jax/data/preference.py). The objective decides the record format.
+      # (align_jax/data/preference.py; on-policy prompts: align_jax/data/prompts.py). The
+      # objective decides the record format.
       source="testbed",
-      tokenizer="",              # File sources with text fields: a tokenizer.json to encode them.
+      # Text fields (align_jax/data/tokenize.py): a tokenizer.json, tokenizer.model or HF
+      # tokenizer directory; the chat template '' | plain | llama3 | gemma | chatml | qwen2 |
+      # qwen2.5 formatting prompts and responses; a system message put before each prompt.
+      tokenizer="",
+      chat_template="",
+      system_prompt="",
+      prompt_len=0,              # On-policy file prompts: tokens per prompt (P), longer cut.
       batch_size=64,             # Global prompts per step (B).
       max_len=0,                 # Tokens per sequence (L) for file sources; 0 = from the data.
       list_size=4,               # Ranked lists: responses per prompt (K); files: 0 = longest.
       num_samples=4,             # Negatives-only (D2O): the model's own samples per negative.
-      num_examples=4096,         # Testbed datasets: records generated.
+      num_examples=4096,         # Testbed datasets: records generated; file prompts: read.
       precompute_ref=False,      # Reference log-probs once per dataset, cached in the workdir.
       # BCO's underlying-distribution matching: undesirable examples weighted by the clipped
       # density ratio p̂/(1−p̂) of a prompt classifier (align_jax/data/udm.py).

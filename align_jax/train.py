@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from align_jax import (checkpoint, logps, models, objectives, rollout, sampling, sharding,
                        step)
-from align_jax.data import pipeline, preference, reference, tokenize, udm
+from align_jax.data import pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.metrics import MetricWriter
 from align_jax import targets
 from align_jax.objectives import bond
@@ -180,7 +180,8 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   tx = step.optimizer(_Attrs(optim))
   move_anchor = step.anchor_update(cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema,
                                    every=cfg.rollout.anchor_every)
-  num_contexts = len(tb.prompts_XxP) if tb is not None else 0  # Per-prompt statistics (Ẑ).
+  # Per-prompt statistics (Ẑ): one row per testbed prompt or per prompt record of a file.
+  num_contexts = len(tb.prompts_XxP) if tb is not None else len(records.get("prompt_index", ()))
   stats = objective.init_stats(num_contexts, cfg.loss.to_dict())
   state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed, stats,
                                             moving_anchor=move_anchor is not None))(params)
@@ -194,12 +195,13 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   make_batch = None
   reward_fn, reward_params, reward_shardings = _reward_model(cfg, mesh, table)
   if objective.data == "prompts":  # On-policy: the rollout turns prompts into the step's batch.
+    score_fn = (_file_scorer(cfg, reward_fn) if tb is None else task.scorer(
+        tb, potential_XxY, reward_fn, _training_reward(cfg, tb, eval_ref_XxY)))
     roll = functools.partial(
-        rollout.rollout, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(**cfg.sampling),
+        rollout.rollout, graphdef=graphdef, sampling_cfg=_sampling(cfg, file_data),
         num_policy=cfg.rollout.num_policy, num_anchor=cfg.rollout.num_anchor,
         anchor_is_ref=move_anchor is None, greedy=objective.greedy,
-        score_fn=task.scorer(tb, potential_XxY, reward_fn,
-                             _training_reward(cfg, tb, eval_ref_XxY)))
+        score_fn=score_fn)
     prompt_shardings = (batch_shardings["prompt_BxP"], batch_shardings["prompt_index_B"])
     shapes = jax.eval_shape(roll, state, *(jax.ShapeDtypeStruct(
         (cfg.data.batch_size, *records[k].shape[1:]), records[k].dtype)
@@ -342,18 +344,57 @@ def _moment_features(tb) -> jax.Array:
   return jnp.asarray(np.broadcast_to(phi_Y[None, :, None], (*tb.reward_XxY.shape, 1)))
 
 
-def _read_file(cfg, objective, model_cfg) -> tuple[dict, dict] | None:
-  """A file source's records and counts, read before any model work (bad data fails fast)."""
+def _read_file(cfg, objective, model_cfg) -> tuple[dict, dict, tokenize.Text | None] | None:
+  """A file source's records, counts and text format, read before any model work (bad data
+  fails fast)."""
   fmt, d = objective.data, cfg.data
   if d.source == "testbed":
     return None
+  if (d.chat_template or d.system_prompt) and not d.tokenizer:
+    raise ValueError("data.chat_template and data.system_prompt format text: set data.tokenizer")
+  text = (tokenize.Text(tokenize.load(d.tokenizer), d.chat_template, d.system_prompt)
+          if d.tokenizer else None)
+  if fmt == "prompts":  # On-policy from prompt-only records (align_jax/data/prompts.py).
+    if not cfg.reward_model:
+      raise ValueError(f"objective {cfg.objective!r} on data.source={d.source!r} needs "
+                       "reward_model (a reward-model run's workdir): only the testbed has a rule "
+                       "reward")
+    return (*prompts.read(d.source, prompt_len=d.prompt_len, text=text, limit=d.num_examples,
+                          vocab_size=model_cfg.vocab_size), text)
   if fmt not in preference.FORMATS:
     raise ValueError(f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
                      "testbed provides; set data.source=testbed")
-  return preference.read(d.source, fmt, max_len=d.max_len,
-                         list_size=d.list_size if fmt == "lists" else 0,
-                         vocab_size=model_cfg.vocab_size,
-                         encode=tokenize.load(d.tokenizer) if d.tokenizer else None)
+  return (*preference.read(d.source, fmt, max_len=d.max_len,
+                           list_size=d.list_size if fmt == "lists" else 0,
+                           vocab_size=model_cfg.vocab_size, text=text), text)
+
+
+def _sampling(cfg, file_data) -> sampling.SamplingConfig:
+  """cfg.sampling; with text data and sampling.eos_id = -1, responses stop at the chat template's
+  end-of-turn token (else the tokenizer's EOS, if it has one)."""
+  settings = cfg.sampling.to_dict()
+  text = file_data[2] if file_data else None
+  if settings["eos_id"] < 0 and text is not None and text.stop_id is not None:
+    settings["eos_id"] = text.stop_id
+  return sampling.SamplingConfig(**settings)
+
+
+def _file_scorer(cfg, reward_fn):
+  """score_fn of the rollout on file prompts: the learned reward r, and the target log P =
+  log π_ref + r/β for testbed.target = rlhf (β = testbed.target_beta), else log π_ref."""
+  if cfg.testbed.target in ("pointwise", "distributional", "hybrid") or \
+      cfg.testbed.reward_transform:
+    raise ValueError(f"testbed.target={cfg.testbed.target!r} / testbed.reward_transform="
+                     f"{cfg.testbed.reward_transform!r} are defined on the testbed; with "
+                     f"data.source={cfg.data.source!r} use target rlhf (or none) and no transform")
+  beta = cfg.testbed.target_beta if cfg.testbed.target == "rlhf" else None
+
+  def score(tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK, reward_params):
+    del prompt_index_B
+    reward_BxK = reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL)
+    return {"reward_BxK": reward_BxK,
+            "target_logp_BxK": ref_logp_BxK if beta is None else ref_logp_BxK + reward_BxK / beta}
+  return score
 
 
 def _records(cfg, objective, tb, base_logp_XxY, file_data, graphdef, ref_params,
@@ -376,13 +417,13 @@ def _records(cfg, objective, tb, base_logp_XxY, file_data, graphdef, ref_params,
                                                   cfg.testbed.categories, cfg.testbed.voters),
     }[fmt]
     return {k: v for k, v in make().items() if k in BATCH_FIELDS}, {}
-  arrays, counts = file_data
+  arrays, counts, _ = file_data
   if fmt == "binary":
     arrays = preference.with_mismatched(arrays)
   if fmt == "negatives":  # The model's own samples beside each negative, drawn from π_ref.
     arrays = reference.append_samples(
         arrays, graphdef=graphdef, ref_params=ref_params, mesh=mesh,
-        sampling_cfg=sampling.SamplingConfig(**cfg.sampling), num_samples=d.num_samples,
+        sampling_cfg=_sampling(cfg, file_data), num_samples=d.num_samples,
         rows_per_call=d.batch_size * d.num_samples, seed=cfg.seed)
   return arrays, counts
 

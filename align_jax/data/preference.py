@@ -1,7 +1,9 @@
 """Pre-tokenized preference data in six formats, from JSONL, ArrayRecord or TFDS, as padded arrays.
 
 Formats (`fmt`); every record also has "prompt". Prompts and responses are token ids (lists of
-non-negative ints) or, with a tokenizer (`encode`, data.tokenizer), text. Unknown extra fields are
+non-negative ints) or, with a tokenizer (`text`: data.tokenizer, data.chat_template), text or chat
+messages as Hugging Face datasets write them (`tokenize.Text`: a prompt is text or a message list;
+a response is text, or a message list ending with the assistant's). Unknown extra fields are
 ignored.
 
 | fmt       | fields besides prompt                   | K         | score_K            | extra     |
@@ -25,8 +27,8 @@ Sources (`source`), each record a JSON object:
 - "arrayrecord:PATH" or a PATH ending in ".array_record": each record the UTF-8 JSON bytes of one
   object; errors read "PATH[record N]: ..." with N counted from 0.
 - "tfds:NAME/SPLIT" or "tfds:NAME/SPLIT@DATA_DIR": `tfds.data_source(NAME, split=SPLIT,
-  data_dir=DATA_DIR)` (NAME may hold a config, "name/config:1.0.0"); features are named as the
-  fields above. Without tensorflow, store token ids as `Sequence(np.int32)` or
+  data_dir=DATA_DIR)` (NAME may hold a config, "name/config:1.0.0"), a random-access ArrayRecord
+  source as Grain reads it; features are named as the fields above. Without tensorflow, store token ids as `Sequence(np.int32)` or
   `Tensor(shape=(None,), dtype=np.int32)` and "responses" as
   `Sequence(Tensor(shape=(None,), dtype=np.int32, encoding="bytes"))`. Errors read
   "tfds:NAME/SPLIT[index N]: ...".
@@ -49,6 +51,7 @@ Bad data raises DataError naming the source and record; these cases are instead 
 A source with no records, or whose records are all skipped, is an error.
 """
 
+import functools
 import json
 import math
 import os
@@ -68,9 +71,8 @@ class DataError(ValueError):
 
 
 def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
-         vocab_size: int | None = None,
-         encode: Callable[[str], list[int]] | None = None) -> tuple[dict[str, np.ndarray],
-                                                                   dict[str, int]]:
+         vocab_size: int | None = None, text=None) -> tuple[dict[str, np.ndarray],
+                                                            dict[str, int]]:
   """Reads a preference data source into padded arrays.
 
   Args:
@@ -80,8 +82,8 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
     max_len: sequence length L; longer responses are truncated (0: the longest record).
     list_size: K for "lists" (0: the longest list); other formats have a fixed K and accept 0 or it.
     vocab_size: if given, token ids must be below it.
-    encode: text -> token ids (`align_jax.data.tokenize.load`); then text fields are tokenized,
-      token-id fields are taken as they are. None: text is an error.
+    text: a `tokenize.Text` (tokenizer and chat template); then text and message fields are
+      tokenized, token-id fields are taken as they are. None: text is an error.
 
   Returns:
     (arrays, counts): record fields as described in the module docstring, and the counts of
@@ -98,12 +100,12 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
     raise ValueError(f"max_len={max_len} and list_size={list_size} must be >= 0")
   if fmt in _FIXED_K and list_size not in (0, _FIXED_K[fmt]):
     raise ValueError(f"list_size={list_size}: format {fmt!r} has {_FIXED_K[fmt]} responses")
-  label, records = _records(source)
+  label, rows = records(source)
   counts = dict.fromkeys(COUNTS, 0)
   kept, seen, categories = [], 0, 0
-  for where, record in records:
+  for where, record in rows:
     seen += 1
-    prompt, responses, scores, extra = _parse(record, fmt, where, vocab_size, encode)
+    prompt, responses, scores, extra = _parse(record, fmt, where, vocab_size, text)
     if list_size and len(responses) > list_size:
       raise DataError(f"{where}: {len(responses)} responses exceed list_size={list_size}")
     if fmt == "distribution":
@@ -148,7 +150,7 @@ def check_source(source: str) -> None:
     raise FileNotFoundError(f"data source {source!r}: no such file")
 
 
-def _records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
+def records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
   """(label for messages, iterator of (record location, record)) for a source string."""
   kind, sep, rest = source.partition(":")
   if not (sep and kind in ("jsonl", "arrayrecord", "tfds")):
@@ -203,12 +205,14 @@ def _arrayrecord_records(path: str) -> Iterator[tuple[str, dict]]:
 
 def _tfds_records(name: str, split: str, data_dir: str | None) -> Iterator[tuple[str, dict]]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # Registers xsum and cnn_dailymail (TFDS imports them only alongside TensorFlow).
+  import tensorflow_datasets.summarization  # pylint: disable=g-import-not-at-top,unused-import
   ds = tfds.data_source(name, split=split, data_dir=data_dir)
   for n in range(len(ds)):
     yield f"tfds:{name}/{split}[index {n}]", ds[n]
 
 
-def _plain(value):
+def plain(value):
   """numpy scalars and 0-d arrays -> Python scalars; bytes -> str where valid UTF-8."""
   if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
     value = value.item()
@@ -226,19 +230,25 @@ def _field(record: dict, key: str, where: str):
   return record[key]
 
 
-def _ids(value, key: str, where: str, vocab_size: int | None, encode=None) -> list[int]:
+def token_ids(value, key: str, where: str, vocab_size: int | None,
+         encode: Callable | None = None) -> list[int]:
   """A non-empty list of token ids below vocab_size, from a list, tuple or 1-d integer array, or
-  from text through `encode`."""
+  from text or chat messages through `encode`."""
   if isinstance(value, bytes):
     try:
       value = value.decode("utf-8")
     except UnicodeDecodeError:
       raise DataError(f"{where}: field {key!r} is bytes that are not UTF-8 text") from None
-  if isinstance(value, str):
+  messages = isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
+  if isinstance(value, str) or messages:
     if encode is None:
-      raise DataError(f"{where}: field {key!r} is text; set data.tokenizer (a tokenizer.json) "
+      raise DataError(f"{where}: field {key!r} is {'messages' if messages else 'text'}; set "
+                      "data.tokenizer (a tokenizer.json, tokenizer.model or tokenizer directory) "
                       "or give token ids")
-    value = list(encode(value))
+    try:
+      value = list(encode(value))
+    except ValueError as e:
+      raise DataError(f"{where}: field {key!r}: {e}") from None
   if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
     value = value.tolist()
   if not isinstance(value, (list, tuple)):
@@ -262,7 +272,7 @@ def _sequence(value, key: str, where: str) -> list:
     value = list(value)
   if not isinstance(value, (list, tuple)):
     raise DataError(f"{where}: field {key!r} must be a list, got {type(value).__name__}")
-  return [_plain(v) for v in value]
+  return [plain(v) for v in value]
 
 
 def _scores(record: dict, n: int, where: str) -> list[float]:
@@ -301,11 +311,17 @@ def _label_distribution(record: dict, where: str) -> list[float]:
   return (counts / counts.sum()).tolist()
 
 
-def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, encode=None):
+def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, text=None):
   """One record -> (prompt, responses, scores, extra fields)."""
   def ids(key: str, value=None) -> list[int]:
-    return _ids(_field(record, key, where) if value is None else value, key, where, vocab_size,
-                encode)
+    if text is None:
+      encode = None
+    elif key == "prompt":
+      encode = text.prompt
+    else:  # A response given as messages must follow the record's prompt.
+      encode = functools.partial(text.response, prompt=plain(record.get("prompt")))
+    return token_ids(_field(record, key, where) if value is None else value, key, where,
+                     vocab_size, encode)
 
   prompt = ids("prompt")
   if fmt == "pairs":
@@ -322,7 +338,7 @@ def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, encode=No
     dist = _label_distribution(record, where)
     mean = float(np.dot(dist, np.arange(len(dist)))) / (len(dist) - 1)
     return prompt, [ids("completion")], [mean], {"label_dist": dist}
-  label = _plain(_field(record, "label", where))
+  label = plain(_field(record, "label", where))
   if fmt == "binary":
     if not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
       raise DataError(f"{where}: field 'label' must be true/false or 1/0, got {label!r}")

@@ -1,21 +1,316 @@
-"""Text to token ids for the data readers: a Hugging Face `tokenizer.json` through `tokenizers`.
+"""Text to token ids exactly as Hugging Face tokenizers give them, and chat-template formatting.
 
-Text fields are encoded as they are, without special tokens: prompt formatting (chat templates,
-BOS/EOS) belongs to each model's preset. A record's prompt and response are encoded separately and
-concatenated, so the response's tokens are exactly the scored ones.
+`load(path)` (data.tokenizer) reads a `tokenizer.json` through `tokenizers`, a SentencePiece
+`tokenizer.model` through `sentencepiece`, or a Hugging Face tokenizer directory holding either
+(tokenizer.json first, as transformers does), with the `tokenizer_config.json` /
+`special_tokens_map.json` beside it. `Tokenizer.encode(text, add_special_tokens)` gives the ids of
+transformers (v5) `tokenizer(text, add_special_tokens=...)["input_ids"]` for the same files:
+
+- tokenizer.json: its own post-processor adds BOS/EOS (transformers ignores add_bos_token /
+  add_eos_token of the config when a tokenizer.json is present).
+- tokenizer.model: text is split on the special and added tokens of the config (else the model's
+  control pieces); each piece is encoded by SentencePiece, with the "▁" dummy prefix (when the model
+  has one) only on a first piece that starts the text and does not start with a space ("always" on
+  every piece with `legacy: true`, never with `add_prefix_space: false`); BOS/EOS are added by
+  the config's add_bos_token / add_eos_token (default false). Models are assumed to use identity
+  normalisation, as Llama and Gemma do.
+
+`Text(tokenizer, chat_template, system_prompt)` turns a record's text into ids (data.chat_template):
+
+| chat_template | prompt                                       | response                        |
+|---------------|----------------------------------------------|---------------------------------|
+| ''            | text, no special tokens                      | text, no special tokens         |
+| plain         | `tokenizer(text)` (BOS/EOS as configured)    | text + EOS (when there is one)  |
+| llama3        | Llama 3 template, generation prompt added    | content.strip() + <|eot_id|>    |
+| gemma         | Gemma 2/3 template (a system turn is prefixed to the first user turn) | content.strip() + <end_of_turn>\\n |
+| chatml        | ChatML: `<|im_start|>role\\n...<|im_end|>\\n` | content + <|im_end|>\\n          |
+| qwen2, qwen2.5 | ChatML with Qwen's default system message   | as chatml                       |
+
+A chat prompt's ids are those of `apply_chat_template(messages, add_generation_prompt=True)`; the
+response is the text that template writes for the assistant's turn after it, encoded on its own
+(so a response's tokens are exactly the scored ones). A prompt is text (one user message) or a list
+of {"role", "content"} messages (system / user / assistant, the user's last); a response is text or
+a message list ending with the assistant's message (any earlier messages must be the prompt's).
 """
 
+import json
 import os
-from collections.abc import Callable
+import re
+
+TEMPLATES = ("", "plain", "llama3", "gemma", "chatml", "qwen2", "qwen2.5")
+_DEFAULT_SYSTEM = {"qwen2": "You are a helpful assistant.",
+                   "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
+# The token that ends an assistant turn (the sampler's stop token).
+_END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "chatml": "<|im_end|>",
+                "qwen2": "<|im_end|>", "qwen2.5": "<|im_end|>"}
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 
 
-def load(path: str) -> Callable[[str], list[int]]:
-  """The encode function of the tokenizer saved at `path` (a tokenizer.json)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.tokenizer {path!r}: no such file")
-  import tokenizers  # Only runs that read text need it.
-  try:
-    tokenizer = tokenizers.Tokenizer.from_file(path)
-  except Exception as e:  # The library raises bare Exceptions for malformed files.
-    raise ValueError(f"data.tokenizer {path!r}: not a tokenizer.json ({e})") from None
-  return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+class Tokenizer:
+  """One tokenizer file and its configuration; `encode` is transformers' `tokenizer(text)`."""
+
+  def __init__(self, path: str, config: dict):
+    self.path = path
+    self.bos_token = _content(config.get("bos_token"))
+    self.eos_token = _content(config.get("eos_token"))
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    raise NotImplementedError
+
+  def find(self, token: str) -> int | None:
+    """The id of a token of the vocabulary (or an added token), or None."""
+    raise NotImplementedError
+
+  def token_id(self, token: str) -> int:
+    token_id = self.find(token)
+    if token_id is None:
+      raise ValueError(f"data.tokenizer {self.path!r}: token {token!r} is not in its vocabulary")
+    return token_id
+
+  @property
+  def bos_id(self) -> int | None:
+    return None if self.bos_token is None else self.token_id(self.bos_token)
+
+  @property
+  def eos_id(self) -> int | None:
+    return None if self.eos_token is None else self.token_id(self.eos_token)
+
+
+class _JsonTokenizer(Tokenizer):
+  """A tokenizer.json through `tokenizers`."""
+
+  def __init__(self, path: str, config: dict):
+    super().__init__(path, config)
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # The library raises bare Exceptions for malformed files.
+      raise ValueError(f"data.tokenizer {path!r}: not a tokenizer.json ({e})") from None
+    for token in (self.bos_token, self.eos_token):
+      if token is not None:
+        self.token_id(token)
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def find(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+
+class _SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece tokenizer.model, with transformers' special tokens and prefix rule."""
+
+  def __init__(self, path: str, config: dict):
+    try:
+      import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+      from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ValueError(f"data.tokenizer {path!r}: a tokenizer.model needs the sentencepiece "
+                       "package (pip install sentencepiece)") from None
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      proto = sentencepiece_model_pb2.ModelProto.FromString(raw)
+      self._sp = spm.SentencePieceProcessor(model_proto=raw)
+    except Exception as e:  # protobuf / sentencepiece errors have no common base.
+      raise ValueError(f"data.tokenizer {path!r}: not a SentencePiece model ({e})") from None
+    pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
+    spec = proto.trainer_spec  # BOS, EOS and UNK default to the model's own pieces.
+    defaults = {f"{k}_token": getattr(spec, f"{k}_piece") for k in ("bos", "eos", "unk")
+                if getattr(spec, f"{k}_id") >= 0}
+    config = {**defaults, **{k: v for k, v in config.items() if v is not None}}
+    super().__init__(path, config)
+    # Pieces are encoded without the dummy prefix; `encode` adds it where transformers does.
+    self._prefix = "never"
+    if proto.normalizer_spec.add_dummy_prefix and config.get("add_prefix_space", True):
+      self._prefix = "always" if config.get("legacy", False) else "first"
+    proto.normalizer_spec.add_dummy_prefix = False
+    self._bare = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    # Special and added tokens, matched in the text before SentencePiece sees it.
+    self._special = {_content(v): int(k) for k, v in config.get("added_tokens_decoder", {}).items()}
+    named = [_content(config.get(k)) for k in _SPECIAL_KEYS]
+    named += [_content(t) for t in config.get("additional_special_tokens") or []]
+    for token in filter(None, named):
+      if token not in self._special:
+        if token not in pieces:
+          raise ValueError(f"data.tokenizer {path!r}: special token {token!r} is not in the "
+                           "SentencePiece model")
+        self._special[token] = pieces[token]
+    self._pieces = pieces
+    self._split = re.compile("(" + "|".join(
+        re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
+    self._add_bos = bool(config.get("add_bos_token", False)) and self.bos_token is not None
+    self._add_eos = bool(config.get("add_eos_token", False)) and self.eos_token is not None
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    ids = []
+    parts = self._split.split(text) if self._special else [text]
+    for k, part in enumerate(parts):
+      if k % 2:  # A special token.
+        ids.append(self._special[part])
+      elif part:
+        prefix = self._prefix == "always" or (self._prefix == "first" and k == 0)
+        if prefix and not part.startswith((" ", "▁")):
+          part = " " + part
+        ids.extend(self._bare.encode(part))
+    if add_special_tokens:
+      ids = [self.bos_id] * self._add_bos + ids + [self.eos_id] * self._add_eos
+    return ids
+
+  def find(self, token: str) -> int | None:
+    return self._special.get(token, self._pieces.get(token))
+
+
+def load(path: str) -> Tokenizer:
+  """The tokenizer at `path`: a tokenizer.json, a tokenizer.model, or a directory with either."""
+  if os.path.isdir(path):
+    found = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer.model")
+             if os.path.isfile(os.path.join(path, f))]
+    if not found:
+      raise FileNotFoundError(f"data.tokenizer {path!r}: no tokenizer.json or tokenizer.model "
+                              "in this directory")
+    file = found[0]
+  elif os.path.isfile(path):
+    file = path
+  else:
+    raise FileNotFoundError(f"data.tokenizer {path!r}: no such file or directory")
+  config = _config(os.path.dirname(file))
+  if file.endswith(".model"):
+    return _SentencePieceTokenizer(file, config)
+  return _JsonTokenizer(file, config)
+
+
+def _config(directory: str) -> dict:
+  """tokenizer_config.json, with special tokens it lacks taken from special_tokens_map.json."""
+  config = {}
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):  # The latter wins.
+    file = os.path.join(directory, name)
+    if os.path.isfile(file):
+      try:
+        with open(file) as f:
+          config |= json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not JSON ({e})") from None
+  return config
+
+
+def _content(token) -> str | None:
+  """A special token as written in a config: a string, or an AddedToken dict."""
+  return token.get("content") if isinstance(token, dict) else token
+
+
+# ---- Chat templates ------------------------------------------------------------------------------
+
+def messages_of(value, *, last: str, system_prompt: str = "") -> list[dict]:
+  """Text (one user / assistant message) or a message list, checked; raises ValueError."""
+  if isinstance(value, str):
+    messages = [{"role": last, "content": value}]
+  elif isinstance(value, (list, tuple)) and value:
+    messages = list(value)
+  else:
+    raise ValueError(f"expected text or a non-empty list of messages, got {type(value).__name__}")
+  for i, m in enumerate(messages):
+    if not (isinstance(m, dict) and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")):
+      raise ValueError(f"message {i} is not {{'role': system|user|assistant, 'content': text}}")
+  if messages[-1]["role"] != last:
+    raise ValueError(f"the last message is the {messages[-1]['role']}'s, not the {last}'s")
+  if system_prompt and messages[0]["role"] != "system":
+    messages.insert(0, {"role": "system", "content": system_prompt})
+  return messages
+
+
+def render(messages: list[dict], template: str, *, bos_token: str | None = None,
+           add_generation_prompt: bool = True) -> str:
+  """The text of a family's chat template (as its Jinja template renders it) for `messages`."""
+  bos = bos_token or ""
+  if template == "llama3":
+    text = bos + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                         f"{m['content'].strip()}<|eot_id|>" for m in messages)
+    return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
+                   if add_generation_prompt else "")
+  if template == "gemma":
+    prefix = ""
+    if messages[0]["role"] == "system":
+      prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+    text = bos
+    for i, m in enumerate(messages):
+      if (m["role"] == "user") != (i % 2 == 0):
+        raise ValueError("gemma: conversation roles must alternate user/assistant/user/...")
+      role = "model" if m["role"] == "assistant" else m["role"]
+      text += (f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{m['content'].strip()}"
+               "<end_of_turn>\n")
+    return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
+  if template in ("chatml", "qwen2", "qwen2.5"):
+    if template in _DEFAULT_SYSTEM and messages[0]["role"] != "system":
+      messages = [{"role": "system", "content": _DEFAULT_SYSTEM[template]}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+  raise ValueError(f"data.chat_template {template!r} is not a chat template; use one of "
+                   f"{TEMPLATES[2:]}")
+
+
+def _assistant_turn(content: str, template: str) -> str:
+  """What a template writes for an assistant message after its generation prompt."""
+  if template == "llama3":
+    return content.strip() + "<|eot_id|>"
+  if template == "gemma":
+    return content.strip() + "<end_of_turn>\n"
+  return content + "<|im_end|>\n"
+
+
+class Text:
+  """A record's text -> token ids: prompts through the chat template, responses as its
+  assistant turn (module docstring). Raises ValueError for text it cannot format.
+
+  Attributes:
+    stop_id: the token that ends a response (the template's end of turn; EOS otherwise, or None).
+    frame: tokens the template adds around a prompt's text (BOS, turn headers, ...).
+    tail: of those, the ones after the text (a cut prompt keeps them).
+  """
+
+  def __init__(self, tokenizer: Tokenizer, chat_template: str = "", system_prompt: str = ""):
+    if chat_template not in TEMPLATES:
+      raise ValueError(f"data.chat_template {chat_template!r} is unknown; use one of {TEMPLATES}")
+    if system_prompt and chat_template in ("", "plain"):
+      raise ValueError("data.system_prompt needs a chat template (data.chat_template)")
+    self.tokenizer, self.template, self.system_prompt = tokenizer, chat_template, system_prompt
+    self.chat = chat_template not in ("", "plain")
+    if self.chat:
+      self.stop_id = tokenizer.token_id(_END_OF_TURN[chat_template])
+      _, tail = render(messages_of("\x00", last="user", system_prompt=system_prompt),
+                       chat_template, bos_token=tokenizer.bos_token).split("\x00")
+      self.tail = len(tokenizer.encode(tail))
+    else:
+      self.stop_id = tokenizer.eos_id
+      text_ids = tokenizer.encode("a")
+      ids = tokenizer.encode("a", add_special_tokens=chat_template == "plain")
+      starts = [i for i in range(len(ids)) if ids[i:i + len(text_ids)] == text_ids]
+      self.tail = len(ids) - starts[0] - len(text_ids) if starts else 0
+    self.frame = len(self.prompt(""))
+
+  def prompt(self, value) -> list[int]:
+    """A prompt (text or messages) -> ids, as the tokenizer's `apply_chat_template` gives them."""
+    if not self.chat:
+      return self.tokenizer.encode(self._plain(value), add_special_tokens=self.template == "plain")
+    messages = messages_of(value, last="user", system_prompt=self.system_prompt)
+    return self.tokenizer.encode(render(messages, self.template,
+                                        bos_token=self.tokenizer.bos_token))
+
+  def response(self, value, prompt=None) -> list[int]:
+    """A response (text, or messages ending with the assistant's) -> ids of its assistant turn."""
+    if not isinstance(value, str):
+      messages = messages_of(value, last="assistant")
+      if len(messages) > 1 and (prompt is None or messages[:-1] != messages_of(prompt,
+                                                                               last="user")):
+        raise ValueError("the messages before the assistant's are not the prompt's")
+      value = messages[-1]["content"]
+    if self.chat:
+      return self.tokenizer.encode(_assistant_turn(value, self.template))
+    ids = self.tokenizer.encode(value)
+    return ids + [self.stop_id] if self.template == "plain" and self.stop_id is not None else ids
+
+  def _plain(self, value) -> str:
+    if not isinstance(value, str):
+      raise ValueError("chat messages need a chat template (data.chat_template)")
+    return value

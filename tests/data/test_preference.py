@@ -408,17 +408,17 @@ def _word_tokenizer(tmp_path):
 
 def test_text_records_are_tokenized_with_a_tokenizer_json(tmp_path):
   from align_jax.data import tokenize
-  encode = tokenize.load(_word_tokenizer(tmp_path))
+  text = tokenize.Text(tokenize.load(_word_tokenizer(tmp_path)))
   path = tmp_path / "text.jsonl"
   path.write_text(json.dumps({"prompt": "a b", "chosen": "c d e", "rejected": [5]}) + "\n")
-  arrays, _ = preference.read(f"jsonl:{path}", "pairs", encode=encode)
+  arrays, _ = preference.read(f"jsonl:{path}", "pairs", text=text)
   np.testing.assert_array_equal(arrays["tokens_KxL"][0], [[0, 1, 2, 3, 4], [0, 1, 5, 0, 0]])
   np.testing.assert_array_equal(arrays["loss_mask_KxL"][0], [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]])
   with pytest.raises(DataError, match="is text; set data.tokenizer"):
     preference.read(f"jsonl:{path}", "pairs")
   path.write_text(json.dumps({"prompt": "a", "chosen": "   ", "rejected": "b"}) + "\n")
   with pytest.raises(DataError, match=":1: field 'chosen' is empty"):
-    preference.read(f"jsonl:{path}", "pairs", encode=encode)
+    preference.read(f"jsonl:{path}", "pairs", text=text)
   with pytest.raises(FileNotFoundError, match="no such file"):
     tokenize.load(str(tmp_path / "absent.json"))
   (tmp_path / "bad.json").write_text("{}")
