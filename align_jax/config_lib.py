@@ -91,6 +91,13 @@ def base() -> mlc.ConfigDict:
   c.init_checkpoint = ""         # Orbax params directory to start from (default: testbed base).
   c.reward_model = ""            # On-policy: the workdir of a trained reward-model run to use as
                                  # the reward instead of the task's rule (testbed: gold reward).
+  # LoRA (align_jax/models/lora.py): only adapters W + (alpha/rank)·A·B are trained and
+  # checkpointed; the base (init_checkpoint) is frozen and, with adapters off, the reference.
+  c.lora = mlc.ConfigDict(dict(
+      rank=0,                    # 0: off (every parameter is trained).
+      alpha=16.0,
+      targets=("attn", "mlp"),   # attn: the q/k/v/o projections; mlp: gate/up/down.
+  ))
 
   c.optim = mlc.ConfigDict(dict(
       lr=1e-3,

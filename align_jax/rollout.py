@@ -32,7 +32,8 @@ def _draw(graphdef, params, prompts_BxP, count, key, cfg):
 def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params: dict,
             reward_params: dict | None = None, *,
             graphdef, sampling_cfg: sampling.SamplingConfig, num_policy: int, num_anchor: int,
-            anchor_is_ref: bool, score_fn, greedy: bool = False) -> dict[str, jax.Array]:
+            anchor_is_ref: bool, score_fn, greedy: bool = False,
+            merge=None) -> dict[str, jax.Array]:
   """The batch of one on-policy step.
 
   Args:
@@ -51,6 +52,8 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
       response.
     greedy: also decode each prompt greedily with the policy (ReMax's baseline) and return its
       reward greedy_reward_B and log-ratio to the reference greedy_log_ratio_B.
+    merge: (ref_params, trainable) -> a model's params when the state's params and anchor are
+      LoRA adapters of the frozen base `ref_params` (see step.train_step); None: whole models.
 
   Returns:
     tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
@@ -58,11 +61,13 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
     anchor), reward_BxK and target_logp_BxK.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  model = (lambda p: p) if merge is None else (lambda p: merge(ref_params, p))
+  policy = model(state.params)
   parts = []
   if num_policy:
-    parts.append(_draw(graphdef, state.params, prompts_BxP, num_policy,
+    parts.append(_draw(graphdef, policy, prompts_BxP, num_policy,
                        jax.random.fold_in(key, 0), sampling_cfg))
-  anchor = ref_params if anchor_is_ref else state.anchor.get("params")
+  anchor = ref_params if anchor_is_ref else model(state.anchor.get("params"))
   if num_anchor:
     parts.append(_draw(graphdef, anchor, prompts_BxP, num_anchor, jax.random.fold_in(key, 1),
                        sampling_cfg))
@@ -77,9 +82,9 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
   batch |= score_fn(tokens, mask, prompt_index_B, ref_logp, reward_params)
   if greedy:  # Temperature 0: the first argmax at every step, no randomness.
     argmax_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
-    g_tokens, g_mask, _ = _draw(graphdef, state.params, prompts_BxP, 1, key, argmax_cfg)
+    g_tokens, g_mask, _ = _draw(graphdef, policy, prompts_BxP, 1, key, argmax_cfg)
     g_ref = sequence_logps(graphdef, ref_params, g_tokens, g_mask)
-    g_logp = sequence_logps(graphdef, state.params, g_tokens, g_mask)
+    g_logp = sequence_logps(graphdef, policy, g_tokens, g_mask)
     g_score = score_fn(g_tokens, g_mask, prompt_index_B, g_ref, reward_params)
     batch |= {"greedy_reward_B": g_score["reward_BxK"][:, 0],
               "greedy_log_ratio_B": jax.lax.stop_gradient(g_logp - g_ref)[:, 0]}

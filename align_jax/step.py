@@ -82,11 +82,14 @@ def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graphdef,
                objective: objectives_lib.Objective, loss_cfg: dict,
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule, move_anchor=None):
+               tx: optax.GradientTransformation, lr_fn: optax.Schedule, move_anchor=None,
+               merge=None):
   """One optimizer update: (state, batch, frozen reference) -> (state, scalar metrics).
 
   Batch fields: tokens_BxKxL (int32), loss_mask_BxKxL (1 where a token is scored),
   example_mask_B (0 for padding prompts), and optionally precomputed ref_logp_BxK.
+  `merge(ref_params, state.params)` gives the policy's params when the trainable params are not
+  the whole model (LoRA: ref_params are the frozen base, the reference with adapters off).
   """
   tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
   logps = functools.partial(sequence_logps, graphdef)
@@ -98,7 +101,8 @@ def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graph
   model_fn = functools.partial(sequence_scores if objective.scores else sequence_logps, graphdef)
 
   def loss_fn(params):
-    out = model_fn(params, tokens_BxKxL, mask_BxKxL)
+    out = model_fn(params if merge is None else merge(ref_params, params), tokens_BxKxL,
+                   mask_BxKxL)
     loss_B, metrics_B, stats = objective.fn(out, batch, state.stats, **loss_cfg)
     metrics = {k: _weighted_mean(v, w_B) for k, v in metrics_B.items()}
     return _weighted_mean(loss_B, w_B), (metrics, stats)

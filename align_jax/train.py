@@ -23,6 +23,7 @@ from align_jax import (checkpoint, logps, models, objectives, rollout, sampling,
                        step)
 from align_jax.data import pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.metrics import MetricWriter
+from align_jax.models import lora
 from align_jax import targets
 from align_jax.objectives import bond
 from align_jax.testbed import exact, language, task
@@ -65,6 +66,10 @@ def _validate(cfg) -> None:
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if cfg[key] < 0:
       raise ValueError(f"{key}={cfg[key]} must be >= 0")
+  lora.check(cfg.lora)
+  if lora.enabled(cfg.lora) and objectives.get(cfg.objective).scores:
+    raise ValueError(f"lora.rank={cfg.lora.rank}: objective {cfg.objective!r} trains a fresh "
+                     "scoring head; LoRA adapts policies only (set lora.rank=0)")
 
 
 def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
@@ -97,7 +102,17 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     return {**{k: v for k, v in body.items() if k not in ("unembed_DxV",)}, "score_DxO": head}
 
   params = load_init_params()
-  ref_params = load_init_params() if objective.needs_ref else None
+  merge = None  # LoRA: (frozen base, adapters) -> the policy's params.
+  if lora.enabled(cfg.lora):  # The base is frozen: what the adapters modify, and the reference.
+    ref_params, merge = params, functools.partial(lora.merge, cfg=cfg.lora)
+    adapter_shardings = sharding.tree_shardings(lora.names(names, cfg.lora), mesh, table)
+    trainable = jax.jit(functools.partial(lora.init, shapes, names, cfg.lora),
+                        out_shardings=adapter_shardings)(
+                            jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    sharding.log_param_shardings(trainable, adapter_shardings)
+  else:
+    ref_params = load_init_params() if objective.needs_ref else None
+    trainable = params
 
   # ---- Exact evaluation on the testbed ---------------------------------------------------------
   tb = task.make(cfg.testbed) if cfg.data.source == "testbed" else None
@@ -151,6 +166,11 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
       exact_jit = jax.jit(exact_metrics, out_shardings=replicated)
       evaluate = functools.partial(exact_jit, eval_ref_XxY=eval_ref_XxY, target_XxY=target_XxY,
                                    reward_XxY=jnp.asarray(tb.reward_XxY))
+  if merge is not None and evaluate is not None:  # Evaluations take the state's adapters.
+    evaluate_model, merge_jit = evaluate, jax.jit(merge)
+
+    def evaluate(adapters):
+      return evaluate_model(merge_jit(ref_params, adapters))
 
   # ---- Data ------------------------------------------------------------------------------------
   records, data_counts = _records(cfg, objective, tb,
@@ -184,7 +204,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   num_contexts = len(tb.prompts_XxP) if tb is not None else len(records.get("prompt_index", ()))
   stats = objective.init_stats(num_contexts, cfg.loss.to_dict())
   state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed, stats,
-                                            moving_anchor=move_anchor is not None))(params)
+                                            moving_anchor=move_anchor is not None))(trainable)
   state_shardings = jax.tree.map(
       lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
       state)
@@ -200,7 +220,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     roll = functools.partial(
         rollout.rollout, graphdef=graphdef, sampling_cfg=_sampling(cfg, file_data),
         num_policy=cfg.rollout.num_policy, num_anchor=cfg.rollout.num_anchor,
-        anchor_is_ref=move_anchor is None, greedy=objective.greedy,
+        anchor_is_ref=move_anchor is None, greedy=objective.greedy, merge=merge,
         score_fn=score_fn)
     prompt_shardings = (batch_shardings["prompt_BxP"], batch_shardings["prompt_index_B"])
     shapes = jax.eval_shape(roll, state, *(jax.ShapeDtypeStruct(
@@ -212,7 +232,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   train_step = jax.jit(
       functools.partial(step.train_step, graphdef=graphdef, objective=objective,
                         loss_cfg=cfg.loss.to_dict(), tx=tx, lr_fn=step.learning_rate(_Attrs(optim)),
-                        move_anchor=move_anchor),
+                        move_anchor=move_anchor, merge=merge),
       in_shardings=(state_shardings, batch_shardings,
                     param_shardings if ref_params is not None else None),
       out_shardings=(state_shardings, replicated),
