@@ -28,8 +28,8 @@ Sources (`source`), each record a JSON object:
   object; errors read "PATH[record N]: ..." with N counted from 0.
 - "tfds:NAME/SPLIT" or "tfds:NAME/SPLIT@DATA_DIR": `tfds.data_source(NAME, split=SPLIT,
   data_dir=DATA_DIR)` (NAME may hold a config, "name/config:1.0.0"), a random-access ArrayRecord
-  source as Grain reads it; features are named as the fields above. Without tensorflow, store token ids as `Sequence(np.int32)` or
-  `Tensor(shape=(None,), dtype=np.int32)` and "responses" as
+  source as Grain reads it; features are named as the fields above. Without tensorflow, store
+  token ids as `Sequence(np.int32)` or `Tensor(shape=(None,), dtype=np.int32)` and "responses" as
   `Sequence(Tensor(shape=(None,), dtype=np.int32, encoding="bytes"))`. Errors read
   "tfds:NAME/SPLIT[index N]: ...".
 

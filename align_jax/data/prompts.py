@@ -4,18 +4,19 @@ A record's prompt is its "prompt" field (text, chat messages, or token ids), els
 field (chat messages, the user's last), else, for these TFDS text datasets, the field below. Text
 is formatted and tokenized by a `tokenize.Text` (data.tokenizer, data.chat_template).
 
-| TFDS name          | prompt field | what                                  | splits                   |
-|--------------------|--------------|---------------------------------------|--------------------------|
-| xsum               | document     | BBC article (summarisation, one line) | train, validation, test  |
-| cnn_dailymail      | article      | news article (summarisation)          | train, validation, test  |
-| reddit_tifu        | documents    | Reddit post (TL;DR summarisation)     | train                    |
-| imdb_reviews       | text         | film review (sentiment)               | train, test, unsupervised |
+| TFDS name     | prompt field | what                                  | splits                    |
+|---------------|--------------|---------------------------------------|---------------------------|
+| xsum          | document     | BBC article (one-line summaries)      | train, validation, test   |
+| cnn_dailymail | article      | news article (summarisation)          | train, validation, test   |
+| reddit_tifu   | documents    | Reddit post (TL;DR summarisation)     | train                     |
+| imdb_reviews  | text         | film review (sentiment)               | train, test, unsupervised |
 
 Every prompt is exactly P = prompt_len tokens (the sampler and the teacher-forced log-probs take
-unpadded prompts of one length): a longer prompt loses tokens from the end of its text, keeping the
-template's tail (end of turn and assistant header; EOS when the tokenizer appends one); a shorter one
-is skipped. Token-id prompts are cut from their end. Counts: records (kept), truncated_prompts,
-skipped_short_prompts. Only the first `limit` records of the source are read (0: all).
+unpadded prompts of one length): a longer prompt loses tokens from the end of its text, keeping
+the template's tail (end of turn and assistant header; EOS when the tokenizer appends one); a
+shorter one is skipped. Token-id prompts are cut from their end. Counts: records (kept),
+truncated_prompts, skipped_short_prompts. Only the first `limit` records of the source are read
+(0: all).
 """
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Text to token ids exactly as Hugging Face tokenizers give them, and chat-template formatting.
+r"""Text to token ids exactly as Hugging Face tokenizers give them, and chat-template formatting.
 
 `load(path)` (data.tokenizer) reads a `tokenizer.json` through `tokenizers`, a SentencePiece
 `tokenizer.model` through `sentencepiece`, or a Hugging Face tokenizer directory holding either
@@ -17,14 +17,15 @@ transformers (v5) `tokenizer(text, add_special_tokens=...)["input_ids"]` for the
 
 `Text(tokenizer, chat_template, system_prompt)` turns a record's text into ids (data.chat_template):
 
-| chat_template | prompt                                       | response                        |
-|---------------|----------------------------------------------|---------------------------------|
-| ''            | text, no special tokens                      | text, no special tokens         |
-| plain         | `tokenizer(text)` (BOS/EOS as configured)    | text + EOS (when there is one)  |
-| llama3        | Llama 3 template, generation prompt added    | content.strip() + <|eot_id|>    |
-| gemma         | Gemma 2/3 template (a system turn is prefixed to the first user turn) | content.strip() + <end_of_turn>\\n |
-| chatml        | ChatML: `<|im_start|>role\\n...<|im_end|>\\n` | content + <|im_end|>\\n          |
-| qwen2, qwen2.5 | ChatML with Qwen's default system message   | as chatml                       |
+| chat_template  | prompt                                     | response                          |
+|----------------|--------------------------------------------|-----------------------------------|
+| ''             | text, no special tokens                    | text, no special tokens           |
+| plain          | `tokenizer(text)` (BOS/EOS as configured)  | text + EOS (when there is one)    |
+| llama3         | Llama 3 template, generation prompt added  | content.strip() + <|eot_id|>      |
+| gemma          | Gemma 2/3 template (a system message opens | content.strip() + <end_of_turn>\n |
+|                | the first user turn)                       |                                   |
+| chatml         | `<|im_start|>role\n...<|im_end|>\n` turns  | content + <|im_end|>\n            |
+| qwen2, qwen2.5 | ChatML with Qwen's default system message  | as chatml                         |
 
 A chat prompt's ids are those of `apply_chat_template(messages, add_generation_prompt=True)`; the
 response is the text that template writes for the assistant's turn after it, encoded on its own
@@ -38,8 +39,9 @@ import os
 import re
 
 TEMPLATES = ("", "plain", "llama3", "gemma", "chatml", "qwen2", "qwen2.5")
-_DEFAULT_SYSTEM = {"qwen2": "You are a helpful assistant.",
-                   "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
+_DEFAULT_SYSTEM = {
+    "qwen2": "You are a helpful assistant.",
+    "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
 # The token that ends an assistant turn (the sampler's stop token).
 _END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "chatml": "<|im_end|>",
                 "qwen2": "<|im_end|>", "qwen2.5": "<|im_end|>"}

@@ -119,11 +119,11 @@ def test_bad_prompt_sources_name_the_record(tokenizer_dir, tmp_path):
     prompts.read(str(path), prompt_len=frame, text=text)
 
 
-# ---- On-policy runs from text prompts, resumed mid-epoch -------------------------------------------
+# ---- On-policy runs from text prompts, resumed mid-epoch ----------------------------------------
 
 def _reward_model(workdir) -> str:
   """A reward-model run's workdir (config.json + params) holding a random scalar head."""
-  model = dict(models.preset("tiny").to_dict(), vocab_size=VOCAB, num_scores=1)
+  model = dict(models.preset("tiny").to_dict(), vocab_size=VOCAB, n_layers=1, num_scores=1)
   params = models.init_params(models.ModelConfig(**model), jax.random.key(7))
   checkpoint.save_params(os.path.join(workdir, "params"), params)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -134,7 +134,7 @@ def _reward_model(workdir) -> str:
 def _config(source, tokenizer, reward_model, steps):
   c = load_config("rloo", "smoke")
   with c.unlocked():
-    c.model.vocab_size = VOCAB
+    c.model.vocab_size, c.model.n_layers = VOCAB, 1
     c.init_checkpoint, c.reward_model = "", reward_model
     c.data.source, c.data.tokenizer, c.data.chat_template = source, tokenizer, "chatml"
     c.data.prompt_len, c.data.batch_size = 24, 8
