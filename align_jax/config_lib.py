@@ -76,6 +76,8 @@ def base() -> mlc.ConfigDict:
       ("head_dim", None),
       ("norm", None),
       ("scores", None),
+      ("positions", None),       # Learned position rows (GPT-2).
+      ("bias", None),            # Biases over D.
       ("act_batch", ("data", "fsdp")),
       ("act_len", None),
       ("act_embed", None),

@@ -1,14 +1,18 @@
-"""Decoder-only transformer in Flax NNX (Llama family), used functionally.
+"""Decoder-only transformer in Flax NNX, used functionally; one code path for every family.
 
-One code path serves training and sampling: `Transformer.__call__` takes tokens and their
-positions, and optionally a KV cache with the slot to write at. Parameters carry logical axis names
-(`embed`, `mlp`, `heads`, ...); activations are constrained with `act_*` names through
-`sharding.shard`. Shape letters: R rows, L tokens of this call, S cache slots, D width, H query
-heads, G KV heads, K head dim, F MLP width, V vocabulary.
+Llama is the default; Gemma 1/2/3, Qwen2/2.5/3 and GPT-2 are options of `ModelConfig` (norm kind,
+MLP activation and gating, biases, QK-norm, learned positions, embedding scaling, soft-capping,
+sandwich norms, sliding-window layers, RoPE scaling), so every family trains, scores and samples
+through the same modules. `Transformer.__call__` takes tokens and their positions, and optionally a
+KV cache with the slot to write at. Parameters carry logical axis names (`embed`, `mlp`, `heads`,
+...); activations are constrained with `act_*` names through `sharding.shard`. Shape letters: R
+rows, L tokens of this call (of `pos_embed_LxD`: the learned positions), S cache slots, D width, H
+query heads, G KV heads, K head dim, F MLP width, V vocabulary.
 """
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +20,23 @@ from flax import nnx
 
 from align_jax.sharding import shard
 
-PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "scores")
+PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "scores",
+              "positions", "bias")
 ACT_AXES = ("act_batch", "act_len", "act_embed", "act_mlp", "act_heads", "act_kv_heads",
             "act_vocab")
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "gpt2")
+ACTIVATIONS = {"silu": jax.nn.silu,
+               "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture. Defaults are Llama's choices; other families become options here."""
+  """Architecture. Defaults are Llama's choices; the other families are options here.
+
+  `family` names the Hugging Face architecture the parameters correspond to (import / export,
+  `models/hf.py`); the computation is decided by the fields alone.
+  """
   vocab_size: int
   d_model: int
   n_layers: int
@@ -31,8 +44,37 @@ class ModelConfig:
   n_kv_heads: int
   head_dim: int
   mlp_dim: int
+  family: str = "llama"          # One of FAMILIES.
   rope_theta: float = 10_000.0
+  # RoPE of the global (non-sliding) layers: "" (none), "linear" (Gemma 3) or "llama3" (Llama 3.1+)
+  # frequency scaling by rope_factor; llama3 also uses the next three fields.
+  rope_scaling: str = ""
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  # Sliding-window layers' own RoPE base, unscaled (Gemma 3); 0: the global layers' RoPE.
+  rope_local_theta: float = 0.0
   norm_eps: float = 1e-6
+  norm: str = "rms"              # rms | layer (LayerNorm with a bias: GPT-2).
+  norm_plus_one: bool = False    # RMSNorm scales by (1 + w) (Gemma); w is stored as HF stores it.
+  post_norms: bool = False       # Sandwich norms on the attention and MLP outputs (Gemma 2/3).
+  qk_norm: bool = False          # RMSNorm over each query / key head (Qwen3, Gemma 3).
+  qkv_bias: bool = False         # Biases on the q, k, v projections (Qwen2, GPT-2).
+  out_bias: bool = False         # Bias on the attention output projection (GPT-2).
+  mlp_bias: bool = False         # Biases in the MLP (GPT-2).
+  mlp_act: str = "silu"          # silu | gelu_tanh | gelu (erf).
+  gated_mlp: bool = True         # down(act(x W_gate) * x W_up); False: down(act(x W_up)) (GPT-2).
+  embed_scale: bool = False      # Token embeddings times sqrt(D) in the compute dtype (Gemma).
+  positions: str = "rope"        # rope | learned (GPT-2: max_positions rows added to the input).
+  max_positions: int = 0         # Longest sequence (HF max_position_embeddings; learned rows).
+  query_pre_attn_scalar: float = 0.0  # Scores scaled by this ** -0.5 (Gemma 2/3); 0: head_dim.
+  attn_softcap: float = 0.0      # Scores -> c·tanh(scores / c) before masking (Gemma 2); 0: off.
+  final_softcap: float = 0.0     # Logits -> c·tanh(logits / c) (Gemma 2); 0: off.
+  # Local attention to the last sliding_window tokens (0: none); with sliding_window_pattern P > 0
+  # layer i is global when (i + 1) % P == 0 (Gemma 2: 2, Gemma 3: 6); P = 0: every layer is local.
+  sliding_window: int = 0
+  sliding_window_pattern: int = 0
   tie_embeddings: bool = False
   dtype: str = "float32"         # Activation / matmul dtype (bfloat16 on accelerators).
   param_dtype: str = "float32"   # Storage dtype of parameters.
@@ -45,6 +87,20 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model: n_heads={self.n_heads} is not a multiple of "
                        f"n_kv_heads={self.n_kv_heads}")
+    choices = {"family": FAMILIES, "norm": ("rms", "layer"), "mlp_act": tuple(ACTIVATIONS),
+               "positions": ("rope", "learned"), "rope_scaling": ("", "linear", "llama3")}
+    for key, allowed in choices.items():
+      if getattr(self, key) not in allowed:
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
+    if self.positions == "learned" and self.max_positions < 1:
+      raise ValueError("model.positions='learned' needs model.max_positions >= 1")
+    if self.sliding_window < 0 or self.sliding_window_pattern < 0:
+      raise ValueError("model.sliding_window and model.sliding_window_pattern must be >= 0")
+
+  def is_local(self, layer: int) -> bool:
+    """Whether layer `layer` (0-based) attends within the sliding window."""
+    P = self.sliding_window_pattern
+    return self.sliding_window > 0 and not (P and (layer + 1) % P == 0)
 
 
 def wide(dtype) -> jnp.dtype:
@@ -54,32 +110,83 @@ def wide(dtype) -> jnp.dtype:
 
 
 def _param(rngs: nnx.Rngs, shape, names, dtype, scale: float | str = "fan_in") -> nnx.Param:
-  if scale == "ones":
-    value = jnp.ones(shape, dtype)
+  if scale in ("ones", "zeros"):
+    value = (jnp.ones if scale == "ones" else jnp.zeros)(shape, dtype)
   else:
     std = shape[0] ** -0.5 if scale == "fan_in" else scale
     value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
   return nnx.Param(value, out_sharding=names)
 
 
-class RMSNorm(nnx.Module):
+def normalize(cfg: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None = None,
+              kind: str | None = None) -> jax.Array:
+  """RMSNorm (scale w, or 1 + w for Gemma) or LayerNorm (scale and bias) over the last axis, in the
+  wide dtype, cast back (Gemma's order: (x̂ · w) is rounded once)."""
+  kind = kind or cfg.norm
+  x32 = x.astype(wide(x.dtype))
+  if kind == "layer":
+    x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+  w = scale.astype(x32.dtype)
+  out = x32 * (1 + w if cfg.norm_plus_one else w)
+  if bias is not None:
+    out = out + bias.astype(x32.dtype)
+  return out.astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """The normalisation over D: RMSNorm (LayerNorm with a bias when cfg.norm == "layer")."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.scale_D = _param(rngs, (cfg.d_model,), ("norm",), cfg.param_dtype, "ones")
-    self.eps = cfg.norm_eps
+    init = "zeros" if cfg.norm_plus_one else "ones"
+    self.scale_D = _param(rngs, (cfg.d_model,), ("norm",), cfg.param_dtype, init)
+    if cfg.norm == "layer":
+      self.bias_D = _param(rngs, (cfg.d_model,), ("norm",), cfg.param_dtype, "zeros")
+    self.cfg = cfg
 
   def __call__(self, x_RxLxD: jax.Array) -> jax.Array:
-    x = x_RxLxD.astype(wide(x_RxLxD.dtype))
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale_D[...].astype(x.dtype)).astype(x_RxLxD.dtype)
+    bias = self.bias_D[...] if self.cfg.norm == "layer" else None
+    return normalize(self.cfg, x_RxLxD, self.scale_D[...], bias)
 
 
-def rope(x_RxLxNxK: jax.Array, positions_RxL: jax.Array, theta: float) -> jax.Array:
+class HeadNorm(nnx.Module):
+  """QK-norm: RMSNorm over each head's K features (Qwen3, Gemma 3)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    init = "zeros" if cfg.norm_plus_one else "ones"
+    self.scale_K = _param(rngs, (cfg.head_dim,), ("head_dim",), cfg.param_dtype, init)
+    self.cfg = cfg
+
+  def __call__(self, x_RxLxNxK: jax.Array) -> jax.Array:
+    return normalize(self.cfg, x_RxLxNxK, self.scale_K[...], kind="rms")
+
+
+def rope_frequencies(cfg: ModelConfig, local: bool, dtype) -> jax.Array:
+  """Inverse frequencies [K/2] of a layer's RoPE, with the global layers' scaling (HF's rules)."""
+  half = cfg.head_dim // 2
+  if local and cfg.rope_local_theta:
+    return cfg.rope_local_theta ** (-jnp.arange(half, dtype=dtype) / half)
+  inv_freq_k = cfg.rope_theta ** (-jnp.arange(half, dtype=dtype) / half)
+  if cfg.rope_scaling == "linear":
+    return inv_freq_k / cfg.rope_factor
+  if cfg.rope_scaling == "llama3":  # Long wavelengths / factor, short kept, smooth in between.
+    wavelen_k = 2 * math.pi / inv_freq_k
+    low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    smooth_k = ((cfg.rope_original_max_len / wavelen_k - cfg.rope_low_freq_factor)
+                / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smoothed_k = (1 - smooth_k) * inv_freq_k / cfg.rope_factor + smooth_k * inv_freq_k
+    scaled_k = jnp.where(wavelen_k > low_wavelen, inv_freq_k / cfg.rope_factor, inv_freq_k)
+    medium_k = (wavelen_k >= high_wavelen) & (wavelen_k <= low_wavelen)
+    return jnp.where(medium_k, smoothed_k, scaled_k)
+  return inv_freq_k
+
+
+def rope(x_RxLxNxK: jax.Array, positions_RxL: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
   """Rotary embedding, rotate-half convention (Llama / HF)."""
   half = x_RxLxNxK.shape[-1] // 2
   dt = wide(x_RxLxNxK.dtype)
-  inv_freq = theta ** (-jnp.arange(half, dtype=dt) / half)
-  angle_RxLxk = positions_RxL[..., None].astype(dt) * inv_freq
+  angle_RxLxk = positions_RxL[..., None].astype(dt) * inv_freq_k.astype(dt)
   sin, cos = jnp.sin(angle_RxLxk)[:, :, None], jnp.cos(angle_RxLxk)[:, :, None]
   x = x_RxLxNxK.astype(dt)
   x1, x2 = x[..., :half], x[..., half:]
@@ -87,26 +194,52 @@ def rope(x_RxLxNxK: jax.Array, positions_RxL: jax.Array, theta: float) -> jax.Ar
   return out.astype(x_RxLxNxK.dtype)
 
 
-class Attention(nnx.Module):
-  """Causal grouped-query attention with an optional KV cache."""
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """cap · tanh(x / cap) (Gemma 2's soft-capping); the identity for cap = 0."""
+  return cap * jnp.tanh(x / cap) if cap else x
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+  """Causal grouped-query attention with an optional KV cache; `local`: in the sliding window."""
+
+  def __init__(self, cfg: ModelConfig, local: bool = False, *, rngs: nnx.Rngs):
     D, H, G, K, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
     self.wq_DxHxK = _param(rngs, (D, H, K), ("embed", "heads", "head_dim"), pd)
     self.wk_DxGxK = _param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
     self.wv_DxGxK = _param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
     self.wo_HxKxD = _param(rngs, (H, K, D), ("heads", "head_dim", "embed"), pd, (H * K) ** -0.5)
+    if cfg.qkv_bias:
+      self.bq_HxK = _param(rngs, (H, K), ("heads", "head_dim"), pd, "zeros")
+      self.bk_GxK = _param(rngs, (G, K), ("kv_heads", "head_dim"), pd, "zeros")
+      self.bv_GxK = _param(rngs, (G, K), ("kv_heads", "head_dim"), pd, "zeros")
+    if cfg.out_bias:
+      self.bo_D = _param(rngs, (D,), ("bias",), pd, "zeros")
+    if cfg.qk_norm:
+      self.q_norm = HeadNorm(cfg, rngs=rngs)
+      self.k_norm = HeadNorm(cfg, rngs=rngs)
     self.cfg = cfg
+    self.window = cfg.sliding_window if local else 0
+    self.local = local
+
+  def _project(self, x_RxLxD, w, b):
+    dt = self.cfg.dtype
+    out = jnp.einsum("rld,dnk->rlnk", x_RxLxD, w[...].astype(dt))
+    return out if b is None else out + b[...].astype(dt)
 
   def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
     cfg, dt = self.cfg, self.cfg.dtype
-    q_RxLxHxK = jnp.einsum("rld,dhk->rlhk", x_RxLxD, self.wq_DxHxK[...].astype(dt))
-    k_RxLxGxK = jnp.einsum("rld,dgk->rlgk", x_RxLxD, self.wk_DxGxK[...].astype(dt))
-    v_RxLxGxK = jnp.einsum("rld,dgk->rlgk", x_RxLxD, self.wv_DxGxK[...].astype(dt))
-    q_RxLxHxK = shard(rope(q_RxLxHxK, positions_RxL, cfg.rope_theta),
-                      ("act_batch", "act_len", "act_heads", None))
-    k_RxLxGxK = shard(rope(k_RxLxGxK, positions_RxL, cfg.rope_theta),
-                      ("act_batch", "act_len", "act_kv_heads", None))
+    bias = cfg.qkv_bias
+    q_RxLxHxK = self._project(x_RxLxD, self.wq_DxHxK, self.bq_HxK if bias else None)
+    k_RxLxGxK = self._project(x_RxLxD, self.wk_DxGxK, self.bk_GxK if bias else None)
+    v_RxLxGxK = self._project(x_RxLxD, self.wv_DxGxK, self.bv_GxK if bias else None)
+    if cfg.qk_norm:
+      q_RxLxHxK, k_RxLxGxK = self.q_norm(q_RxLxHxK), self.k_norm(k_RxLxGxK)
+    if cfg.positions == "rope":
+      inv_freq_k = rope_frequencies(cfg, self.local, wide(dt))
+      q_RxLxHxK = rope(q_RxLxHxK, positions_RxL, inv_freq_k)
+      k_RxLxGxK = rope(k_RxLxGxK, positions_RxL, inv_freq_k)
+    q_RxLxHxK = shard(q_RxLxHxK, ("act_batch", "act_len", "act_heads", None))
+    k_RxLxGxK = shard(k_RxLxGxK, ("act_batch", "act_len", "act_kv_heads", None))
     v_RxLxGxK = shard(v_RxLxGxK, ("act_batch", "act_len", "act_kv_heads", None))
 
     L = x_RxLxD.shape[1]
@@ -121,52 +254,73 @@ class Attention(nnx.Module):
     S = k_RxSxGxK.shape[1]
     q_slot_L = cache_index + jnp.arange(L)
     mask_RxLxS = (jnp.arange(S)[None, :] <= q_slot_L[:, None])[None]
+    if self.window:  # Slots, like HF's cache positions (left padding is masked and contiguous).
+      mask_RxLxS = mask_RxLxS & (q_slot_L[:, None] - jnp.arange(S)[None, :] < self.window)[None]
     if kv_mask_RxS is not None:
       mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
 
     G, K = cfg.n_kv_heads, cfg.head_dim
     q_RxLxGxNxK = q_RxLxHxK.reshape(*q_RxLxHxK.shape[:2], G, cfg.n_heads // G, K)
     scores = jnp.einsum("rlgnk,rsgk->rgnls", q_RxLxGxNxK, k_RxSxGxK.astype(dt),
-                        preferred_element_type=wide(dt)) * K ** -0.5
-    scores = jnp.where(mask_RxLxS[:, None, None], scores, -1e30)
+                        preferred_element_type=wide(dt)) * (cfg.query_pre_attn_scalar or K) ** -0.5
+    scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out_RxLxGxNxK = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxK.astype(dt))
     out_RxLxHxK = out_RxLxGxNxK.reshape(q_RxLxHxK.shape)
     out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxK, self.wo_HxKxD[...].astype(dt))
+    if cfg.out_bias:
+      out_RxLxD = out_RxLxD + self.bo_D[...].astype(dt)
     return shard(out_RxLxD, ("act_batch", "act_len", "act_embed")), new_cache
 
 
 class Mlp(nnx.Module):
-  """Gated MLP: down(silu(x W_gate) * x W_up) (SwiGLU)."""
+  """Gated MLP down(act(x W_gate) * x W_up) (SwiGLU, GeGLU), or down(act(x W_up)) (GPT-2)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, F, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
-    self.wgate_DxF = _param(rngs, (D, F), ("embed", "mlp"), pd)
+    if cfg.gated_mlp:
+      self.wgate_DxF = _param(rngs, (D, F), ("embed", "mlp"), pd)
     self.wup_DxF = _param(rngs, (D, F), ("embed", "mlp"), pd)
     self.wdown_FxD = _param(rngs, (F, D), ("mlp", "embed"), pd)
-    self.dtype = cfg.dtype
+    if cfg.mlp_bias:
+      if cfg.gated_mlp:
+        self.bgate_F = _param(rngs, (F,), ("mlp",), pd, "zeros")
+      self.bup_F = _param(rngs, (F,), ("mlp",), pd, "zeros")
+      self.bdown_D = _param(rngs, (D,), ("bias",), pd, "zeros")
+    self.cfg = cfg
 
   def __call__(self, x_RxLxD: jax.Array) -> jax.Array:
-    dt = self.dtype
-    gate_RxLxF = x_RxLxD @ self.wgate_DxF[...].astype(dt)
-    up_RxLxF = x_RxLxD @ self.wup_DxF[...].astype(dt)
-    h_RxLxF = shard(jax.nn.silu(gate_RxLxF) * up_RxLxF, ("act_batch", "act_len", "act_mlp"))
-    return shard(h_RxLxF @ self.wdown_FxD[...].astype(dt), ("act_batch", "act_len", "act_embed"))
+    cfg, dt, act = self.cfg, self.cfg.dtype, ACTIVATIONS[self.cfg.mlp_act]
+
+    def linear(x, w, b):  # Parameter names: the bias is there iff cfg.mlp_bias.
+      out = x @ getattr(self, w)[...].astype(dt)
+      return out + getattr(self, b)[...].astype(dt) if cfg.mlp_bias else out
+
+    up_RxLxF = linear(x_RxLxD, "wup_DxF", "bup_F")
+    h_RxLxF = (act(linear(x_RxLxD, "wgate_DxF", "bgate_F")) * up_RxLxF if cfg.gated_mlp
+               else act(up_RxLxF))
+    h_RxLxF = shard(h_RxLxF, ("act_batch", "act_len", "act_mlp"))
+    return shard(linear(h_RxLxF, "wdown_FxD", "bdown_D"), ("act_batch", "act_len", "act_embed"))
 
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, local: bool = False, *, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, local, rngs=rngs)
+    self.mlp_norm = Norm(cfg, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
+    if cfg.post_norms:
+      self.post_attn_norm = Norm(cfg, rngs=rngs)
+      self.post_mlp_norm = Norm(cfg, rngs=rngs)
+    self.post_norms = cfg.post_norms
 
   def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
     h_RxLxD, new_cache = self.attn(self.attn_norm(x_RxLxD), positions_RxL, cache, cache_index,
                                    kv_mask_RxS)
-    x_RxLxD = x_RxLxD + h_RxLxD
-    return x_RxLxD + self.mlp(self.mlp_norm(x_RxLxD)), new_cache
+    x_RxLxD = x_RxLxD + (self.post_attn_norm(h_RxLxD) if self.post_norms else h_RxLxD)
+    h_RxLxD = self.mlp(self.mlp_norm(x_RxLxD))
+    return x_RxLxD + (self.post_mlp_norm(h_RxLxD) if self.post_norms else h_RxLxD), new_cache
 
 
 class Transformer(nnx.Module):
@@ -176,8 +330,11 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed_VxD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                             cfg.param_dtype, 1.0)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-    self.final_norm = RMSNorm(cfg, rngs=rngs)
+    if cfg.positions == "learned":
+      self.pos_embed_LxD = _param(rngs, (cfg.max_positions, cfg.d_model), ("positions", "embed"),
+                                  cfg.param_dtype, 1.0)
+    self.layers = nnx.List([Block(cfg, cfg.is_local(i), rngs=rngs) for i in range(cfg.n_layers)])
+    self.final_norm = Norm(cfg, rngs=rngs)
     if cfg.num_scores:
       self.score_DxO = _param(rngs, (cfg.d_model, cfg.num_scores), ("embed", "scores"),
                               cfg.param_dtype)
@@ -192,7 +349,7 @@ class Transformer(nnx.Module):
 
     Args:
       tokens_RxL: token ids.
-      positions_RxL: RoPE positions; defaults to 0..L-1.
+      positions_RxL: positions (RoPE angles or learned rows); defaults to 0..L-1.
       cache: per-layer {"k", "v"} arrays [R, S, G, K] (see `init_cache`), or None.
       cache_index: the cache slot of this call's first token.
       kv_mask_RxS: False for key slots that must not be attended (padding).
@@ -201,6 +358,10 @@ class Transformer(nnx.Module):
     if positions_RxL is None:
       positions_RxL = jnp.broadcast_to(jnp.arange(tokens_RxL.shape[1]), tokens_RxL.shape)
     x_RxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_RxL]
+    if cfg.embed_scale:
+      x_RxLxD = x_RxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
+    if cfg.positions == "learned":
+      x_RxLxD = x_RxLxD + self.pos_embed_LxD[...].astype(cfg.dtype)[positions_RxL]
     x_RxLxD = shard(x_RxLxD, ("act_batch", "act_len", "act_embed"))
     new_cache = []
     for i, block in enumerate(self.layers):
@@ -216,8 +377,8 @@ class Transformer(nnx.Module):
       return jnp.einsum("rld,do->rlo", x_RxLxD, self.score_DxO[...].astype(cfg.dtype),
                         preferred_element_type=wide(cfg.dtype)), None
     w_DxV = (self.embed_VxD[...].T if cfg.tie_embeddings else self.unembed_DxV[...])
-    logits_RxLxV = jnp.einsum("rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype),
-                              preferred_element_type=wide(cfg.dtype))
+    logits_RxLxV = softcap(jnp.einsum("rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype),
+                                      preferred_element_type=wide(cfg.dtype)), cfg.final_softcap)
     logits_RxLxV = shard(logits_RxLxV, ("act_batch", "act_len", "act_vocab"))
     return logits_RxLxV, (None if cache is None else new_cache)
 
