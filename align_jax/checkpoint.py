@@ -82,3 +82,23 @@ def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` carrying `shardings` (a restore target)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def load_state_params(directory: str, abstract_params: dict,
+                      step: int | None = None) -> tuple[int, dict]:
+  """(step, params) of a train-state checkpoint directory (the newest step, or `step`), restored
+  into the shardings of `abstract_params` without reading the rest of the state."""
+  path = os.path.abspath(directory)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{directory!r}: no checkpoint directory")
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as manager:
+    step = step or manager.latest_step()
+    if step is None or step not in manager.all_steps():
+      at = f" at step {step}" if step else ""
+      raise FileNotFoundError(f"{directory!r}: no checkpoint{at}")
+  target = {"params": abstract_params}
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.join(path, str(step), "state"), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  return step, restored["params"]

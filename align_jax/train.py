@@ -23,6 +23,7 @@ from align_jax import (checkpoint, logps, models, objectives, rollout, sampling,
                        step)
 from align_jax.data import pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.metrics import MetricWriter
+from align_jax.models import hf
 from align_jax.models import lora
 from align_jax import targets
 from align_jax.objectives import bond
@@ -42,6 +43,10 @@ class RunResult:
 def run(cfg, workdir: str) -> RunResult:
   """Trains `cfg` into `workdir`, resuming from the newest checkpoint there."""
   _validate(cfg)
+  if hf.is_hf_dir(cfg.init_checkpoint):  # The architecture is the checkpoint's config.json.
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.model.update(hf.model_config(cfg.init_checkpoint, cfg.model.to_dict()))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -83,7 +88,6 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   graphdef, shapes, names = models.abstract(model_cfg)
   param_shardings = sharding.tree_shardings(names, mesh, table)
   sharding.log_param_shardings(shapes, param_shardings)
-  abstract_params = checkpoint.abstract_like(shapes, param_shardings)
   init_fn = jax.jit(functools.partial(models.init_params, model_cfg),
                     out_shardings=param_shardings)
 
@@ -93,11 +97,10 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
     path = (os.path.join(_testbed_base(cfg), "params") if cfg.init_checkpoint == "testbed"
             else cfg.init_checkpoint)
     if not model_cfg.num_scores:
-      return checkpoint.load_params(path, abstract_params)
+      return _load_lm(path, model_cfg, param_shardings)
     # A scoring model (reward model): the language model's body, a freshly initialised head.
-    _, lm_shapes, lm_names = models.abstract(dataclasses.replace(model_cfg, num_scores=0))
-    body = checkpoint.load_params(path, checkpoint.abstract_like(
-        lm_shapes, sharding.tree_shardings(lm_names, mesh, table)))
+    lm_cfg = dataclasses.replace(model_cfg, num_scores=0)
+    body = _load_lm(path, lm_cfg, sharding.tree_shardings(models.abstract(lm_cfg)[2], mesh, table))
     head = init_fn(jax.random.key(cfg.seed))["score_DxO"]
     return {**{k: v for k, v in body.items() if k not in ("unembed_DxV",)}, "score_DxO": head}
 
@@ -295,6 +298,14 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
 class _Attrs(dict):
   """Attribute access over a plain dict (optimizer settings with total_steps added)."""
   __getattr__ = dict.__getitem__
+
+
+def _load_lm(path, model_cfg, shardings) -> dict:
+  """A language model's parameters from an Orbax params directory or a Hugging Face directory."""
+  if hf.is_hf_dir(path):
+    return hf.load_params(path, model_cfg, shardings)
+  _, shapes, _ = models.abstract(model_cfg)
+  return checkpoint.load_params(path, checkpoint.abstract_like(shapes, shardings))
 
 
 def _host(metrics) -> dict:

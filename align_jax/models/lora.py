@@ -21,6 +21,7 @@ from `init_checkpoint` on every start, never checkpointed.
 Config (`config_lib.base().lora`): rank (0: off), alpha, targets.
 """
 
+import functools
 import math
 
 import jax
@@ -102,6 +103,11 @@ def init(shapes: dict, param_names: dict, cfg, key: jax.Array) -> dict:
         "lora_a": std * jax.random.normal(jax.random.fold_in(key, i), (*in_dims, cfg.rank), dtype),
         "lora_b": jnp.zeros((cfg.rank, *out_dims), dtype)}
   return _nest(flat)
+
+
+def abstract(shapes: dict, param_names: dict, cfg) -> dict:
+  """The adapters' ShapeDtypeStructs (e.g. a restore target), without allocating them."""
+  return jax.eval_shape(functools.partial(init, shapes, param_names, cfg), jax.random.key(0))
 
 
 def delta(adapter: dict, scale: float) -> jax.Array:
