@@ -1,7 +1,7 @@
 r"""align_jax DPO vs Tunix DPO vs TRL DPO on CPU: same tiny Llama, batch, lengths and steps.
 
   python -m experiments.benchmarks.peers            # installs the peers on first use (~3 min)
-  python -m experiments.benchmarks.peers --reps=9 --steps=5 --fresh_venvs
+  python -m experiments.benchmarks.peers --reps=15 --steps=5 --fresh_venvs
 
 Each peer is installed into its own throw-away venv under --venv_dir (default
 $XDG_CACHE_HOME/align_jax/peer_venvs; delete it at will): `google-tunix`, and `trl` with exactly
@@ -102,7 +102,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8, help="preference pairs per step")
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--response_len", type=int, default=96)
-  p.add_argument("--steps", type=int, default=4, help="updates per timed chunk")
+  p.add_argument("--steps", type=int, default=3, help="updates per timed chunk")
   p.add_argument("--reps", type=int, default=9, help="timed chunks per framework")
   p.add_argument("--warmup", type=int, default=3, help="untimed updates first")
   p.add_argument("--venv_dir", default=os.path.join(

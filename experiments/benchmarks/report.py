@@ -22,8 +22,9 @@ def _commit() -> str:
   def git(*args):
     return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
   commit = git("rev-parse", "HEAD") or "unknown"
-  return commit + (" (+ uncommitted changes)" if git("status", "--porcelain", "--", "align_jax",
-                                                       "experiments/benchmarks") else "")
+  changed = git("status", "--porcelain", "--untracked-files=no", "--", "align_jax", "configs",
+                "experiments/benchmarks")
+  return commit + (" (+ uncommitted changes)" if changed else "")
 
 
 def _cpu_model() -> str:
