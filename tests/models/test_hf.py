@@ -119,14 +119,22 @@ def test_import_parity_sampler_and_export_roundtrip(family, tmp_path, tokens_RxL
     gap = np.abs(_forward(other, _restrict(params, other_shapes), tokens_RxL) - expected)
     assert gap.max() > 1e-2, (option, gap.max())
 
-  # The sampler's log-probs (temperature 1, KV cache, window in decode) equal teacher forcing.
-  out = sampling.sample(graphdef, params, jnp.asarray(tokens_RxL[:, :P]), jax.random.key(1),
-                        sampling.SamplingConfig(max_new_tokens=L - P))
-  sampled_RxL = np.asarray(out["tokens_RxL"])
-  logits_RxLxV = _forward(graphdef, params, sampled_RxL)
+  # The sampler's log-probs (temperature 1, KV cache, window in decode) equal teacher forcing of
+  # the same rows without their left padding (0, 1, 2 pad tokens): positions count real tokens.
+  pads_R, N = np.arange(3), L - P
+  mask_RxP = (np.arange(P) >= pads_R[:, None]).astype(np.int32)
+  out = sampling.sample(graphdef, params, jnp.asarray(tokens_RxL[:, :P] * mask_RxP),
+                        jax.random.key(1), sampling.SamplingConfig(max_new_tokens=N),
+                        prompt_mask_RxP=jnp.asarray(mask_RxP))
+  sampled_RxL, unpadded_RxL = np.asarray(out["tokens_RxL"]), np.zeros((3, L), np.int32)
+  for r, pad in enumerate(pads_R):  # Right padding: causal, so it changes nothing before it.
+    unpadded_RxL[r, :L - pad] = sampled_RxL[r, pad:]
+  logits_RxLxV = _forward(graphdef, params, unpadded_RxL)
   shifted_RxLxV = logits_RxLxV - logits_RxLxV.max(-1, keepdims=True)
   logp_RxLxV = shifted_RxLxV - np.log(np.exp(shifted_RxLxV).sum(-1, keepdims=True))
-  teacher_RxN = np.take_along_axis(logp_RxLxV[:, P - 1:-1], sampled_RxL[:, P:, None], -1)[..., 0]
+  at_RxN = P - pads_R[:, None] + np.arange(N)  # Where each generated token sits, unpadded.
+  teacher_RxN = logp_RxLxV[np.arange(3)[:, None], at_RxN - 1,
+                           unpadded_RxL[np.arange(3)[:, None], at_RxN]]
   np.testing.assert_allclose(out["logp_RxN"], teacher_RxN, atol=1e-5, rtol=0)
 
   hf.save(tmp_path / "out", params, cfg)
