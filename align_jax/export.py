@@ -3,25 +3,24 @@ r"""A run's trained parameters as a Hugging Face directory.
   python -m align_jax.export --workdir=runs/dpo --out=/path/to/hf_out [--dtype=bfloat16] [--step=N]
 
 The run's config.json gives the architecture (`model.family` picks the transformers class); the
-parameters are those of its newest checkpoint (or `--step`). A run that started from a Hugging Face
-directory (`init_checkpoint`) passes on its special token ids and tokenizer / generation files.
+parameters are those of its newest checkpoint (or `--step`). A LoRA run's checkpoint holds only
+adapters: they are merged into its frozen base (`init_checkpoint`) and the merged model is written.
+A run that started from a Hugging Face directory (`init_checkpoint`) passes on its special token
+ids and tokenizer / generation files.
 The result loads with `transformers.AutoModelForCausalLM.from_pretrained(out)`. One process.
 """
 
+import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 
 import jax
+import ml_collections as mlc
 from absl import app, flags
 
 from align_jax import checkpoint, models
-from align_jax.models import hf
-
-# A transformation of the trained parameters before they are saved: (params, the run's config as
-# a dict) -> params. E.g. merging LoRA adapters into the base weights.
-Transform = Callable[[dict, dict], dict]
+from align_jax.models import hf, lora
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (config.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
@@ -29,11 +28,10 @@ _DTYPE = flags.DEFINE_string("dtype", "", "Stored dtype (e.g. bfloat16); default
 _STEP = flags.DEFINE_integer("step", 0, "Checkpoint step to export; 0: the newest.")
 
 
-def export(workdir: str, out: str, *, step: int = 0, dtype: str = "",
-           transforms: Sequence[Transform] = ()) -> int:
+def export(workdir: str, out: str, *, step: int = 0, dtype: str = "") -> int:
   """Writes the params of `workdir`'s checkpoint at `step` (0: newest) to `out`; returns the step.
 
-  `transforms` are applied in order to the restored params before saving.
+  A LoRA run's adapters are merged into its base first (`lora.merge`).
   """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
@@ -41,17 +39,29 @@ def export(workdir: str, out: str, *, step: int = 0, dtype: str = "",
   with open(config_path) as f:
     run_cfg = json.load(f)
   model_cfg = models.ModelConfig(**run_cfg["model"])
-  _, shapes, _ = models.abstract(model_cfg)
+  _, shapes, names = models.abstract(model_cfg)
+  lora_cfg = mlc.ConfigDict(run_cfg.get("lora", {"rank": 0}))
+  trained = lora.abstract(shapes, names, lora_cfg) if lora.enabled(lora_cfg) else shapes
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   step, params = checkpoint.load_state_params(
       os.path.join(workdir, "checkpoints"),
-      checkpoint.abstract_like(shapes, jax.tree.map(lambda _: device, shapes)), step or None)
-  for transform in transforms:
-    params = transform(params, run_cfg)
+      checkpoint.abstract_like(trained, jax.tree.map(lambda _: device, trained)), step or None)
+  if lora.enabled(lora_cfg):
+    base = _lora_base(mlc.ConfigDict(run_cfg), model_cfg, jax.tree.map(lambda _: device, shapes))
+    params = lora.merge(base, params, lora_cfg)
   source = run_cfg.get("init_checkpoint", "")
   hf.save(out, params, model_cfg, source_dir=source if hf.is_hf_dir(source) else None,
           dtype=dtype or None)
   return step
+
+
+def _lora_base(cfg, model_cfg, shardings) -> dict:
+  """A LoRA run's frozen base: its init_checkpoint, or the fresh init of its seed."""
+  if not cfg.init_checkpoint:  # As train.run draws it.
+    return jax.jit(functools.partial(models.init_params, model_cfg), out_shardings=shardings)(
+        jax.random.key(cfg.seed))
+  from align_jax import train  # The runs' own loader (testbed base LM, Orbax or HF directory).
+  return train.load_lm(cfg, model_cfg, shardings)
 
 
 def main(argv):

@@ -94,13 +94,11 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   def load_init_params():  # Each call returns its own buffers (the reference is never aliased).
     if not cfg.init_checkpoint:
       return init_fn(jax.random.key(cfg.seed))
-    path = (os.path.join(_testbed_base(cfg), "params") if cfg.init_checkpoint == "testbed"
-            else cfg.init_checkpoint)
     if not model_cfg.num_scores:
-      return _load_lm(path, model_cfg, param_shardings)
+      return load_lm(cfg, model_cfg, param_shardings)
     # A scoring model (reward model): the language model's body, a freshly initialised head.
     lm_cfg = dataclasses.replace(model_cfg, num_scores=0)
-    body = _load_lm(path, lm_cfg, sharding.tree_shardings(models.abstract(lm_cfg)[2], mesh, table))
+    body = load_lm(cfg, lm_cfg, sharding.tree_shardings(models.abstract(lm_cfg)[2], mesh, table))
     head = init_fn(jax.random.key(cfg.seed))["score_DxO"]
     return {**{k: v for k, v in body.items() if k not in ("unembed_DxV",)}, "score_DxO": head}
 
@@ -300,8 +298,11 @@ class _Attrs(dict):
   __getattr__ = dict.__getitem__
 
 
-def _load_lm(path, model_cfg, shardings) -> dict:
-  """A language model's parameters from an Orbax params directory or a Hugging Face directory."""
+def load_lm(cfg, model_cfg, shardings) -> dict:
+  """The language model `cfg.init_checkpoint` names: the testbed's cached base LM ("testbed"), an
+  Orbax params directory or a Hugging Face directory (export reads LoRA runs' bases with it)."""
+  path = (os.path.join(_testbed_base(cfg), "params") if cfg.init_checkpoint == "testbed"
+          else cfg.init_checkpoint)
   if hf.is_hf_dir(path):
     return hf.load_params(path, model_cfg, shardings)
   _, shapes, _ = models.abstract(model_cfg)

@@ -15,8 +15,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from align_jax import checkpoint, logps, models, rollout, sampling, step, train
-from align_jax.models import lora
+from align_jax import checkpoint, export, logps, models, rollout, sampling, step, train
+from align_jax.models import hf, lora
 from align_jax.testbed import task
 from conftest import load_config, read_jsonl
 
@@ -218,15 +218,18 @@ def test_resume_is_exact(runs):
                jax.device_get(resumed.state))
 
 
-def test_merged_export_equals_the_adapted_model(trained, tmp_path):
-  """The merged params, written as a params checkpoint (what init_checkpoint reads) and read back
-  as a plain model, give the adapted policy's logits (the train step's merge-then-apply)."""
-  cfg, graphdef, _, base, adapters, merged = trained
-  checkpoint.save_params(str(tmp_path / "merged"), merged)
-  merged = _load(str(tmp_path / "merged"), models.abstract(models.ModelConfig(**cfg.model))[1])
+def test_merged_export_equals_the_adapted_model(runs, trained, tmp_path):
+  """`python -m align_jax.export` of the LoRA run writes the merged model: read back, its logits
+  are the adapted policy's (the train step's merge-then-apply)."""
+  cfg, graphdef, _, base, adapters, _ = trained
+  assert export.export(str(runs[0] / "straight"), str(tmp_path / "hf")) == 4
+  shapes = models.abstract(models.ModelConfig(**cfg.model))[1]
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  exported = hf.load_params(str(tmp_path / "hf"), models.ModelConfig(**cfg.model),
+                            jax.tree.map(lambda _: one, shapes))
   tokens = jax.random.randint(jax.random.key(5), (16, 5), 0, cfg.model.vocab_size)
   logits = jax.jit(lambda p, t: models.apply(graphdef, p, t)[0])
   adapted = jax.jit(lambda a, b, t: models.apply(graphdef, lora.merge(b, a, cfg.lora), t)[0])
   want = adapted(adapters, base, tokens)
-  np.testing.assert_allclose(logits(merged, tokens), want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logits(exported, tokens), want, atol=1e-5, rtol=0)
   assert np.abs(np.asarray(want - logits(base, tokens))).max() > 1e-3  # Training moved it.
