@@ -2,18 +2,25 @@
 
 The one module that talks to Orbax. A checkpoint directory holds numbered steps; each step has the
 `TrainState` (as a dict we own) and the data iterator. Restores go into an abstract state carrying
-the current run's shardings, so a run saved on one mesh resumes on another.
+the current run's shardings, so a run saved on one mesh resumes on another. A newest step that does
+not restore (no commit marker, a missing or truncated file) is set aside for the one before it.
 """
 
 import dataclasses
 import os
+import shutil
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from align_jax.step import TrainState
+
+
+_COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, before the final rename.
 
 
 class Checkpointer:
@@ -26,9 +33,6 @@ class Checkpointer:
         save_interval_steps=1, max_to_keep=keep, create=True,
         enable_async_checkpointing=use_async)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
     """Every `every` steps exactly (Orbax's own policy would also save a run's first step)."""
@@ -43,13 +47,56 @@ class Checkpointer:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
-  def restore(self, step: int, abstract_state: TrainState, data_iter) -> TrainState:
-    """Restores `step` into shardings of `abstract_state` and moves `data_iter` to its position."""
+  def restore_latest(self, abstract_state: TrainState, data_iter) -> tuple[int, TrainState | None]:
+    """(step, state) of the newest step that restores, or (0, None) when there is no checkpoint.
+
+    The state comes in the shardings of `abstract_state`; `data_iter` moves to the step's position.
+    A step that fails is named and the one before it tried. Once one restores, the failed newer
+    steps are moved (never deleted) to `damaged/` so that the run can save those steps again; if
+    none restores, a ValueError names every failure and nothing is moved.
+    """
+    failed = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        if not os.path.exists(os.path.join(self.directory, str(step), _COMMIT_MARKER)):
+          raise FileNotFoundError(f"no {_COMMIT_MARKER} (an unfinished save)")
+        state = self._restore(step, abstract_state, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  (any damage: try the older step)
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        failed.append((step, reason))
+        print(f"checkpoint step {step} in {self.directory} could not be restored ({reason})",
+              flush=True)
+        continue
+      if failed:
+        self._set_aside([s for s, _ in failed])
+        print(f"step(s) {', '.join(str(s) for s, _ in failed)} set aside in "
+              f"{self.directory}/damaged; step {step} is the newest complete checkpoint",
+              flush=True)
+      return step, state
+    if failed:
+      raise ValueError(f"no checkpoint in {self.directory} restores: " + "; ".join(
+          f"step {s}: {r}" for s, r in failed) + " (nothing was deleted; fix or move them, or "
+          "use another --workdir)")
+    return 0, None
+
+  def _restore(self, step: int, abstract_state: TrainState, data_iter) -> TrainState:
     args = {"state": ocp.args.StandardRestore(_as_dict(abstract_state))}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return TrainState(**restored["state"])
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves `steps` to damaged/<step> (process 0), then lets every process see it."""
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(self.directory, "damaged"), exist_ok=True)
+      for step in steps:
+        target = os.path.join(self.directory, "damaged", str(step))
+        if os.path.exists(target):  # Set aside before: keep both.
+          target += f".{time.time_ns()}"
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

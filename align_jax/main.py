@@ -35,6 +35,7 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from align_jax import train  # After distributed init: importing is cheap, devices are not.
   from align_jax.metrics import NonFiniteError
+  from align_jax.preemption import Preempted
 
   try:
     cfg = _CONFIG.value  # Loads the file and applies the --config.* overrides.
@@ -48,6 +49,8 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), workdir)
   try:
     train.run(cfg, workdir)
+  except Preempted as e:  # A clean stop: exit status 0.
+    print(f"preempted: {e}; run the same command again to resume", flush=True)
   except NonFiniteError as e:
     sys.exit(f"error: {e}; stopped, last good checkpoint kept in {workdir}/checkpoints")
   except _USER_ERRORS as e:

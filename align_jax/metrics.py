@@ -1,7 +1,10 @@
 """Metrics out of the loop: fetched one step late, checked for NaN/Inf, written three ways.
 
 Each logged step becomes one line of `metrics.jsonl` (always with "step"), TensorBoard scalars, and
-a console line with steps/s and ETA. Files are appended to across resumes, never rewritten.
+a console line with steps/s and ETA. Files are appended to across resumes, never rewritten. A resume
+from step s appends `{"step": s, "resumed_from": s}`: records of steps after s written before it
+(a run killed after its last checkpoint) are superseded by those that follow it. TensorBoard hides
+them itself (a new event file whose purge step is s + 1).
 """
 
 import json
@@ -20,15 +23,20 @@ class NonFiniteError(RuntimeError):
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, *, total_steps: int, log_every: int, is_main: bool = True):
+  def __init__(self, workdir: str, *, total_steps: int, log_every: int, is_main: bool = True,
+               resumed_from: int = 0):
     self._total, self._every, self._main = total_steps, max(log_every, 1), is_main
     self._pending: tuple[int, dict] | None = None
     self._last_time, self._last_step = time.time(), None
     self._jsonl = self._tb = None
     if is_main:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      if resumed_from:
+        self._jsonl.write(json.dumps({"step": resumed_from, "resumed_from": resumed_from}) + "\n")
+        self._jsonl.flush()
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resumed_from + 1 if resumed_from else None)
 
   def submit(self, step: int, metrics: dict) -> None:
     """Queues `step`'s device metrics and handles the previous step's (one step late)."""

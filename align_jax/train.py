@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from align_jax import (checkpoint, logps, models, objectives, rollout, sampling, sharding,
-                       step)
+from align_jax import (checkpoint, logps, models, objectives, preemption, rollout, sampling,
+                       sharding, step)
 from align_jax.data import pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.metrics import MetricWriter
 from align_jax.models import hf
@@ -58,7 +58,7 @@ def run(cfg, workdir: str) -> RunResult:
                                | set(models.transformer.ACT_AXES))
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
-  with jax.set_mesh(mesh), sharding.use_rules(table):
+  with jax.set_mesh(mesh), sharding.use_rules(table), preemption.watch():
     return _run(cfg, workdir, mesh, table, is_main)
 
 
@@ -243,16 +243,16 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  every=cfg.checkpoint_every or cfg.total_steps,
                                  keep=cfg.keep_checkpoints, use_async=cfg.async_checkpointing)
-  start = ckpt.latest_step() or 0
+  start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
   if start:
-    state = ckpt.restore(start, checkpoint.abstract_like(state, state_shardings), data_iter)
+    state = restored
     logging.info("resumed from %s at step %d", ckpt.directory, start)
     print(f"resuming from step {start} ({ckpt.directory})", flush=True)
   initial = _initial_eval(workdir, evaluate, state.params if not start else None, is_main)
 
   # ---- Loop ------------------------------------------------------------------------------------
   writer = MetricWriter(workdir, total_steps=cfg.total_steps, log_every=cfg.log_every,
-                        is_main=is_main)
+                        is_main=is_main, resumed_from=start)
   if data_counts and not start:
     writer.write(0, {f"data/{k}": v for k, v in data_counts.items()})
   try:
@@ -264,11 +264,14 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
                              reward_params)
         state, metrics = train_step(state, batch, ref_params)
       writer.submit(s, metrics)
+      stop = preemption.reached(s) and s < cfg.total_steps  # SIGTERM: checkpoint, then stop.
       if evaluate is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < cfg.total_steps:
         writer.write(s, _host(evaluate(state.params)))
-      if ckpt.should_save(s) or s == cfg.total_steps:
+      if stop or ckpt.should_save(s) or s == cfg.total_steps:
         writer.flush()  # Never checkpoint a state whose step produced a non-finite loss.
         ckpt.save(s, state, data_iter, force=True)
+      if stop:
+        raise preemption.Preempted(s, ckpt.directory)  # After `finally` has finished the save.
     writer.flush()
   finally:
     ckpt.close()

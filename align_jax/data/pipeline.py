@@ -10,6 +10,7 @@ import math
 import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from align_jax import sharding
@@ -45,8 +46,12 @@ def batches(source, *, global_batch: int, total_steps: int, seed: int, shuffle: 
     ds = ds.seed(seed).shuffle()
   epochs = math.ceil(total_steps * global_batch / len(source)) + 1
   ds = ds.repeat(epochs)
+  rows = global_batch // process_count
   local = grain.MapDataset.source(_ProcessRows(ds, global_batch, process_index, process_count))
-  local = local.batch(global_batch // process_count, drop_remainder=True)
+  local = local.batch(rows, drop_remainder=True)
+  logging.info("data: process %d of %d reads rows [%d, %d) of every global batch of %d",
+               process_index, process_count, process_index * rows, (process_index + 1) * rows,
+               global_batch)
   return iter(local.to_iter_dataset())
 
 
