@@ -19,7 +19,7 @@ Budget for every run: Adam 1e-4 × 150 steps (ABLATIONS.md §6.3/§7.3 pilots; t
 1e-3 × 300 saturates), exact evaluation every 25 steps for the reward-vs-KL curves, 5 seeds.
 
   python experiments/d2o_aot.py               # the full study (65 runs)
-  python experiments/d2o_aot.py --quick       # five smoke runs, for tests
+  python experiments/d2o_aot.py --quick       # four smoke runs, for tests
 """
 
 import os
@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
 BUDGET = {"optim.lr": 1e-4, "total_steps": 150, "eval_every": 25}
-QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0}  # On the smoke configs.
+QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0,
+         "mesh.shape": (1, 1, 1)}  # On the smoke configs.
 SEEDS = 5
 AOT_METHODS = {"dpo": "DPO", "aot": "AOT paired", "aot_unpaired": "AOT unpaired"}
 COLUMNS = {"exact/win_rate": "win rate vs π_ref", "exact/reward": "E_π[r]",
@@ -41,9 +42,10 @@ FSD = {"exact/fsd_violation": "FSD violation", "exact/fsd_margin": "mean quantil
 
 
 def grids(quick: bool) -> list[study.Grid]:
+  """Every config's sweep; quick leaves out AOT unpaired (test time: one compile per run)."""
   arg, sets = ("smoke", QUICK) if quick else ("", BUDGET)
-  return [study.Grid(name, f"configs/{name}.py", arg=arg, sets=sets)
-          for name in ("d2o", *AOT_METHODS)]
+  names = ("d2o", "dpo", "aot") if quick else ("d2o", *AOT_METHODS)
+  return [study.Grid(name, f"configs/{name}.py", arg=arg, sets=sets) for name in names]
 
 
 def _d2o_label(r: study.Record) -> str:

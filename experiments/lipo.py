@@ -12,7 +12,7 @@ default 1e-3 × 300 steps saturates, win rate 0.98 at K = 2), 5 seeds (§9: ≥ 
 one-point differences).
 
   python experiments/lipo.py                  # the full study (75 runs)
-  python experiments/lipo.py --quick          # three smoke runs, for tests
+  python experiments/lipo.py --quick          # two smoke runs (K = 2), for tests
 """
 
 import os
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
 BUDGET = {"optim.lr": 1e-4, "total_steps": 150, "eval_every": 50}
-QUICK = {"total_steps": 4, "eval_every": 0, "checkpoint_every": 0}  # On the smoke configs.
+QUICK = {"total_steps": 4, "eval_every": 0, "checkpoint_every": 0,
+         "mesh.shape": (1, 1, 1)}  # On the smoke configs.
 SEEDS = 5
 LOSSES = {"list_pair_logistic": "pair-logistic (DPO_BT)", "list_pair_hinge": "pair-hinge (SLiC)",
           "listmle": "ListMLE (DPO_PL)", "list_softmax": "softmax", "lipo": "LiPO-λ"}
