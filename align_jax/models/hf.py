@@ -77,6 +77,14 @@ def read_config(hf_dir: str) -> dict:
 
 def config_fields(hf: Mapping, where: str = "config.json") -> dict:
   """The ModelConfig architecture fields (all but RUN_FIELDS) of an HF config dict."""
+  try:
+    return _config_fields(hf, where)
+  except KeyError as e:
+    raise ValueError(f"{where}: no {e.args[0]!r} (a {hf.get('model_type')} config needs "
+                     "it)") from None
+
+
+def _config_fields(hf: Mapping, where: str) -> dict:
   model_type = hf.get("model_type")
   if model_type not in _FAMILY:
     raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: "
@@ -319,7 +327,7 @@ def _tensor_files(hf_dir: str) -> dict[str, str]:
     return {k: single for k in f.keys()}
 
 
-def _prefixes(cfg: ModelConfig, names) -> tuple[str, str]:
+def _prefixes(cfg: ModelConfig, names, hf_dir) -> tuple[str, str]:
   """(prefix of the decoder's tensors, name of lm_head) in this checkpoint's naming."""
   embed = "wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight"
   candidates = (("transformer.", "") if cfg.family == "gpt2" else
@@ -328,7 +336,7 @@ def _prefixes(cfg: ModelConfig, names) -> tuple[str, str]:
     if prefix + embed in names:
       heads = [h for h in ("lm_head.weight", "language_model.lm_head.weight") if h in names]
       return prefix, (heads[0] if heads else "lm_head.weight")
-  raise ValueError(f"no {embed} under any of the prefixes {list(candidates)}")
+  raise ValueError(f"{hf_dir!r}: no {embed} under any of the prefixes {list(candidates)}")
 
 
 def _outer(dims, slices) -> tuple[int, int, list[slice]]:
@@ -355,7 +363,7 @@ def _read_block(tensor, spec: _Spec, shape, index) -> np.ndarray:
     block = np.asarray(tensor[b0:b1, a0:a1]).T
   else:
     block = tensor[a0:a1, b0 + o:b1 + o]
-  a_shape = ((a1 - a0) // max(math.prod(a_dims[1:]), 1), *a_dims[1:]) if a_dims else ()
+  a_shape = ((a1 - a0) // math.prod(a_dims[1:]), *a_dims[1:]) if a_dims else ()
   b_shape = ((b1 - b0) // math.prod(b_dims[1:]), *b_dims[1:])
   block = np.asarray(block).reshape(*a_shape, *b_shape)
   take = (*([slice(None)] if a_dims else []), *a_rest, slice(None), *b_rest)
@@ -367,7 +375,7 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
   each device's block read from the safetensors files directly; cast to cfg.param_dtype."""
   _, shapes, _ = abstract(cfg)
   files = _tensor_files(hf_dir)
-  prefix, lm_head = _prefixes(cfg, files)
+  prefix, lm_head = _prefixes(cfg, files, hf_dir)
   specs = _specs(cfg, shapes, prefix, lm_head)
   expected = {}  # HF name -> shape: our blocks side by side (GPT-2's c_attn holds three).
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
@@ -510,7 +518,7 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None
     src = read_config(source_dir)
     special = {k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in src}
   config = hf_config(cfg, special)
-  dtype = np.dtype(dtype or cfg.param_dtype)
+  dtype = jnp.dtype(dtype or cfg.param_dtype)
   config["dtype"] = str(dtype)
   specs = _specs(cfg, params, "transformer." if cfg.family == "gpt2" else "model.",
                  "lm_head.weight")

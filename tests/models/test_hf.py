@@ -137,7 +137,8 @@ def test_import_parity_sampler_and_export_roundtrip(family, tmp_path, tokens_RxL
                            unpadded_RxL[np.arange(3)[:, None], at_RxN]]
   np.testing.assert_allclose(out["logp_RxN"], teacher_RxN, atol=1e-5, rtol=0)
 
-  hf.save(tmp_path / "out", params, cfg)
+  hf.save(tmp_path / "out", params, cfg, max_shard_bytes=2**16)  # Several files and an index.
+  assert (tmp_path / "out" / "model.safetensors.index.json").exists()
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   assert type(reloaded) is type(model)
   np.testing.assert_allclose(_hf_logits(reloaded, tokens_RxL), expected, atol=1e-5, rtol=0)
@@ -174,7 +175,7 @@ def test_sharded_import_reads_only_each_device_block(tmp_path, devices8, monkeyp
     assert max(b.size for _, _, b in read) < max(x.size for x in jax.tree.leaves(shapes))
 
 
-def test_bfloat16_checkpoint_imports_into_float32_params(tmp_path):
+def test_bfloat16_checkpoint_imports_into_float32_params_and_exports_back(tmp_path):
   config_class, kwargs, _ = FAMILIES["qwen3"]
   model = _hf_model(config_class, kwargs).to(torch.bfloat16)
   model.save_pretrained(tmp_path)
@@ -183,6 +184,10 @@ def test_bfloat16_checkpoint_imports_into_float32_params(tmp_path):
   want = model.model.layers[1].self_attn.k_proj.weight.detach().float().numpy()  # [G·K, D]
   got = np.asarray(params["layers"][1]["attn"]["wk_DxGxK"]).reshape(64, -1).T
   np.testing.assert_array_equal(got, want)
+  hf.save(tmp_path / "out", params, cfg, dtype="bfloat16")  # Back to bf16: lossless.
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+  for (name, p), (_, q) in zip(model.named_parameters(), reloaded.named_parameters()):
+    assert p.dtype == q.dtype == torch.bfloat16 and torch.equal(p, q), name
 
 
 def test_config_translation_errors_and_presets(tmp_path):
