@@ -44,7 +44,7 @@ _FAMILY = {model_type: family for family, (model_type, _) in ARCHITECTURES.items
 # ModelConfig fields that shape the parameters: a run's config must agree with the checkpoint.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim")
 # ModelConfig fields that are the run's choice, not the checkpoint's.
-RUN_FIELDS = ("dtype", "param_dtype", "remat", "num_scores")
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "num_scores", "attention_impl")
 # Files of the source directory an export carries over (tokenizer, generation defaults).
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
             "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
@@ -414,6 +414,11 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
 
 # ---- Export --------------------------------------------------------------------------------------
 
+def run_fields(cfg: ModelConfig) -> dict:
+  """cfg's RUN_FIELDS (the run's choices, which no checkpoint carries)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k in RUN_FIELDS}
+
+
 def _canonical(cfg: ModelConfig) -> dict:
   """The architecture fields that change the computation (for the export round-trip check)."""
   f = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS}
@@ -471,7 +476,7 @@ def hf_config(cfg: ModelConfig, special_tokens: Mapping | None = None) -> dict:
       if cfg.family.startswith("qwen"):  # Else transformers drops the window.
         out.update(use_sliding_window=True, max_window_layers=0)
     out.update(_rope_config(cfg))
-  have = _canonical(ModelConfig(**config_fields(out), **{k: getattr(cfg, k) for k in RUN_FIELDS}))
+  have = _canonical(ModelConfig(**config_fields(out), **run_fields(cfg)))
   want = _canonical(cfg)
   diff = sorted(k for k in want if have.get(k) != want[k])
   if diff:

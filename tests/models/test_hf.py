@@ -209,7 +209,7 @@ def test_config_translation_errors_and_presets(tmp_path):
   for name in presets.PRESETS:
     preset_cfg = models.ModelConfig(**models.preset(name))
     back = models.ModelConfig(**hf.config_fields(hf.hf_config(preset_cfg)),
-                              **{k: getattr(preset_cfg, k) for k in hf.RUN_FIELDS})
+                              **hf.run_fields(preset_cfg))
     assert back.max_positions == (preset_cfg.max_positions or 8192)
     assert dataclasses.replace(back, max_positions=preset_cfg.max_positions) == preset_cfg, name
 
