@@ -79,6 +79,9 @@ class ModelConfig:
   dtype: str = "float32"         # Activation / matmul dtype (bfloat16 on accelerators).
   param_dtype: str = "float32"   # Storage dtype of parameters.
   remat: bool = False            # Recompute each block's activations in the backward pass.
+  # Attention kernel: xla (the einsums below, every backend), cudnn (jax.nn.dot_product_attention's
+  # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn on a GPU in bf16/fp16).
+  attention_impl: str = "xla"
   # 0: a language model (next-token logits over the vocabulary). O > 0: a scoring model (reward
   # models) whose head maps each position's final hidden state to O outputs instead.
   num_scores: int = 0
@@ -88,7 +91,8 @@ class ModelConfig:
       raise ValueError(f"model: n_heads={self.n_heads} is not a multiple of "
                        f"n_kv_heads={self.n_kv_heads}")
     choices = {"family": FAMILIES, "norm": ("rms", "layer"), "mlp_act": tuple(ACTIVATIONS),
-               "positions": ("rope", "learned"), "rope_scaling": ("", "linear", "llama3")}
+               "positions": ("rope", "learned"), "rope_scaling": ("", "linear", "llama3"),
+               "attention_impl": ("xla", "cudnn", "auto")}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ValueError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
@@ -96,6 +100,9 @@ class ModelConfig:
       raise ValueError("model.positions='learned' needs model.max_positions >= 1")
     if self.sliding_window < 0 or self.sliding_window_pattern < 0:
       raise ValueError("model.sliding_window and model.sliding_window_pattern must be >= 0")
+    if self.attention_impl != "xla" and self.attn_softcap:
+      raise ValueError("model.attn_softcap needs model.attention_impl='xla' (the fused kernel "
+                       "has no score soft-capping)")
 
   def is_local(self, layer: int) -> bool:
     """Whether layer `layer` (0-based) attends within the sliding window."""
@@ -199,6 +206,13 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
   return cap * jnp.tanh(x / cap) if cap else x
 
 
+def _fused_attention(cfg: ModelConfig) -> bool:
+  """Whether attention runs through the fused kernel (model.attention_impl)."""
+  if cfg.attention_impl == "auto":
+    return jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
+  return cfg.attention_impl == "cudnn"
+
+
 class Attention(nnx.Module):
   """Causal grouped-query attention with an optional KV cache; `local`: in the sliding window."""
 
@@ -260,13 +274,22 @@ class Attention(nnx.Module):
       mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
 
     G, K = cfg.n_kv_heads, cfg.head_dim
-    q_RxLxGxNxK = q_RxLxHxK.reshape(*q_RxLxHxK.shape[:2], G, cfg.n_heads // G, K)
-    scores = jnp.einsum("rlgnk,rsgk->rgnls", q_RxLxGxNxK, k_RxSxGxK.astype(dt),
-                        preferred_element_type=wide(dt)) * (cfg.query_pre_attn_scalar or K) ** -0.5
-    scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_RxLxGxNxK = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxK.astype(dt))
-    out_RxLxHxK = out_RxLxGxNxK.reshape(q_RxLxHxK.shape)
+    scale = (cfg.query_pre_attn_scalar or K) ** -0.5
+    if _fused_attention(cfg):
+      # Plain causal training passes no mask, so the kernel skips the upper triangle.
+      plain = cache is None and kv_mask_RxS is None and not self.window
+      out_RxLxHxK = jax.nn.dot_product_attention(
+          q_RxLxHxK, k_RxSxGxK.astype(dt), v_RxSxGxK.astype(dt),
+          mask=None if plain else mask_RxLxS[:, None], is_causal=plain, scale=scale,
+          implementation="cudnn")
+    else:
+      q_RxLxGxNxK = q_RxLxHxK.reshape(*q_RxLxHxK.shape[:2], G, cfg.n_heads // G, K)
+      scores = jnp.einsum("rlgnk,rsgk->rgnls", q_RxLxGxNxK, k_RxSxGxK.astype(dt),
+                          preferred_element_type=wide(dt)) * scale
+      scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out_RxLxGxNxK = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxK.astype(dt))
+      out_RxLxHxK = out_RxLxGxNxK.reshape(q_RxLxHxK.shape)
     out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxK, self.wo_HxKxD[...].astype(dt))
     if cfg.out_bias:
       out_RxLxD = out_RxLxD + self.bo_D[...].astype(dt)
