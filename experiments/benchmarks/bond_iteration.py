@@ -1,8 +1,8 @@
 r"""One BOND iteration split into sampling (the rollout) and training (the update).
 
   python -m experiments.benchmarks.bond_iteration                     # tiny Llama on CPU
-  python -m experiments.benchmarks.bond_iteration --preset=llama_1b --batch=16 --prompt_len=256 \
-      --new_tokens=256 --remat --out=bond_iteration_llama_1b             # accelerator
+  python -m experiments.benchmarks.bond_iteration --preset=llama_1b --batch=2 --prompt_len=128 \
+      --new_tokens=128 --remat --attention_impl=auto --out=bond_iteration_llama_1b  # accelerator
 
 The iteration is train.py's: the jitted `rollout.rollout` (configs/bond.py: 2 policy + 16
 anchor samples per prompt through `sampling.sample`, the reference's log-probs of all of them,
@@ -28,13 +28,15 @@ def main(argv=None):
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--attention_impl", default=None, help="xla | cudnn | auto (model default: xla)")
   p.add_argument("--out", default="bond_iteration")
   args = p.parse_args(argv)
 
   cfg = harness.run_config("bond")
   cfg.sampling.max_new_tokens = args.new_tokens
   cfg.data.batch_size = args.batch
-  model_cfg = harness.model_config(args.preset, remat=args.remat or None)
+  model_cfg = harness.model_config(args.preset, remat=args.remat or None,
+                                   attention_impl=args.attention_impl)
   env = report.environment()
   s = harness.build_step(cfg, model_cfg)
   make_batch = harness.build_rollout(s, args.batch, args.prompt_len)
@@ -79,7 +81,8 @@ def main(argv=None):
        "compile_s": compile_step},
   ]
   notes = [
-      f"model {args.preset} ({model_cfg.dtype}, remat {model_cfg.remat}); {B} prompts x K = "
+      f"model {args.preset} ({model_cfg.dtype}, remat {model_cfg.remat}, attention "
+      f"{model_cfg.attention_impl}); {B} prompts x K = "
       f"{K} samples ({cfg.rollout.num_policy} policy + {cfg.rollout.num_anchor} anchor) of "
       f"{P} prompt + {N} new tokens; sampling tokens/s counts generated tokens, training "
       "tokens/s all B·K·L tokens of the update.",

@@ -3,8 +3,9 @@ r"""Offline DPO and LiPO update steps: step time, tokens/s, peak memory, MFU.
   # CPU (default): the 4-layer tiny Llama, 8 prompts x (2 | 4) responses x 128 tokens:
   python -m experiments.benchmarks.offline_step
   # Accelerator: the ~1.2B Llama-3.2-1B shape in bf16 compute (GPU / TPU):
-  python -m experiments.benchmarks.offline_step --preset=llama_1b --batch=8 --prompt_len=256 \
-      --response_len=768 --remat --steps=5 --reps=5 --out=offline_step_llama_1b
+  python -m experiments.benchmarks.offline_step --preset=llama_1b --batch=4 --prompt_len=256 \
+      --response_len=768 --remat --attention_impl=auto --steps=5 --reps=5 \
+      --out=offline_step_llama_1b
 
 Each update is `step.train_step` jitted as train.py jits it (shardings, donated state), fed host
 batches through `pipeline.to_global`; the loss settings and the optimizer are those of
@@ -38,10 +39,12 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--remat", action="store_true")
   p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
+  p.add_argument("--attention_impl", default=None, help="xla | cudnn | auto (model default: xla)")
   p.add_argument("--out", default="offline_step")
   args = p.parse_args(argv)
 
-  model_cfg = harness.model_config(args.preset, remat=args.remat or None, dtype=args.dtype)
+  model_cfg = harness.model_config(args.preset, remat=args.remat or None, dtype=args.dtype,
+                                   attention_impl=args.attention_impl)
   env = report.environment()
   on_cpu = jax.devices()[0].platform == "cpu"
   L = args.prompt_len + args.response_len
@@ -82,6 +85,7 @@ def main(argv=None):
     rows.append({
         "objective": name, "model": args.preset, "B": args.batch, "K": run["k"], "L": L,
         "dtype": model_cfg.dtype, "remat": model_cfg.remat,
+        "attention": model_cfg.attention_impl,
         "step_ms (median)": 1e3 * step_s,
         "step_ms (min..max)": f"{1e3 * min(run['times']):.1f}..{1e3 * max(run['times']):.1f}",
         "tokens/s": rows_per_step * L / step_s,

@@ -2,7 +2,8 @@ r"""Sampler prefill and decode throughput against the memory-bandwidth roofline.
 
   python -m experiments.benchmarks.sampler                             # tiny Llama on CPU
   python -m experiments.benchmarks.sampler --preset=llama_1b --param_dtype=bfloat16 \
-      --batch=64,128,256 --prompt_len=512 --new_tokens=256 --out=sampler_llama_1b  # accelerator
+      --attention_impl=auto --batch=64,128,256 --prompt_len=512 --new_tokens=256 \
+      --out=sampler_llama_1b                                            # accelerator
 
 Times the jitted `sampling.sample` itself (prefill, then a `lax.while_loop` of one-token decode
 steps over a KV cache; no EOS, so every row decodes all N tokens) at N = 1 and N = new_tokens:
@@ -27,6 +28,7 @@ def main(argv=None):
   p.add_argument("--preset", default="tiny_llama")
   p.add_argument("--param_dtype", default=None, help="storage dtype override (bfloat16 halves "
                  "the bytes a decode step reads)")
+  p.add_argument("--attention_impl", default=None, help="xla | cudnn | auto (model default: xla)")
   p.add_argument("--batch", default="8,64", help="rows sampled at once, comma-separated")
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--new_tokens", type=int, default=64)
@@ -34,7 +36,8 @@ def main(argv=None):
   p.add_argument("--out", default="sampler")
   args = p.parse_args(argv)
 
-  model_cfg = harness.model_config(args.preset, param_dtype=args.param_dtype)
+  model_cfg = harness.model_config(args.preset, param_dtype=args.param_dtype,
+                                   attention_impl=args.attention_impl)
   cfg = harness.run_config("bond")  # Mesh and rules of every config.
   env = report.environment()
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -85,7 +88,8 @@ def main(argv=None):
     })
   notes = [
       f"model {args.preset}: {param_bytes / 1e6:.1f} MB of parameters ({model_cfg.param_dtype}), "
-      f"compute {model_cfg.dtype}; KV cache {model_cfg.dtype}.",
+      f"compute {model_cfg.dtype}; KV cache {model_cfg.dtype}; attention "
+      f"{model_cfg.attention_impl}.",
       "bytes/step = parameter bytes + 2·n_layers·rows·(P+N)·G·K·itemsize (roofline.py); "
       f"peak bandwidth {peaks['peak_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, peak FLOP/s "
       f"{peaks['peak_flops_per_s'] / 1e12:.3f} T: {peaks['peak_source']}.",
