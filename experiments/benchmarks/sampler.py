@@ -8,9 +8,9 @@ r"""Sampler prefill and decode throughput against the memory-bandwidth roofline.
 Times the jitted `sampling.sample` itself (prefill, then a `lax.while_loop` of one-token decode
 steps over a KV cache; no EOS, so every row decodes all N tokens) at N = 1 and N = new_tokens:
 decode step = (t_N − t_1)/(N − 1), prefill = t_1 − one decode step. A decode step must read every
-parameter and the whole KV cache (the sampler attends over all S = P + N slots, masked), so its
-roofline is bytes/step ÷ memory bandwidth; utilisation = achieved bytes/s ÷ the peak bandwidth
-(roofline.py). The two programs alternate repetition by repetition; medians.
+parameter and the whole KV cache (the sampler attends over all S = P + N slots, masked): its
+memory roofline is bytes/step ÷ bandwidth, its compute roofline FLOPs/step ÷ peak FLOP/s, and
+bandwidth utilisation = achieved bytes/s ÷ the peak bandwidth (roofline.py). The two programs alternate repetition by repetition; medians.
 """
 
 import argparse
@@ -76,6 +76,8 @@ def main(argv=None):
     decode_s = (tN - t1) / (N - 1)
     prefill_s = max(t1 - decode_s, 1e-9)
     step_bytes = roofline.decode_step_bytes(param_bytes, model_cfg, R, P + N)
+    memory_s = step_bytes / peaks["peak_bandwidth_bytes_per_s"]
+    compute_s = roofline.forward_flops(model_cfg, R, 1, P + N) / peaks["peak_flops_per_s"]
     prefill_flops = roofline.forward_flops(model_cfg, R, P, P + 1)
     rows.append({
         "rows": R, "P": P, "N": N, "prefill ms": 1e3 * prefill_s,
@@ -83,14 +85,17 @@ def main(argv=None):
         "prefill MFU %": 100 * prefill_flops / prefill_s / peaks["peak_flops_per_s"],
         "decode ms/step": 1e3 * decode_s, "decode tokens/s": R / decode_s,
         "MB read/step": step_bytes / 1e6,
-        "roofline tokens/s": R * peaks["peak_bandwidth_bytes_per_s"] / step_bytes,
-        "bandwidth util %": 100 * step_bytes / decode_s / peaks["peak_bandwidth_bytes_per_s"],
+        "roofline tokens/s": R / max(memory_s, compute_s),
+        "bound": "memory" if memory_s >= compute_s else "compute",
+        "bandwidth util %": 100 * memory_s / decode_s,
     })
   notes = [
       f"model {args.preset}: {param_bytes / 1e6:.1f} MB of parameters ({model_cfg.param_dtype}), "
       f"compute {model_cfg.dtype}; KV cache {model_cfg.dtype}; attention "
       f"{model_cfg.attention_impl}.",
-      "bytes/step = parameter bytes + 2·n_layers·rows·(P+N)·G·K·itemsize (roofline.py); "
+      "bytes/step = parameter bytes + 2·n_layers·rows·(P+N)·G·K·itemsize (roofline.py); the "
+      "roofline step time is max(bytes / bandwidth, model FLOPs of one token per row over P+N "
+      "keys / peak FLOP/s), and `bound` says which term is larger; "
       f"peak bandwidth {peaks['peak_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, peak FLOP/s "
       f"{peaks['peak_flops_per_s'] / 1e12:.3f} T: {peaks['peak_source']}.",
       "prefill is measured in the N = 1 program (cache of P + 1 slots); its FLOPs count P "
