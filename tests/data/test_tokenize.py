@@ -16,8 +16,8 @@ import pytest
 from align_jax.data import tokenize
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-transformers = pytest.importorskip("transformers")  # The `parity` extra.
-spm = pytest.importorskip("sentencepiece")
+import sentencepiece as spm  # noqa: E402
+import transformers  # noqa: E402  The `parity` extra.
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "

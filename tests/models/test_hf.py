@@ -23,8 +23,8 @@ from align_jax import checkpoint, config_lib, models, sampling, sharding  # noqa
 from align_jax.models import hf, presets  # noqa: E402
 from conftest import ROOT, main_command, subprocess_env  # noqa: E402
 
-torch = pytest.importorskip("torch", reason="the parity extra: pip install -e '.[test,parity]'")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  The parity extra: pip install -e ".[test,parity]".
+import transformers  # noqa: E402
 torch.set_num_threads(1)
 
 L, P = 12, 4  # Tokens per row; prompt tokens of the sampler test.
