@@ -10,7 +10,8 @@ steps over a KV cache; no EOS, so every row decodes all N tokens) at N = 1 and N
 decode step = (t_N − t_1)/(N − 1), prefill = t_1 − one decode step. A decode step must read every
 parameter and the whole KV cache (the sampler attends over all S = P + N slots, masked): its
 memory roofline is bytes/step ÷ bandwidth, its compute roofline FLOPs/step ÷ peak FLOP/s, and
-bandwidth utilisation = achieved bytes/s ÷ the peak bandwidth (roofline.py). The two programs alternate repetition by repetition; medians.
+bandwidth utilisation = achieved bytes/s ÷ the peak bandwidth (roofline.py). The two programs
+alternate repetition by repetition; medians.
 """
 
 import argparse
