@@ -60,10 +60,12 @@ def test_cached_decoding_equals_full_forward(model):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
 
 
-def test_remat_same_gradients_and_actually_remats(model):
+@pytest.mark.parametrize("policy", ["nothing", "dots_no_batch"])
+def test_remat_same_gradients_and_actually_remats(model, policy):
   _, params = model
   tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
-  remat_graphdef, _, _ = models.abstract(dataclasses.replace(CFG, remat=True))
+  remat_graphdef, _, _ = models.abstract(dataclasses.replace(CFG, remat=True,
+                                                             remat_policy=policy))
   plain_graphdef, _, _ = models.abstract(CFG)
 
   def loss(graphdef, p):
@@ -74,6 +76,9 @@ def test_remat_same_gradients_and_actually_remats(model):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(remat_graphdef, p)))(params))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
+  shown = {"nothing": "policy=<function nothing_saveable",
+           "dots_no_batch": "policy=DotsSaveable(only_if_no_batch_dims=True)"}[policy]
+  assert shown in jaxpr  # the chosen policy reached the remat
   assert "remat" not in str(jax.make_jaxpr(jax.grad(lambda p: loss(plain_graphdef, p)))(params))
 
 

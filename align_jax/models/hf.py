@@ -44,7 +44,7 @@ _FAMILY = {model_type: family for family, (model_type, _) in ARCHITECTURES.items
 # ModelConfig fields that shape the parameters: a run's config must agree with the checkpoint.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim")
 # ModelConfig fields that are the run's choice, not the checkpoint's.
-RUN_FIELDS = ("dtype", "param_dtype", "remat", "num_scores", "attention_impl")
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "num_scores", "attention_impl")
 # Files of the source directory an export carries over (tokenizer, generation defaults).
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
             "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")

@@ -30,6 +30,17 @@ ACTIVATIONS = {"silu": jax.nn.silu,
                "gelu": functools.partial(jax.nn.gelu, approximate=False)}
 
 
+# What a remat block keeps from its forward pass (the rest is recomputed in the backward pass):
+# nothing (least memory), dots (every matmul output), dots_no_batch (matmuls without batch
+# dimensions, i.e. the projections, not attention's score/value products), everything (no remat).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture. Defaults are Llama's choices; the other families are options here.
@@ -78,7 +89,8 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"         # Activation / matmul dtype (bfloat16 on accelerators).
   param_dtype: str = "float32"   # Storage dtype of parameters.
-  remat: bool = False            # Recompute each block's activations in the backward pass.
+  remat: bool = False            # Recompute each block's activations in the backward pass ...
+  remat_policy: str = "nothing"  # ... except what the policy saves: REMAT_POLICIES.
   # Attention kernel: xla (the einsums below, every backend), cudnn (jax.nn.dot_product_attention's
   # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn on a GPU in bf16/fp16).
   attention_impl: str = "xla"
@@ -92,7 +104,7 @@ class ModelConfig:
                        f"n_kv_heads={self.n_kv_heads}")
     choices = {"family": FAMILIES, "norm": ("rms", "layer"), "mlp_act": tuple(ACTIVATIONS),
                "positions": ("rope", "learned"), "rope_scaling": ("", "linear", "llama3"),
-               "attention_impl": ("xla", "cudnn", "auto")}
+               "attention_impl": ("xla", "cudnn", "auto"), "remat_policy": tuple(REMAT_POLICIES)}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ValueError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
@@ -390,7 +402,8 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if cfg.remat:
-        call = nnx.remat(lambda b, *a: b(*a), prevent_cse=True)
+        call = nnx.remat(lambda b, *a: b(*a), prevent_cse=True,
+                         policy=REMAT_POLICIES[cfg.remat_policy])
         x_RxLxD, c = call(block, x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
       else:
         x_RxLxD, c = block(x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
