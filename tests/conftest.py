@@ -14,9 +14,10 @@ import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
 # Runs of different configs share compiled programs (exact evaluation, init) through the
-# persistent cache: identical computations compile once per session.
-# Subprocesses (the CLI tests) share it through the environment.
-_XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="align_jax_test_xla_"),
+# persistent cache: identical computations compile once per session. The pytest-xdist workers
+# inherit the directory from the controller's environment, and subprocesses (the CLI tests) too.
+os.environ.setdefault("ALIGN_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="align_jax_test_xla_"))
+_XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ["ALIGN_JAX_TEST_XLA_CACHE"],
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE["JAX_COMPILATION_CACHE_DIR"])
