@@ -170,6 +170,8 @@ def base() -> mlc.ConfigDict:
       target_jeffreys=0.5,       # ... and the mix β of exact/jeffreys_bon (1−β)KL(BoN‖π) + βKL(π‖BoN).
       tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (objective todo).
       eval_pairs=2048,           # Held-out BT pairs for exact/ranking_accuracy (0: none).
+      distinct_samples=16,       # exact/distinct_*: expected Distinct-n of this many samples per
+                                 # prompt (exact, by enumeration; 0: not computed).
       categories=6,              # Distributional labels (DPRM): ordered rating categories C ...
       voters=10,                 # ... and simulated annotators per response.
   ))

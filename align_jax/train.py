@@ -138,6 +138,10 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
       logp_XxY = logp_fn(p)
       metrics = exact.policy_metrics(logp_XxY, eval_ref_XxY, reward_XxY, tb.prompt_logw_X,
                                      target_XxY)
+      if cfg.testbed.distinct_samples:  # Diversity: expected Distinct-1/2 and distinct responses.
+        metrics |= exact.expected_distinct(logp_XxY, tb.responses_YxT, tb.prompt_logw_X,
+                                           num_samples=cfg.testbed.distinct_samples,
+                                           vocab=language.V)
       if cfg.testbed.target == "bon":
         metrics["exact/jeffreys_bon"] = bond.jeffreys(logp_XxY, target_XxY, tb.prompt_logw_X,
                                                       cfg.testbed.target_jeffreys)

@@ -92,6 +92,46 @@ def entropy(logp_XxY: Array, prompt_logw_X: Array) -> Array:
   return _prompt_mean(ent_X, prompt_logw_X)
 
 
+def expected_distinct(logp_XxY: Array, responses_YxT: np.ndarray, prompt_logw_X: Array, *,
+                      num_samples: int, vocab: int, orders=(1, 2)) -> dict[str, Array]:
+  """Expected Distinct-n of `num_samples` i.i.d. responses per prompt, exactly (no sampling).
+
+  Distinct-n = #distinct n-grams / #n-grams in the M = num_samples responses of a prompt; the
+  denominator M·(T − n + 1) is fixed, and an n-gram g is among the samples with probability
+  1 − (1 − P_π(g ∈ y | x))^M, so E[#distinct] = Σ_g 1 − (1 − P(g ∈ y))^M with P(g ∈ y) enumerated
+  (ABLATIONS.md §2.3). "seq" treats whole responses as the items: the expected share of distinct
+  responses among the M. Prompt-weighted like every metric here.
+
+  Args:
+    logp_XxY: the policy π over all responses (lexicographic, as `responses_YxT`).
+    responses_YxT: every response's tokens (numpy: the n-gram tables are built at trace time).
+    prompt_logw_X: log prompt weights.
+    num_samples: M ≥ 1 responses per prompt.
+    vocab: tokens range over 0..vocab−1.
+    orders: the n of each Distinct-n, each ≤ T.
+
+  Returns:
+    {"exact/distinct_<n>": ... for n in orders, "exact/distinct_seq": ...}, each in [0, 1].
+  """
+  num_y, length = responses_YxT.shape
+  p_XxY = jnp.exp(logp_XxY)
+  out = {}
+  for n in orders:
+    if not 1 <= n <= length:
+      raise ValueError(f"expected_distinct: order {n} is not in 1..{length}")
+    gram_YxW = sum(responses_YxT[:, i:i + length - n + 1].astype(np.int64) * vocab**(n - 1 - i)
+                   for i in range(n))  # Each window's n-gram as one integer id.
+    occurs_YxG = np.zeros((num_y, vocab**n), np.float32)
+    occurs_YxG[np.arange(num_y)[:, None], gram_YxW] = 1.0
+    hit_XxG = jnp.clip(p_XxY @ occurs_YxG.astype(p_XxY.dtype), 0.0, 1.0)
+    count_X = jnp.sum(-jnp.expm1(num_samples * jnp.log1p(-hit_XxG)), axis=-1)
+    out[f"exact/distinct_{n}"] = _prompt_mean(count_X, prompt_logw_X) / (
+        num_samples * (length - n + 1))
+  seq_X = jnp.sum(-jnp.expm1(num_samples * jnp.log1p(-jnp.clip(p_XxY, 0.0, 1.0))), axis=-1)
+  out["exact/distinct_seq"] = _prompt_mean(seq_X, prompt_logw_X) / num_samples
+  return out
+
+
 def expectation(logp_XxY: Array, values_XxY: Array,
                 prompt_logw_X: Array) -> Array:
   """E[v] = Σ_x w_x Σ_y p(y|x) v(x, y); values where p = 0 are ignored."""
