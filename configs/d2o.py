@@ -40,8 +40,9 @@ def get_config(arg: str | None = None):
 def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
   """N ∈ {1 (= DPO, α = β), 3, 11} self-samples, and β = 0 (the negatives alone, N = 11).
 
-  quick: N = 1 and N = 3.
+  quick: the default N = 11.
   """
   del arg
-  points = config_lib.product(**{"data.num_samples": [1, 3] if quick else [1, 3, 11]})
-  return points if quick else points + [{"loss.beta": 0.0}]
+  if quick:
+    return [{"data.num_samples": 11}]
+  return config_lib.product(**{"data.num_samples": [1, 3, 11]}) + [{"loss.beta": 0.0}]

@@ -36,6 +36,6 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
-  """β sweep (quick: 0.3)."""
+  """β sweep (quick: the default 0.1)."""
   del arg
-  return config_lib.product(**{"loss.beta": [0.3] if quick else [0.05, 0.1, 0.3]})
+  return config_lib.product(**{"loss.beta": [0.1] if quick else [0.05, 0.1, 0.3]})

@@ -19,7 +19,7 @@ Budget for every run: Adam 1e-4 × 150 steps (ABLATIONS.md §6.3/§7.3 pilots; t
 1e-3 × 300 saturates), exact evaluation every 25 steps for the reward-vs-KL curves, 5 seeds.
 
   python experiments/d2o_aot.py               # the full study (65 runs)
-  python experiments/d2o_aot.py --quick       # four smoke runs, for tests
+  python experiments/d2o_aot.py --quick       # three smoke runs, for tests
 """
 
 import os
@@ -42,7 +42,7 @@ FSD = {"exact/fsd_violation": "FSD violation", "exact/fsd_margin": "mean quantil
 
 
 def grids(quick: bool) -> list[study.Grid]:
-  """Every config's sweep; quick leaves out AOT unpaired (test time: one compile per run)."""
+  """Every config's sweep; quick leaves out AOT unpaired (test time: a compile per run)."""
   arg, sets = ("smoke", QUICK) if quick else ("", BUDGET)
   names = ("d2o", "dpo", "aot") if quick else ("d2o", *AOT_METHODS)
   return [study.Grid(name, f"configs/{name}.py", arg=arg, sets=sets) for name in names]
@@ -57,23 +57,6 @@ def _d2o_label(r: study.Record) -> str:
   return f"D2O, N = {n} (β = {beta:g}, α = {alpha:g})"
 
 
-def _trajectory(r: study.Record, key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(KL(π‖π_ref), metric) along training: the start, every evaluation, the end."""
-  points = [r.initial, *r.curve, r.final]
-  return (np.array([p["exact/kl_policy_ref"] for p in points]),
-          np.array([p[key] for p in points]))
-
-
-def _at_kl(records: list[study.Record], key: str, kl: float) -> list[float]:
-  """Each seed's metric interpolated along its own trajectory at KL(π‖π_ref) = kl."""
-  out = []
-  for r in records:
-    kls, vals = _trajectory(r, key)
-    order = np.argsort(kls)
-    out.append(float(np.interp(kl, kls[order], vals[order])))
-  return out
-
-
 def analyze(records: list[study.Record], args):
   body, data = [], {}
   d2o = study.group_by([r for r in records if r.group == "d2o"], _d2o_label)
@@ -83,7 +66,8 @@ def analyze(records: list[study.Record], args):
   cols = {"exact/harm": "harm ↓", **COLUMNS}
   base = records[0].initial
   body.append(f"### D2O: negatives only (base policy: harm {base.get('exact/harm', np.nan):.4f}, "
-              f"E[r] {base['exact/reward']:.3f})")
+              f"E[r] {base['exact/reward']:.3f}; DPO's positives are base samples, so harmful at "
+              "the base rate)")
   body.append(study.table(["method", *cols.values()],
                           [[label, *(study.fmt([r.final[m] for r in rs], 4) for m in cols)]
                            for label, rs in d2o.items()]))
@@ -92,8 +76,9 @@ def analyze(records: list[study.Record], args):
   dpo_label = next((k for k in d2o if k.startswith("DPO")), None)
   big = max((k for k in d2o if k.startswith("D2O")), default=None,
             key=lambda k: d2o[k][0].cfg("data.num_samples"))
+  alone = next((k for k in d2o if k.startswith("negatives alone")), None)
   if dpo_label and big:
-    body.append(_d2o_finding(d2o[dpo_label], d2o[big], big, data))
+    body.append(_d2o_finding(d2o[dpo_label], d2o[big], big, d2o.get(alone), data))
 
   rows = []
   for (method, beta), rs in aot.items():
@@ -119,26 +104,42 @@ def _compare(a_rs, b_rs, key) -> tuple[list[float], str]:
   return diff, "higher" if m > s else "lower" if m < -s else "level within seed noise"
 
 
-def _d2o_finding(dpo, d2o, label, data) -> str:
+def _d2o_finding(dpo, d2o, label, alone, data) -> str:
   kl = min(np.mean([r.final["exact/kl_policy_ref"] for r in rs]) for rs in (dpo, d2o))
-  harm_at = {n: _at_kl(rs, "exact/harm", kl) for n, rs in (("dpo", dpo), ("d2o", d2o))}
   harm, harm_word = _compare(d2o, dpo, "exact/harm")
   wr, wr_word = _compare(d2o, dpo, "exact/win_rate")
-  at_diff = np.subtract(harm_at["d2o"], harm_at["dpo"])
-  at_m, at_s = study.mean_std(at_diff)
+  at_m, at_s = study.mean_std(np.subtract(study.at_kl(d2o, "exact/harm", kl),
+                                          study.at_kl(dpo, "exact/harm", kl)))
   at_word = "higher" if at_m > at_s else "lower" if at_m < -at_s else "level within seed noise"
   data["d2o_minus_dpo"] = {"harm": study.mean_std(harm), "win_rate": study.mean_std(wr),
                            "kl": kl, "harm_at_kl": (at_m, at_s)}
-  good = [harm_word == "lower", wr_word == "higher"]
+  good = [at_word == "lower", wr_word == "higher"]  # Harm judged at matched KL (ABLATIONS §6.3).
   verdict = "Reproduced" if all(good) else "Partly reproduced" if any(good) else "Not reproduced"
-  return (f"**Finding (D2O).** {verdict} (the paper: D2O lowers harm more than DPO and wins more "
-          f"often against the base). {label} minus DPO on the same records, paired by seed: "
-          f"harm {study.fmt(harm, 4)} ({harm_word}), win rate {study.fmt(wr, 4)} ({wr_word}); at "
-          f"matched KL(π‖π_ref) = {kl:.3f} harm {at_m:+.4f} ± {at_s:.4f} ({at_word}).")
+  final = {n: np.mean([r.final["exact/harm"] for r in rs]) for n, rs in (("dpo", dpo),
+                                                                         ("d2o", d2o))}
+  text = (f"**Finding (D2O).** {verdict} (the paper: D2O lowers harm more than DPO and wins more "
+          f"often against the base; judged here at matched KL(π‖π_ref)). {label} minus DPO on "
+          f"the same records, paired by seed: at matched KL = {kl:.3f} harm {at_m:+.4f} ± "
+          f"{at_s:.4f} ({at_word}); final win rate {study.fmt(wr, 4)} ({wr_word}); final harm "
+          f"{study.fmt(harm, 4)} ({harm_word}; {final['d2o']:.4f} against {final['dpo']:.4f}, "
+          "both near zero).")
+  if alone:
+    text += (f" Without the self-sample term (negatives alone) the policy drifts to KL "
+             f"{study.fmt([r.final['exact/kl_policy_ref'] for r in alone], 2)} with win rate "
+             f"{study.fmt([r.final['exact/win_rate'] for r in alone], 3)}: the positive term is "
+             "what keeps D2O (and DPO) near π_ref, the paper's point against negatives-only "
+             "unlearning.")
+  rewards = {n: np.mean([r.final["exact/reward"] for r in rs]) for n, rs in (("dpo", dpo),
+                                                                             ("d2o", d2o))}
+  base = dpo[0].initial["exact/reward"]
+  if max(rewards.values()) < base:
+    text += (f" E_π[r] falls below the base's {base:.3f} for every method (the paper also "
+             "reports lower helpfulness for every method).")
+  return text
 
 
 def _aot_finding(aot, data) -> str:
-  parts, words = [], []
+  parts, words, below, margins, small, small_diff = [], [], 0, 0, None, []
   for beta in sorted({b for _, b in aot}):
     if ("dpo", beta) not in aot:
       continue
@@ -150,9 +151,13 @@ def _aot_finding(aot, data) -> str:
       diff, word = _compare(rs, dpo, "exact/win_rate")
       margin, margin_word = _compare(rs, dpo, "exact/fsd_margin")
       kl = min(np.mean([r.final["exact/kl_policy_ref"] for r in x]) for x in (rs, dpo))
-      matched = np.mean(_at_kl(rs, "exact/win_rate", kl)) - np.mean(
-          _at_kl(dpo, "exact/win_rate", kl))
+      matched = np.mean(study.at_kl(rs, "exact/win_rate", kl)) - np.mean(
+          study.at_kl(dpo, "exact/win_rate", kl))
       words.append(word)
+      below += matched < 0
+      margins += margin_word == "higher"
+      if method == "aot" and not small_diff:
+        small, small_diff = beta, diff
       data.setdefault("aot_minus_dpo", {})[f"{method},beta={beta}"] = {
           "win_rate": study.mean_std(diff), "fsd_margin": study.mean_std(margin),
           "win_rate_at_kl": float(matched), "kl": float(kl)}
@@ -165,8 +170,14 @@ def _aot_finding(aot, data) -> str:
   verdict = ("Reproduced" if ups == len(words) else "Not reproduced" if ups == 0 else
              "Partly reproduced")
   return (f"**Finding (AOT).** {verdict} (the paper: AOT's win rate ≥ DPO's, with larger "
-          f"chosen-over-rejected quantile margins): AOT's win rate is higher than DPO's beyond "
-          f"seed noise in {ups} of {len(words)} (method, β) comparisons. AOT minus DPO on the "
+          f"chosen-over-rejected quantile margins): at the same β and step budget AOT's win rate "
+          f"is higher than DPO's beyond seed noise in {ups} of {len(words)} (method, β) "
+          f"comparisons and its mean quantile margin is larger in {margins} of {len(words)}; at "
+          f"matched KL(π‖π_ref) its win rate is below DPO's in {below} of {len(words)}"
+          + (" (the gain comes with moving further from π_ref)" if below else "") + ". "
+          + (f"At the smallest β = {small:g} AOT paired differs from DPO by "
+             f"{study.fmt(small_diff, 4)} in win rate (AOT ≡ DPO to first order in β·margin). "
+             if small_diff else "") + "AOT minus DPO on the "
           f"same pairs, paired by seed (higher / lower: the mean exceeds the std): "
           + "; ".join(parts) + ".")
 
@@ -178,13 +189,13 @@ def _plot(d2o, aot):
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
 
   def curve(ax, rs, key, **kw):
-    kls, vals = zip(*(_trajectory(r, key) for r in rs))
+    kls, vals = zip(*(study.kl_path(r, key) for r in rs))
     ax.plot(np.mean(kls, 0), np.mean(vals, 0), marker="o", ms=3, **kw)
 
   for label, rs in d2o.items():
     curve(axes[0], rs, "exact/reward", label=label)
     curve(axes[1], rs, "exact/harm", label=label)
-  styles = {0: "-", 1: "--", 2: ":"}
+  styles = {0: ":", 1: "--", 2: "-"}  # Larger β, heavier line.
   betas = sorted({b for _, b in aot})
   for (method, beta), rs in aot.items():
     curve(axes[2], rs, "exact/reward", color=f"C{list(AOT_METHODS).index(method)}",
@@ -193,6 +204,7 @@ def _plot(d2o, aot):
   for ax, title, ylabel in zip(axes, titles, ["E_π[r]", "harm rate E_π[h ∈ y]", "E_π[r]"]):
     ax.set(xlabel="KL(π‖π_ref)", ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
+  axes[1].set_yscale("log")
   fig.tight_layout()
   return fig
 

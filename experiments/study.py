@@ -158,6 +158,24 @@ def group_by(records: list[Record], key: Callable[[Record], Any]) -> dict:
   return out
 
 
+def kl_path(record: Record, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """A run's exact (KL(π‖π_ref), metric) along training: the start, each evaluation, the end."""
+  points = [record.initial, *record.curve, record.final]
+  return (np.array([p["exact/kl_policy_ref"] for p in points]),
+          np.array([p[key] for p in points]))
+
+
+def at_kl(records: list[Record], key: str, kl: float) -> list[float]:
+  """Each run's metric at KL(π‖π_ref) = kl, linear between its evaluations (matched-KL
+  comparisons; past its last evaluation, the final value)."""
+  out = []
+  for r in records:
+    kls, values = kl_path(r, key)
+    order = np.argsort(kls)
+    out.append(float(np.interp(kl, kls[order], values[order])))
+  return out
+
+
 def _meta(args, wall: float, records: list[Record]) -> dict:
   import jax
   try:
