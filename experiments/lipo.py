@@ -82,10 +82,10 @@ def analyze(records: list[study.Record], args):
                 f"rates differ by at most {gap:.1e} (float32 arithmetic). Softmax with 0/1 labels "
                 "is DPO too, and LiPO-λ is (1 − 1/log2 3)·DPO, a factor Adam's normalisation "
                 "removes up to ε and gradient clipping.")
-  body.append(f"Budget: {_budget(records[0])}; labels: BT win shares on the gold reward (T = "
-              f"{records[0].cfg('testbed.bt_temperature'):g}); {records[0].cfg('data.num_examples')}"
-              " lists per run, so a larger K also means more responses (not a fixed number of "
-              "pairs).")
+  r0 = records[0]
+  body.append(f"Budget: {_budget(r0)}; labels: BT win shares on the gold reward (T = "
+              f"{r0.cfg('testbed.bt_temperature'):g}); {r0.cfg('data.num_examples')} lists per "
+              "run, so a larger K also means more responses (not a fixed number of pairs).")
   return "\n\n".join(body), data, _plot(points, losses, ks)
 
 
