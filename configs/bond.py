@@ -16,6 +16,8 @@ exact/bon_quantile E_π[p≤(y)]; for a moving anchor BoN_n(π_ref) is a waypoin
   python -m align_jax.main --config=configs/bond.py:n=8,beta=0.25 --workdir=runs/bond_n8
   python -m align_jax.main --config=configs/bond.py:anchor=periodic,n=2 --workdir=runs/bond_iter
   python -m align_jax.main --config=configs/bond.py:smoke
+  # The β × n and anchor study (get_sweep; experiments/bond.py tabulates it):
+  python -m align_jax.sweep --config=configs/bond.py --local --seeds=0,1,2
   # A trained reward model (configs/bt_reward.py) as the reward instead of the testbed's rule:
   python -m align_jax.main --config=configs/bond.py --config.reward_model=runs/bt_reward
 
@@ -51,3 +53,20 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """ABLATIONS.md R2: β ∈ {0, 0.5, 1} × n ∈ {2, 4, 8, 16} with the fixed anchor (the config's
+  budget), then n = 2, β = 0.5 with each anchor (fixed, periodic, ema) over a doubled budget with
+  evaluations every 25 steps: does iterative BOND keep improving past BoN_2?
+
+  quick: n = 4, β = 0.5 and the periodic anchor.
+  """
+  del arg
+  grid = [f"n={n},beta={beta}" for beta in (0.0, 0.5, 1.0) for n in (2, 4, 8, 16)]
+  anchors = ("fixed", "periodic", "ema")
+  if quick:
+    grid, anchors = ["n=4,beta=0.5"], ("periodic",)
+  return [{"arg": a} for a in grid] + [
+      {"arg": f"n=2,beta=0.5,anchor={anchor}", "total_steps": 300, "eval_every": 25}
+      for anchor in anchors]

@@ -22,6 +22,8 @@ disco's defaults: JS, window 1024. The exact metrics are the divergences to the 
   python -m align_jax.main --config=configs/fdpg.py:divergence=amari --config.loss.alpha=0.5
   python -m align_jax.main --config=configs/fdpg.py:divergence=forward_kl,proposal=offline   # DPG with q
   python -m align_jax.main --config=configs/fdpg.py:smoke
+  # The divergence × target study (get_sweep; experiments/fdpg.py tabulates it):
+  python -m align_jax.sweep --config=configs/fdpg.py --local --seeds=0,1,2
 
 Expected (default): the run's own divergence to the target falls by more than half from the base
 (exact/js for JS, exact/kl_target_policy for forward KL, exact/kl_policy_target for reverse KL,
@@ -71,3 +73,23 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """ABLATIONS.md R1: divergence ∈ {forward KL, reverse KL, TV, JS} × task ∈ {pointwise,
+  distributional, rlhf}, one shared learning rate (the config's, untuned per divergence).
+
+  Reverse KL on the pointwise task trains against b_ε with ε = 1e-5 (ABLATIONS.md §3.2: the
+  default 0.01 puts ~15% of the target's mass on violations and caps its alignment).
+  quick: forward KL and JS on the pointwise task.
+  """
+  del arg
+  divergences = ("forward_kl", "js") if quick else ("forward_kl", "reverse_kl", "tv", "js")
+  points = []
+  for task in ("pointwise",) if quick else ("pointwise", "distributional", "rlhf"):
+    for divergence in divergences:
+      point = {"arg": f"divergence={divergence},task={task}"}
+      if divergence == "reverse_kl" and task == "pointwise":
+        point["testbed.epsilon"] = 1e-5
+      points.append(point)
+  return points

@@ -11,6 +11,8 @@ plus γ times the policy-gradient estimate of KL(π‖π_anchor). After every up
   python -m align_jax.main --config=configs/jbond.py
   python -m align_jax.main --config=configs/jbond.py:smoke
   python -m align_jax.main --config=configs/jbond.py --config.rollout.anchor_ema=0.05 --config.loss.gamma=1.0
+  # γ ∈ {0, 0.5} (get_sweep); experiments/jbond_vs_reinforce.py sets them against RLOO:
+  python -m align_jax.sweep --config=configs/jbond.py --local --seeds=0,1,2
 
 Expected (default): exact/reward rises over the run while exact/kl_policy_ref stays finite and is
 reported; the anchor (an EMA of the policy) is part of the checkpoint.
@@ -41,3 +43,9 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """The anchor-KL weight γ ∈ {0 (the paper's Figure 5 setting), 0.5 (this config's)}; quick: 0.5."""
+  del arg
+  return config_lib.product(**{"loss.gamma": [0.5] if quick else [0.0, 0.5]})

@@ -7,6 +7,8 @@ exact metrics compare the policy with the optimum π_ref·exp(r/β) of E_π[r] �
   python -m align_jax.main --config=configs/rloo.py
   python -m align_jax.main --config=configs/rloo.py:smoke
   python -m align_jax.main --config=configs/rloo.py --config.loss.beta=0.3 --config.rollout.num_policy=8
+  # BOND's comparator (get_sweep): 2 samples per prompt at several β (experiments/jbond_vs_reinforce.py):
+  python -m align_jax.sweep --config=configs/rloo.py --local --seeds=0,1,2
 
 Expected (default): exact/reward rises and exact/kl_policy_target falls.
 """
@@ -28,3 +30,13 @@ def get_config(arg: str | None = None):
   if arg.smoke:
     config_lib.smoke(c)
   return c
+
+
+def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
+  """REINFORCE-LOO with 2 samples per prompt (BOND's Figure 7 baseline) at β_RL ∈ {0.1, 0.3, 1, 3}:
+  the paper's {0.001, …, 1} rescaled to the testbed's reward, so that the optima's KL(π_β‖π_ref)
+  (≈ 4.7, 2.9, 0.8, 0.1 nats) bracket BOND's BoN_N curve (ABLATIONS.md §4.2). quick: β_RL = 1.
+  """
+  del arg
+  return config_lib.product(**{"rollout.num_policy": [2],
+                               "loss.beta": [1.0] if quick else [0.1, 0.3, 1.0, 3.0]})
