@@ -56,6 +56,13 @@ class Record:
   def initial(self) -> dict:
     return self.summary["initial"]
 
+  @property
+  def trajectory(self) -> list[tuple[int, dict]]:
+    """(step, exact metrics) from the initial evaluation through the curve to the final one."""
+    by_step = {0: self.initial} | {c["step"]: c for c in self.curve}  # A resume's rerun wins.
+    by_step[self.summary["steps"]] = self.final
+    return sorted(by_step.items())
+
   def cfg(self, key: str) -> Any:
     """The run's config value at a dotted key, from its config.json."""
     with open(os.path.join(self.run.workdir, "config.json")) as f:
@@ -176,6 +183,29 @@ def at_kl(records: list[Record], key: str, kl: float) -> list[float]:
   return out
 
 
+def reference(record: Record):
+  """(testbed, log π_ref(y|x) [X, Y] float32 numpy) of a finished testbed run's cached base LM.
+
+  For exact quantities of the reference itself that no run reports (the Best-of-N curve, the
+  KL-regularised optima): the same enumeration pass as the run's exact evaluation.
+  """
+  import jax
+  import ml_collections as mlc
+  from align_jax import checkpoint, models
+  from align_jax.testbed import task
+  with open(os.path.join(record.run.workdir, "config.json")) as f:
+    cfg = json.load(f)
+  tb_cfg, model_cfg = mlc.ConfigDict(cfg["testbed"]), mlc.ConfigDict(cfg["model"])
+  tb = task.make(tb_cfg)
+  graphdef, shapes, _ = models.abstract(models.ModelConfig(**model_cfg))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = checkpoint.load_params(os.path.join(task.base_dir(tb_cfg, model_cfg), "params"),
+                                  checkpoint.abstract_like(shapes, jax.tree.map(lambda _: one,
+                                                                                shapes)))
+  logp_fn = jax.jit(task.exact_logp_fn(graphdef, tb, tb_cfg.eval_chunk))
+  return tb, np.asarray(logp_fn(params))
+
+
 def _meta(args, wall: float, records: list[Record]) -> dict:
   import jax
   try:
@@ -187,6 +217,8 @@ def _meta(args, wall: float, records: list[Record]) -> dict:
   return {"command": shlex.join(["python", f"experiments/{args.study}.py", *flags]),
           "seeds": list(range(args.seeds)), "runs": len(records),
           "wall_time_s": round(wall, 1), "analyze_only": args.analyze_only,
+          # Each run's own time (summary.json), also for runs finished by an earlier invocation.
+          "runs_wall_time_s": round(sum(r.summary.get("wall_time_s", 0.0) for r in records), 1),
           "date": datetime.date.today().isoformat(), "commit": commit,
           "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
                     f"{os.cpu_count()} cores"}
@@ -195,5 +227,7 @@ def _meta(args, wall: float, records: list[Record]) -> dict:
 def _meta_lines(meta: dict) -> str:
   wall = ("(re-analysed; see the JSON of the original run for its wall time)"
           if meta["analyze_only"] else f"{meta['wall_time_s']:.0f} s")
+  runs = (f" (the runs' own wall times sum to {meta['runs_wall_time_s']:.0f} s)"
+          if "runs_wall_time_s" in meta else "")
   return (f"Regenerate: `{meta['command']}`. Seeds {meta['seeds']}, {meta['runs']} runs, wall "
-          f"time {wall}, {meta['date']}, commit {meta['commit']}, {meta['device']}.")
+          f"time {wall}{runs}, {meta['date']}, commit {meta['commit']}, {meta['device']}.")

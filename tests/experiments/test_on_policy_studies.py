@@ -1,0 +1,118 @@
+"""The on-policy paper studies (experiments/fdpg.py, bond.py, jbond_vs_reinforce.py) in --quick mode.
+
+Each runs its reduced grid (smoke configs, 4 steps, one seed, one device) through `study.main`
+exactly as the command line does, then checks the written table, numbers and plot against the
+runs and exact facts: the study's own enumeration of the reference agrees with the runs' initial
+evaluation (π = π_ref at step 0), KL(BoN_N‖π_ref) ≤ log N − (N−1)/N, the pointwise target
+satisfies its constraint, and no policy beats the KL-regularised optimum's E[r] − β·KL. The
+expected Distinct-n metric these studies report is checked against brute-force enumeration.
+"""
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from align_jax.testbed import exact
+from conftest import ROOT
+
+
+def _run(name, tmp_path):
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = module.study.main(name, module.grids, module.analyze,
+                          argv=["--quick", "--root", str(tmp_path / "runs"), "--out",
+                                str(tmp_path)])
+  for ext in ("md", "json", "png"):
+    assert os.path.getsize(tmp_path / f"{name}.{ext}") > 0
+  assert json.load(open(tmp_path / f"{name}.json"))["meta"] == out["meta"]
+  assert out["meta"]["command"] == f"python experiments/{name}.py --quick"
+  for run in out["runs"]:
+    assert run["initial"]["exact/kl_policy_ref"] == pytest.approx(0.0, abs=1e-6)
+    for m in (run["initial"], run["final"], *run["curve"]):
+      assert all(0 <= m[f"exact/distinct_{k}"] <= 1 for k in ("1", "2", "seq"))
+  return out, open(tmp_path / f"{name}.md").read()
+
+
+def _finite(run, but=()):
+  return all(math.isfinite(v) for m in (run["initial"], run["final"]) for k, v in m.items()
+             if k not in but)
+
+
+def test_expected_distinct_n_equals_enumeration_of_all_sample_tuples():
+  vocab, length, m = 2, 2, 4
+  responses_YxT = exact._lexicographic(vocab, length)
+  rng = np.random.default_rng(0)
+  logp_XxY = np.asarray(exact.normalize(jnp.asarray(2.0 * rng.normal(size=(2, vocab**length)))))
+  logw_X = np.log([0.3, 0.7])
+  got = exact.expected_distinct(jnp.asarray(logp_XxY), responses_YxT, jnp.asarray(logw_X),
+                                num_samples=m, vocab=vocab, orders=(1, 2))
+  want = {1: 0.0, 2: 0.0}
+  for x, w in enumerate(np.exp(logw_X)):  # Every ordered M-tuple of responses, with its prob.
+    for ys in itertools.product(range(vocab**length), repeat=m):
+      prob = w * np.exp(sum(logp_XxY[x, y] for y in ys))
+      for n in (1, 2):
+        grams = {tuple(responses_YxT[y, i:i + n]) for y in ys for i in range(length - n + 1)}
+        want[n] += prob * len(grams) / (m * (length - n + 1))
+  assert float(got["exact/distinct_1"]) == pytest.approx(want[1], abs=1e-5)
+  assert float(got["exact/distinct_2"]) == pytest.approx(want[2], abs=1e-5)
+  assert float(got["exact/distinct_seq"]) == pytest.approx(want[2], abs=1e-5)  # n = T
+
+
+def test_fdpg_quick(tmp_path):
+  out, md = _run("fdpg", tmp_path)
+  assert {(r["point"], r["seed"]) for r in out["runs"]} == {
+      ("divergence-forward_kl_task-pointwise", 0), ("divergence-js_task-pointwise", 0)}
+  for run in out["runs"]:  # KL(π‖p) = ∞ against the hard constraint, for π of full support.
+    assert _finite(run, but=("exact/kl_policy_target",))
+    assert math.isinf(run["final"]["exact/kl_policy_target"])
+  target = out["targets"]["pointwise"]
+  assert target["exact/constraint_rate"] == pytest.approx(1.0, abs=1e-6)
+  # The study's enumeration of p and a against the run's own evaluation at π = a: KL(p‖a).
+  assert target["exact/kl_policy_ref"] == pytest.approx(
+      out["runs"][0]["initial"]["exact/kl_target_policy"], rel=1e-4)
+  assert set(out["points"]) == {"pointwise,forward_kl", "pointwise,js"}
+  rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")]
+  assert rows[:5] == ["| f", "| base a (start)", "| target p", "| forward KL", "| JS"]
+  assert md.count("**Finding") == 3
+
+
+def test_bond_quick(tmp_path):
+  out, md = _run("bond", tmp_path)
+  runs = {r["point"]: r for r in out["runs"]}
+  assert set(runs) == {"n-4_beta-0.5", "n-2_beta-0.5_anchor-periodic_total_steps-300_eval_every-25"}
+  assert all(_finite(r) for r in runs.values())
+  curve = {int(n): c for n, c in out["bon_curve"].items()}
+  start = runs["n-4_beta-0.5"]["initial"]
+  assert curve[1]["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+  assert curve[1]["reward"] == pytest.approx(start["exact/reward"], abs=1e-5)
+  assert curve[4]["kl_ref"] == pytest.approx(start["exact/kl_target_policy"], rel=1e-4)
+  for n, c in curve.items():  # Ties only lower KL(BoN‖π_ref) below the continuous-limit value.
+    assert c["kl_ref"] <= math.log(n) - (n - 1) / n + 1e-5
+  assert all(np.diff([c["reward"] for c in curve.values()]) > 0)
+  assert out["anchors"]["periodic"]["steps"] == [0, 2, 4]
+  assert set(out["points"]) == {"beta=0.5,n=4"}
+  assert "**Finding (paper Fig. 4" in md
+
+
+def test_jbond_vs_reinforce_quick(tmp_path):
+  out, md = _run("jbond_vs_reinforce", tmp_path)
+  assert {(r["group"], r["point"]) for r in out["runs"]} == {
+      ("jbond", "loss.gamma-0.5"), ("rloo", "rollout.num_policy-2_loss.beta-1.0")}
+  assert all(_finite(r) for r in out["runs"])
+  front = out["frontier"]
+  assert np.all(np.diff(front["kl"]) > 0) and np.all(np.diff(front["reward"]) > 0)
+  beta_B, kl_B, reward_B = map(np.array, (front["beta"], front["kl"], front["reward"]))
+  for point in out["points"].values():  # π_β maximises E[r] − β·KL(π‖π_ref): nobody beats it.
+    for path in point["paths"]:
+      value_PxB = (np.array(path["reward"])[:, None] - np.array(path["kl_ref"])[:, None] * beta_B)
+      assert np.all(value_PxB <= reward_B - beta_B * kl_B + 1e-4)
+  assert len(path["step"]) == 3  # Step 0, the evaluation at 2, the final one.
+  assert "**Finding (paper Fig. 7" in md
