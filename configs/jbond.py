@@ -46,6 +46,9 @@ def get_config(arg: str | None = None):
 
 
 def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
-  """The anchor-KL weight γ ∈ {0 (the paper's Figure 5 setting), 0.5 (this config's)}; quick: 0.5."""
+  """The anchor-KL weight γ ∈ {0 (the paper's Figure 5 setting), 0.5 (this config's)}.
+
+  quick: 0.5.
+  """
   del arg
   return config_lib.product(**{"loss.gamma": [0.5] if quick else [0.0, 0.5]})

@@ -7,7 +7,8 @@ exact metrics compare the policy with the optimum π_ref·exp(r/β) of E_π[r] �
   python -m align_jax.main --config=configs/rloo.py
   python -m align_jax.main --config=configs/rloo.py:smoke
   python -m align_jax.main --config=configs/rloo.py --config.loss.beta=0.3 --config.rollout.num_policy=8
-  # BOND's comparator (get_sweep): 2 samples per prompt at several β (experiments/jbond_vs_reinforce.py):
+  # BOND's comparator (get_sweep): 2 samples per prompt at several β
+  # (experiments/jbond_vs_reinforce.py):
   python -m align_jax.sweep --config=configs/rloo.py --local --seeds=0,1,2
 
 Expected (default): exact/reward rises and exact/kl_policy_target falls.

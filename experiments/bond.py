@@ -92,7 +92,7 @@ def analyze(records: list[study.Record], args):
   rows = [[b, n, *(study.fmt([COLUMNS[c][1](r.final) for r in points[b, n]]) for c in COLUMNS)]
           for b in betas for n in ns if (b, n) in points]
   body += [f"Final exact metrics after {records[0].summary['steps'] if records else 0} steps, "
-           "anchor fixed at π_ref (BoN = BoN_n of π_ref; the BoN_n targets are in the table above):",
+           "anchor fixed at π_ref (BoN = BoN_n of π_ref, whose values are in the table above):",
            study.table(["β", "n", *(label for label, _ in COLUMNS.values())], rows)]
   data["points"] = {f"beta={b},n={n}": {c: study.mean_std(COLUMNS[c][1](r.final) for r in rs)
                                         for c in COLUMNS} for (b, n), rs in points.items()}
@@ -199,17 +199,21 @@ def _anchor_finding(data, curve) -> str:
           f"std and > the fixed anchor's): {[ANCHORS[a] for a in rising] or 'none'}.")
 
 
+def plot_bon_curve(ax, curve: dict, style: str = "k-") -> None:
+  """The exact Best-of-N points (KL(BoN‖π_ref), E_BoN[r]) of `bon_curve` as a labelled line."""
+  ax.plot([c["kl_ref"] for c in curve.values()], [c["reward"] for c in curve.values()], style,
+          lw=1, label="exact BoN_N of π_ref")
+  for n, c in curve.items():
+    ax.annotate(f"N={n}", (c["kl_ref"], c["reward"]), fontsize=7, textcoords="offset points",
+                xytext=(3, -9))
+
+
 def _figure(points, anchors, curve):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
-  ns = list(curve)
-  ax.plot([curve[n]["kl_ref"] for n in ns], [curve[n]["reward"] for n in ns], "k-", lw=1,
-          label="exact BoN_N of π_ref")
-  for n in ns:
-    ax.annotate(f"N={n}", (curve[n]["kl_ref"], curve[n]["reward"]), fontsize=7,
-                textcoords="offset points", xytext=(3, -9))
+  plot_bon_curve(ax, curve)
   colors = {0.0: "tab:blue", 0.5: "tab:green", 1.0: "tab:red"}
   markers = {2: "o", 4: "s", 8: "^", 16: "D"}
   for (b, n), rs in points.items():

@@ -40,7 +40,8 @@ def grids(quick: bool) -> list[study.Grid]:
 
 
 def alignment(task: str, m: dict) -> float:
-  """The task's alignment score of metrics `m`: constraint rate, |E[φ] − 0.5| (lower is better), E[r]."""
+  """The task's alignment score of metrics `m`: constraint rate, |E[φ] − 0.5| (lower is better)
+  or E[r]."""
   if task == "pointwise":
     return m["exact/constraint_rate"]
   if task == "distributional":

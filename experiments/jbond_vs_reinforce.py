@@ -183,9 +183,7 @@ def _figure(points, front, curve):
   import matplotlib.pyplot as plt
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
   ax.plot(front["kl"], front["reward"], "k-", lw=1, label="KL-regularised optima π_β (exact)")
-  ns = list(curve)
-  ax.plot([curve[n]["kl_ref"] for n in ns], [curve[n]["reward"] for n in ns], "k:", lw=1,
-          label="exact BoN_N of π_ref")
+  bond.plot_bon_curve(ax, curve, "k:")
   for label, rs in points.items():
     paths = [_path(r) for r in rs]
     steps = paths[0][0]

@@ -1,4 +1,4 @@
-"""The on-policy paper studies (experiments/fdpg.py, bond.py, jbond_vs_reinforce.py) in --quick mode.
+"""The on-policy paper studies (experiments/fdpg.py, bond.py, jbond_vs_reinforce.py), --quick.
 
 Each runs its reduced grid (smoke configs, 4 steps, one seed, one device) through `study.main`
 exactly as the command line does, then checks the written table, numbers and plot against the
