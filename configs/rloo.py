@@ -36,8 +36,10 @@ def get_config(arg: str | None = None):
 def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
   """REINFORCE-LOO with 2 samples per prompt (BOND's Figure 7 baseline) at β_RL ∈ {0.1, 0.3, 1, 3}:
   the paper's {0.001, …, 1} rescaled to the testbed's reward, so that the optima's KL(π_β‖π_ref)
-  (≈ 4.7, 2.9, 0.8, 0.1 nats) bracket BOND's BoN_N curve (ABLATIONS.md §4.2). quick: β_RL = 1.
+  (≈ 4.7, 2.9, 0.8, 0.1 nats) bracket BOND's BoN_N curve (ABLATIONS.md §4.2). quick: the config
+  itself (4 samples, β_RL = 1: the smoke tests' program, so a test session compiles it once).
   """
   del arg
-  return config_lib.product(**{"rollout.num_policy": [2],
-                               "loss.beta": [1.0] if quick else [0.1, 0.3, 1.0, 3.0]})
+  if quick:
+    return [{"loss.beta": 1.0}]
+  return config_lib.product(**{"rollout.num_policy": [2], "loss.beta": [0.1, 0.3, 1.0, 3.0]})

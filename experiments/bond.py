@@ -28,11 +28,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402
 
-QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0,  # On the smoke configs;
-         "mesh.shape": (1, 1, 1), "testbed.eval_pairs": 0}    # no held-out pairs: unused here.
+QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0,
+         "mesh.shape": (1, 1, 1)}  # On the smoke configs.
 BON_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ANCHORS = {"reference": "fixed (π_ref)", "periodic": "periodic (every 50 steps)",
            "ema": "EMA (η = 0.02)"}
+ANCHOR_COLORS = {"reference": "tab:gray", "periodic": "tab:orange", "ema": "tab:purple"}
 
 
 def grids(quick: bool) -> list[study.Grid]:
@@ -105,6 +106,13 @@ def analyze(records: list[study.Record], args):
                           for n, c in checks.items()]),
              _jeffreys_finding(checks)]
     data["jeffreys_checks"] = {str(n): c for n, c in checks.items()}
+  gaps = {(b, n): (_mean(rs, "reward") - curve[n]["reward"],
+                   _mean(rs, "kl_ref") - curve[n]["kl_ref"]) for (b, n), rs in points.items()}
+  if gaps:
+    body.append("Distance to the exact BoN_n point, E_π[r] − E_BoN[r] / KL(π‖π_ref) − "
+                "KL(BoN‖π_ref) (seed means): " + "; ".join(f"β={b}, n={n}: {dr:+.3f} / {dk:+.3f}"
+                                             for (b, n), (dr, dk) in gaps.items()) + ".")
+    data["bon_gaps"] = {f"beta={b},n={n}": g for (b, n), g in gaps.items()}
 
   anchors = study.group_by([r for r in records if _iterative(r)],
                            lambda r: r.cfg("rollout.anchor"))
@@ -169,23 +177,25 @@ def _anchor_part(anchors, curve) -> tuple[list[str], dict]:
                     "kl_ref": [study.mean_std(a[s]["exact/kl_policy_ref"] for a in at if s in a)
                                for s in steps],
                     "gain_second_half": study.mean_std(gains)}
-  body = [f"n = 2, β = ½ by anchor: E_π[r] along training, final KL(π‖π_ref), the n whose exact "
-          f"E_BoN[r] equals the final reward, and the reward gained from step {half} to {total} "
-          f"(BoN_2: E[r] = {curve[2]['reward']:.3f}; BoN_4: {curve[4]['reward']:.3f}):",
+  first = next(iter(anchors.values()))[0]
+  n = first.cfg("loss.n")
+  body = [f"n = {n}, β = {first.cfg('loss.beta')} by anchor: E_π[r] along training, final "
+          "KL(π‖π_ref), the n whose exact E_BoN[r] equals the final reward, and the reward gained "
+          f"from step {half} to {total} (BoN_{n}: E[r] = {curve[n]['reward']:.3f}):",
           study.table(["anchor", *(f"E[r] @ {s}" for s in shown), "KL(π‖π_ref)", "≈ BoN_n",
                        f"gain {half}→{total}"], rows)]
-  body.append(_anchor_finding(data, curve))
+  body.append(_anchor_finding(data, curve[n]["reward"], n))
   return body, data
 
 
-def _anchor_finding(data, curve) -> str:
+def _anchor_finding(data, bon_reward: float, n: int) -> str:
   if "reference" not in data or len(data) < 2:
     return ("**Finding (paper Fig. 4: iterative BOND keeps improving).** Not testable on this "
             "grid: it needs the fixed anchor and a moving one.")
   fixed = data["reference"]
   moving = {a: d for a, d in data.items() if a != "reference"}
   better = [a for a, d in moving.items() if d["reward"][-1][0] > fixed["reward"][-1][0] and
-            d["reward"][-1][0] > curve[2]["reward"]]
+            d["reward"][-1][0] > bon_reward]
   rising = [a for a, d in moving.items()
             if d["gain_second_half"][0] > max(2 * d["gain_second_half"][1],
                                               abs(fixed["gain_second_half"][0]))]
@@ -193,8 +203,8 @@ def _anchor_finding(data, curve) -> str:
              "partly reproduced" if better or rising else "not reproduced")
   return (f"**Finding (paper Fig. 4: iterative BOND keeps improving past a fixed n).** "
           f"{verdict.capitalize()} on the testbed: the fixed anchor ends at E[r] = "
-          f"{fixed['reward'][-1][0]:.3f} (BoN_2: {curve[2]['reward']:.3f}) with a second-half "
-          f"gain of {fixed['gain_second_half'][0]:+.3f}; moving anchors beating it and BoN_2: "
+          f"{fixed['reward'][-1][0]:.3f} (BoN_{n}: {bon_reward:.3f}) with a second-half "
+          f"gain of {fixed['gain_second_half'][0]:+.3f}; moving anchors beating it and BoN_{n}: "
           f"{[ANCHORS[a] for a in better] or 'none'}; still rising in the second half (gain > 2 "
           f"std and > the fixed anchor's): {[ANCHORS[a] for a in rising] or 'none'}.")
 
@@ -227,11 +237,11 @@ def _figure(points, anchors, curve):
     steps = sorted(set.intersection(*(set(t) for t in traj)))
     ax.plot([np.mean([t[s]["exact/kl_policy_ref"] for t in traj]) for s in steps],
             [np.mean([t[s]["exact/reward"] for t in traj]) for s in steps], "--", lw=1,
-            label=f"n=2 trajectory, {ANCHORS[anchor]}")
+            color=ANCHOR_COLORS[anchor], label=f"n={rs[0].cfg('loss.n')} path, {ANCHORS[anchor]}")
     mean = np.array([np.mean([t[s]["exact/reward"] for t in traj]) for s in steps])
     std = np.array([np.std([t[s]["exact/reward"] for t in traj]) for s in steps])
-    line, = bx.plot(steps, mean, label=ANCHORS[anchor])
-    bx.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    bx.plot(steps, mean, color=ANCHOR_COLORS[anchor], label=ANCHORS[anchor])
+    bx.fill_between(steps, mean - std, mean + std, color=ANCHOR_COLORS[anchor], alpha=0.2)
   for n in (2, 4, 8, 16):
     bx.axhline(curve[n]["reward"], color="gray", ls=":", lw=1)
     bx.annotate(f"BoN_{n}", (0, curve[n]["reward"]), fontsize=7, color="gray",
@@ -239,7 +249,7 @@ def _figure(points, anchors, curve):
   ax.set(xlabel="KL(π‖π_ref) [nats]", ylabel="E_π[r] (exact)",
          title="Final runs (markers: n = 2 ○, 4 □, 8 △, 16 ◇) vs exact Best-of-N")
   ax.legend(fontsize=7)
-  bx.set(xlabel="step", ylabel="E_π[r] (exact)", title="n = 2, β = ½: fixed vs moving anchor")
+  bx.set(xlabel="step", ylabel="E_π[r] (exact)", title="Fixed vs moving anchor (table's n, β)")
   if anchors:
     bx.legend(fontsize=8)
   fig.tight_layout()

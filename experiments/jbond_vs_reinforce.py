@@ -26,8 +26,8 @@ import bond  # noqa: E402  (experiments/bond.py: the exact Best-of-N curve)
 import study  # noqa: E402
 
 BUDGET = {"total_steps": 300, "eval_every": 20}
-QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0,  # On the smoke configs;
-         "mesh.shape": (1, 1, 1), "testbed.eval_pairs": 0}    # no held-out pairs: unused here.
+QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0,
+         "mesh.shape": (1, 1, 1)}  # On the smoke configs.
 FRONTIER_BETAS = np.geomspace(0.02, 50.0, 120)
 
 
@@ -57,7 +57,7 @@ def frontier(reference, betas=FRONTIER_BETAS) -> dict[str, list[float]]:
 def _label(r: study.Record) -> str:
   if r.group == "jbond":
     return f"J-BOND γ={r.cfg('loss.gamma')}"
-  return f"REINFORCE-LOO β_RL={r.cfg('loss.beta')}"
+  return f"REINFORCE-LOO K={r.cfg('rollout.num_policy')} β_RL={r.cfg('loss.beta')}"
 
 
 def _path(r: study.Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
