@@ -69,9 +69,9 @@ def _state(workdir, step):
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
   """A BOND run with an EMA anchor: the optimizer state, the rollout's randomness, the anchor and
   the data position must all resume exactly (the offline DPO path is a subset of this loop)."""
-  config, steps = f"{os.path.join(ROOT, 'configs', 'bond.py')}:smoke,anchor=ema", 100
+  config, steps = f"{os.path.join(ROOT, 'configs', 'bond.py')}:smoke,anchor=ema", 40
   args = (f"--config.total_steps={steps}", "--config.checkpoint_every=10",
-          "--config.eval_every=50", "--config.log_every=10", "--config.keep_checkpoints=3")
+          "--config.eval_every=20", "--config.log_every=10", "--config.keep_checkpoints=3")
   _cli(tmp_path / "straight", *args, config=config)  # Also caches the base LM for the next run.
 
   killed = tmp_path / "killed"
