@@ -210,7 +210,4 @@ def _plot(d2o, aot):
 
 
 if __name__ == "__main__":
-  argv = sys.argv[1:]
-  if "--quick" not in argv and not any(a.startswith("--seeds") for a in argv):
-    argv.append(f"--seeds={SEEDS}")
-  study.main("d2o_aot", grids, analyze, argv)
+  study.main("d2o_aot", grids, analyze, default_seeds=SEEDS)

@@ -164,7 +164,4 @@ def _plot(points, losses, ks):
 
 
 if __name__ == "__main__":
-  argv = sys.argv[1:]
-  if "--quick" not in argv and not any(a.startswith("--seeds") for a in argv):
-    argv.append(f"--seeds={SEEDS}")
-  study.main("lipo", grids, analyze, argv)
+  study.main("lipo", grids, analyze, default_seeds=SEEDS)

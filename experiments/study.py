@@ -72,10 +72,10 @@ class Record:
     return node
 
 
-def parse_args(study: str, argv=None) -> argparse.Namespace:
+def parse_args(study: str, argv=None, default_seeds: int = 3) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=f"The {study} study (experiments/{study}.py).")
   p.add_argument("--quick", action="store_true", help="Reduced grid and budget, one seed.")
-  p.add_argument("--seeds", type=int, default=3, help="Seeds per point (full mode).")
+  p.add_argument("--seeds", type=int, default=default_seeds, help="Seeds per point (full mode).")
   p.add_argument("--root", default=None, help="Runs go here (default runs/experiments/<study>"
                  "[_quick]).")
   p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"),
@@ -118,9 +118,9 @@ def execute(args: argparse.Namespace, grids: list[Grid]) -> list[Record]:
 
 def main(study: str, grids: Callable[[bool], list[Grid]],
          analyze: Callable[[list[Record], argparse.Namespace], tuple[str, dict, Any]],
-         argv=None) -> dict:
+         argv=None, default_seeds: int = 3) -> dict:
   """Runs the study and writes its table, numbers and plot; returns the JSON it wrote."""
-  args = parse_args(study, argv)
+  args = parse_args(study, argv, default_seeds)
   t0 = time.time()
   records = execute(args, grids(args.quick))
   wall = time.time() - t0
