@@ -58,3 +58,22 @@ def read_jsonl(path: str) -> list[dict]:
   import json
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def run_study_quick(name: str, tmp_path) -> tuple[dict, str]:
+  """experiments/<name>.py --quick through `study.main`, as the command line runs it; checks the
+  written table, numbers and plot exist and agree, and returns (the JSON, the markdown)."""
+  import importlib.util
+  import json
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = module.study.main(name, module.grids, module.analyze,
+                          argv=["--quick", "--root", str(tmp_path / "runs"), "--out",
+                                str(tmp_path)])
+  for ext in ("md", "json", "png"):
+    assert os.path.getsize(tmp_path / f"{name}.{ext}") > 0
+  assert json.load(open(tmp_path / f"{name}.json"))["meta"] == out["meta"]
+  assert out["meta"]["command"] == f"python experiments/{name}.py --quick"
+  return out, open(tmp_path / f"{name}.md").read()

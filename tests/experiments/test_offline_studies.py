@@ -8,37 +8,20 @@ reward is 0; D2O's harm rate falls. The quick points are the configs' smoke defa
 DPO's β = 0.1), so in the suite they share compiled programs with tests/test_objective_runs.py.
 """
 
-import importlib.util
-import json
 import math
-import os
 
 import pytest
 
-from conftest import ROOT
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
-                                                os.path.join(ROOT, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from conftest import run_study_quick
 
 
 def _run(name, tmp_path):
-  module = _script(name)
-  out = module.study.main(name, module.grids, module.analyze,
-                          argv=["--quick", "--root", str(tmp_path / "runs"), "--out",
-                                str(tmp_path)])
-  for ext in ("md", "json", "png"):
-    assert os.path.getsize(tmp_path / f"{name}.{ext}") > 0
-  assert json.load(open(tmp_path / f"{name}.json"))["meta"] == out["meta"]
+  out, md = run_study_quick(name, tmp_path)
   for run in out["runs"]:
     assert all(math.isfinite(v) for v in (*run["initial"].values(), *run["final"].values()))
     assert run["initial"]["exact/kl_policy_ref"] == pytest.approx(0.0, abs=1e-6)
     assert run["initial"]["exact/win_rate"] == pytest.approx(0.5, abs=1e-5)
-  return out, open(tmp_path / f"{name}.md").read()
+  return out, md
 
 
 def test_lipo_quick(tmp_path):

@@ -8,37 +8,24 @@ satisfies its constraint, and no policy beats the KL-regularised optimum's E[r] 
 expected Distinct-n metric these studies report is checked against brute-force enumeration.
 """
 
-import importlib.util
 import itertools
-import json
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from align_jax.testbed import exact
-from conftest import ROOT
+from conftest import run_study_quick
 
 
 def _run(name, tmp_path):
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
-                                                os.path.join(ROOT, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  out = module.study.main(name, module.grids, module.analyze,
-                          argv=["--quick", "--root", str(tmp_path / "runs"), "--out",
-                                str(tmp_path)])
-  for ext in ("md", "json", "png"):
-    assert os.path.getsize(tmp_path / f"{name}.{ext}") > 0
-  assert json.load(open(tmp_path / f"{name}.json"))["meta"] == out["meta"]
-  assert out["meta"]["command"] == f"python experiments/{name}.py --quick"
+  out, md = run_study_quick(name, tmp_path)
   for run in out["runs"]:
     assert run["initial"]["exact/kl_policy_ref"] == pytest.approx(0.0, abs=1e-6)
     for m in (run["initial"], run["final"], *run["curve"]):
       assert all(0 <= m[f"exact/distinct_{k}"] <= 1 for k in ("1", "2", "seq"))
-  return out, open(tmp_path / f"{name}.md").read()
+  return out, md
 
 
 def _finite(run, but=()):
