@@ -72,7 +72,8 @@ def test_jbond_raises_reward_and_its_anchor_is_the_ema_of_the_policy(tmp_path):
 @pytest.mark.parametrize("name, arg, extra", [
     ("gdc", "smoke", "exact/constraint_rate"),
     ("fdpg", "smoke", "exact/constraint_rate"),
-    # Reverse KL and TV on the pointwise task: their default configs are trained below.
+    ("fdpg", "smoke,divergence=tv", "exact/constraint_rate"),
+    # Reverse KL on the pointwise task: its default config is trained below.
     ("fdpg", "smoke,task=distributional,divergence=forward_kl", "exact/moments"),
     ("fdpg", "smoke,task=rlhf,divergence=reverse_kl", "exact/reward"),
     ("fdpg", "smoke,task=hybrid", "exact/constraint_rate"),
@@ -105,10 +106,11 @@ def _default(name, arg, tmp_path):
 
 @pytest.mark.parametrize("name, arg, divergence", [
     ("gdc", None, "forward_kl"), ("fdpg", "divergence=reverse_kl", "reverse_kl"),
-    ("fdpg", "divergence=tv", "tv"), ("fdpg", None, "js")])
+    ("fdpg", None, "js")])
 def test_fdpg_default_configs_halve_their_own_divergence(tmp_path, name, arg, divergence):
   """Measured reductions at the default budget: forward KL −90 %, reverse KL (ε = 0.01) −92 %,
-  TV −75 %, JS −86 %; the claim is ≥ 50 %."""
+  JS −86 %; the claim is ≥ 50 %. (TV at this budget, −74 % over 3 seeds, is in
+  experiments/results/fdpg.md; its smoke run is tested above.)"""
   summary = _default(name, arg, tmp_path)
   own = OWN_DIVERGENCE[divergence]
   assert summary["final"][own] <= 0.5 * summary["initial"][own], summary
