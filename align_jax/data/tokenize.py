@@ -34,6 +34,7 @@ of {"role", "content"} messages (system / user / assistant, the user's last); a 
 a message list ending with the assistant's message (any earlier messages must be the prompt's).
 """
 
+import abc
 import json
 import os
 import re
@@ -48,20 +49,24 @@ _END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "chatml": "<|i
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 
 
-class Tokenizer:
-  """One tokenizer file and its configuration; `encode` is transformers' `tokenizer(text)`."""
+class Tokenizer(abc.ABC):
+  """One tokenizer file and its configuration; `encode` is transformers' `tokenizer(text)`.
+
+  Subclasses: `_JsonTokenizer` (tokenizer.json) and `_SentencePieceTokenizer` (tokenizer.model).
+  """
 
   def __init__(self, path: str, config: dict):
     self.path = path
     self.bos_token = _content(config.get("bos_token"))
     self.eos_token = _content(config.get("eos_token"))
 
+  @abc.abstractmethod
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    raise NotImplementedError
+    """Token ids of `text`, with BOS/EOS when `add_special_tokens` (as the HF tokenizer adds)."""
 
+  @abc.abstractmethod
   def find(self, token: str) -> int | None:
     """The id of a token of the vocabulary (or an added token), or None."""
-    raise NotImplementedError
 
   def token_id(self, token: str) -> int:
     token_id = self.find(token)
