@@ -14,6 +14,7 @@ seeds, wall time, date, commit and device.
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -63,10 +64,15 @@ class Record:
     by_step[self.summary["steps"]] = self.final
     return sorted(by_step.items())
 
-  def cfg(self, key: str) -> Any:
-    """The run's config value at a dotted key, from its config.json."""
+  @functools.cached_property
+  def config(self) -> dict:
+    """The run's config.json (read once)."""
     with open(os.path.join(self.run.workdir, "config.json")) as f:
-      node = json.load(f)
+      return json.load(f)
+
+  def cfg(self, key: str) -> Any:
+    """The run's config value at a dotted key."""
+    node = self.config
     for part in key.split("."):
       node = node[part]
     return node
