@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections as mlc
 
 from align_jax.models import presets as models
+from align_jax.errors import ConfigError
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
@@ -24,11 +25,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
+      raise ConfigError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
-        raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+        raise ConfigError(f"config arg {key!r} needs a value ({key}=...)")
       values[key] = True
       continue
     values[key] = _typed(key, raw.strip(), default)
@@ -41,26 +42,25 @@ def _typed(key: str, raw: str, default: Any) -> Any:
       return True
     if raw.lower() in ("0", "false", "no"):
       return False
-    raise ValueError(f"config arg {key}={raw!r} is not a bool")
+    raise ConfigError(f"config arg {key}={raw!r} is not a bool")
   if isinstance(default, (int, float)):
     try:
       return type(default)(raw)
     except ValueError:
-      raise ValueError(
-          f"config arg {key}={raw!r} is not {type(default).__name__}") from None
+      raise ConfigError(f"config arg {key}={raw!r} is not {type(default).__name__}") from None
   return raw
 
 
 def base() -> mlc.ConfigDict:
   """Fields shared by every config. Each file sets `objective`, `loss` and what it changes."""
   c = mlc.ConfigDict()
-  c.name = ""                    # Set by each config file; default workdir is runs/<name>.
+  c.name = ""  # Set by each config file; default workdir is runs/<name>.
   c.seed = 0
   c.total_steps = 100
-  c.log_every = 10               # Console / metrics.jsonl / TensorBoard interval (steps).
-  c.eval_every = 50              # Exact testbed evaluation interval (steps); 0 = start and end only.
-  c.checkpoint_every = 50        # Orbax save interval (steps); the last step is always saved.
-  c.keep_checkpoints = 2         # How many recent checkpoints to keep.
+  c.log_every = 10  # Console / metrics.jsonl / TensorBoard interval (steps).
+  c.eval_every = 50  # Exact testbed evaluation interval (steps); 0 = start and end only.
+  c.checkpoint_every = 50  # Orbax save interval (steps); the last step is always saved.
+  c.keep_checkpoints = 2  # How many recent checkpoints to keep.
   c.async_checkpointing = True
 
   # Mesh over ("data", "fsdp", "tensor"); one -1 takes the remaining devices.
@@ -68,51 +68,56 @@ def base() -> mlc.ConfigDict:
   # Logical axis -> mesh axes. Parameters and activations (act_*) have separate names; each name
   # appears once (checked at start-up), and every name the model uses must be here.
   c.rules = (
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-      ("norm", None),
-      ("scores", None),
-      ("positions", None),       # Learned position rows (GPT-2).
-      ("bias", None),            # Biases over D.
-      ("act_batch", ("data", "fsdp")),
-      ("act_len", None),
-      ("act_embed", None),
-      ("act_mlp", "tensor"),
-      ("act_heads", "tensor"),
-      ("act_kv_heads", "tensor"),
-      ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("scores", None),
+    ("positions", None),  # Learned position rows (GPT-2).
+    ("bias", None),  # Biases over D.
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
   )
 
   c.objective = ""
-  c.loss = mlc.ConfigDict()      # The objective's keyword arguments.
-  c.model = mlc.ConfigDict()     # Filled from align_jax.models.presets.
-  c.init_checkpoint = ""         # Orbax params directory to start from (default: testbed base).
-  c.reward_model = ""            # On-policy: the workdir of a trained reward-model run to use as
-                                 # the reward instead of the task's rule (testbed: gold reward).
+  c.loss = mlc.ConfigDict()  # The objective's keyword arguments.
+  c.model = mlc.ConfigDict()  # Filled from align_jax.models.presets.
+  c.init_checkpoint = ""  # Orbax params directory to start from (default: testbed base).
+  c.reward_model = ""  # On-policy: the workdir of a trained reward-model run to use as
+  # the reward instead of the task's rule (testbed: gold reward).
   # LoRA (align_jax/models/lora.py): only adapters W + (alpha/rank)·A·B are trained and
   # checkpointed; the base (init_checkpoint) is frozen and, with adapters off, the reference.
-  c.lora = mlc.ConfigDict(dict(
-      rank=0,                    # 0: off (every parameter is trained).
+  c.lora = mlc.ConfigDict(
+    dict(
+      rank=0,  # 0: off (every parameter is trained).
       alpha=16.0,
-      targets=("attn", "mlp"),   # attn: the q/k/v/o projections; mlp: gate/up/down.
-  ))
+      targets=("attn", "mlp"),  # attn: the q/k/v/o projections; mlp: gate/up/down.
+    )
+  )
 
-  c.optim = mlc.ConfigDict(dict(
+  c.optim = mlc.ConfigDict(
+    dict(
       lr=1e-3,
       warmup_steps=0,
-      schedule="constant",       # constant | cosine (to 0 at total_steps, after warmup)
+      schedule="constant",  # constant | cosine (to 0 at total_steps, after warmup)
       b1=0.9,
       b2=0.999,
       eps=1e-8,
       weight_decay=0.0,
-      clip_norm=1.0,             # Global-norm clipping; 0 disables.
-  ))
+      clip_norm=1.0,  # Global-norm clipping; 0 disables.
+    )
+  )
 
-  c.data = mlc.ConfigDict(dict(
+  c.data = mlc.ConfigDict(
+    dict(
       # testbed, or a file / dataset: jsonl:PATH, arrayrecord:PATH, tfds:NAME/SPLIT[@DATA_DIR]
       # (align_jax/data/preference.py; on-policy prompts: align_jax/data/prompts.py). The
       # objective decides the record format.
@@ -123,58 +128,66 @@ def base() -> mlc.ConfigDict:
       tokenizer="",
       chat_template="",
       system_prompt="",
-      prompt_len=0,              # On-policy file prompts: tokens per prompt (P), longer cut.
-      batch_size=64,             # Global prompts per step (B).
-      max_len=0,                 # Tokens per sequence (L) for file sources; 0 = from the data.
-      list_size=4,               # Ranked lists: responses per prompt (K); files: 0 = longest.
-      num_samples=4,             # Negatives-only (D2O): the model's own samples per negative.
-      num_examples=4096,         # Testbed datasets: records generated; file prompts: read.
-      precompute_ref=False,      # Reference log-probs once per dataset, cached in the workdir.
+      prompt_len=0,  # On-policy file prompts: tokens per prompt (P), longer cut.
+      batch_size=64,  # Global prompts per step (B).
+      max_len=0,  # Tokens per sequence (L) for file sources; 0 = from the data.
+      list_size=4,  # Ranked lists: responses per prompt (K); files: 0 = longest.
+      num_samples=4,  # Negatives-only (D2O): the model's own samples per negative.
+      num_examples=4096,  # Testbed datasets: records generated; file prompts: read.
+      precompute_ref=False,  # Reference log-probs once per dataset, cached in the workdir.
       # BCO's underlying-distribution matching: undesirable examples weighted by the clipped
       # density ratio p̂/(1−p̂) of a prompt classifier (align_jax/data/udm.py).
       udm=False,
-      udm_per_class=1024,        # Prompts per class the classifier is fitted on (TRL: 1024).
-      udm_min_ratio=0.5,         # Clip range of the density ratio (TRL: 0.5, 10).
+      udm_per_class=1024,  # Prompts per class the classifier is fitted on (TRL: 1024).
+      udm_min_ratio=0.5,  # Clip range of the density ratio (TRL: 0.5, 10).
       udm_max_ratio=10.0,
       shuffle=True,
-  ))
+    )
+  )
 
-  c.sampling = mlc.ConfigDict(dict(
-      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, eos_id=-1))
+  c.sampling = mlc.ConfigDict(
+    dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, eos_id=-1)
+  )
 
   # On-policy objectives: per prompt, num_policy samples of the policy and num_anchor of the
   # anchor; the anchor is the frozen reference, an EMA of the policy, or a periodic copy of it.
-  c.rollout = mlc.ConfigDict(dict(
-      num_policy=2, num_anchor=0, anchor="reference", anchor_ema=0.02, anchor_every=50))
+  c.rollout = mlc.ConfigDict(
+    dict(num_policy=2, num_anchor=0, anchor="reference", anchor_ema=0.02, anchor_every=50)
+  )
 
-  c.testbed = mlc.ConfigDict(dict(
-      prompt_len=2,              # First tokens of a ToyLang string are the prompt ...
-      response_len=4,            # ... the rest the response: 8**2 prompts x 8**4 responses.
-      bt_temperature=1.0,        # Bradley-Terry noise of preference labels: P(a>b)=sigmoid((ra-rb)/T).
-      pretrain_steps=600,        # The cached base LM: MLE on chain samples.
+  # The run's target distribution, for exact divergences and for f-DPG's / GDC's energy-based
+  # target (align_jax/testbed/target.py): '' (none) | chain | rlhf | bon | pointwise |
+  # distributional | hybrid. rlhf (π_ref·exp(r/β)) also applies to file prompts with a learned
+  # reward; the others are defined on the testbed (their settings are in testbed.*).
+  c.target = mlc.ConfigDict(dict(kind="", beta=1.0))
+
+  c.testbed = mlc.ConfigDict(
+    dict(
+      prompt_len=2,  # First tokens of a ToyLang string are the prompt ...
+      response_len=4,  # ... the rest the response: 8**2 prompts x 8**4 responses.
+      bt_temperature=1.0,  # Bradley-Terry noise of preference labels: P(a>b)=sigmoid((ra-rb)/T).
+      pretrain_steps=600,  # The cached base LM: MLE on chain samples.
       pretrain_batch=256,
       pretrain_lr=3e-3,
       pretrain_examples=200_000,
-      eval_chunk=8192,           # Rows per forward in the exact enumeration pass.
-      exact_eval=True,           # Exact evaluation at start, every eval_every steps and at the end.
-      # Explicit target for exact divergences (and f-DPG's energy-based target):
-      # '' | chain | rlhf | bon | pointwise | distributional | hybrid.
-      target="",
-      target_beta=1.0,           # β of the rlhf target π_ref·exp(r/β).
-      constraint_token=6,        # pointwise target: b = the response contains this token (g) ...
-      epsilon=0.0,               # ... smoothed to max(b, ε) when ε > 0 (for reverse KL).
-      moment=0.5,                # distributional target: E_p[response starts with e or f] = this
-                                 # (hybrid: both, λ fitted on a·b).
-      reward_transform="",       # On-policy training reward: '' (gold r) | lsc: log σ(r − E_ref[r|x]).
-      target_n=4,                # N of the bon target, Best-of-N of π_ref (ties included) ...
-      target_jeffreys=0.5,       # ... and the mix β of exact/jeffreys_bon (1−β)KL(BoN‖π) + βKL(π‖BoN).
-      tie_alpha=0.5,             # Ternary labels: Rao–Kupper tie parameter α (objective todo).
-      eval_pairs=2048,           # Held-out BT pairs for exact/ranking_accuracy (0: none).
-      distinct_samples=16,       # exact/distinct_*: expected Distinct-n of this many samples per
-                                 # prompt (exact, by enumeration; 0: not computed).
-      categories=6,              # Distributional labels (DPRM): ordered rating categories C ...
-      voters=10,                 # ... and simulated annotators per response.
-  ))
+      eval_chunk=8192,  # Rows per forward in the exact enumeration pass.
+      exact_eval=True,  # Exact evaluation at start, every eval_every steps and at the end.
+      # Settings of the testbed-only targets (target.kind above):
+      constraint_token=6,  # pointwise target: b = the response contains this token (g) ...
+      epsilon=0.0,  # ... smoothed to max(b, ε) when ε > 0 (for reverse KL).
+      moment=0.5,  # distributional target: E_p[response starts with e or f] = this
+      # (hybrid: both, λ fitted on a·b).
+      reward_transform="",  # On-policy training reward: '' (gold r) | lsc: log σ(r − E_ref[r|x]).
+      target_n=4,  # N of the bon target, Best-of-N of π_ref (ties included) ...
+      target_jeffreys=0.5,  # ... and the mix β of exact/jeffreys_bon (1−β)KL(BoN‖π) + βKL(π‖BoN).
+      tie_alpha=0.5,  # Ternary labels: Rao–Kupper tie parameter α (objective todo).
+      eval_pairs=2048,  # Held-out BT pairs for exact/ranking_accuracy (0: none).
+      distinct_samples=16,  # exact/distinct_*: expected Distinct-n of this many samples per
+      # prompt (exact, by enumeration; 0: not computed).
+      categories=6,  # Distributional labels (DPRM): ordered rating categories C ...
+      voters=10,  # ... and simulated annotators per response.
+    )
+  )
   return c
 
 
@@ -189,8 +202,8 @@ def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:
   c.data.batch_size = 64
   c.data.num_examples = 8192
   if rlhf_target:
-    c.testbed.target = "rlhf"
-    c.testbed.target_beta = c.loss.get_ref("beta") * c.testbed.get_ref("bt_temperature")
+    c.target.kind = "rlhf"
+    c.target.beta = c.loss.get_ref("beta") * c.testbed.get_ref("bt_temperature")
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 10
   c.total_steps = 300
@@ -202,8 +215,8 @@ def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:
 def testbed_on_policy(c: mlc.ConfigDict) -> None:
   """On-policy training on the testbed from its cached base LM (prompts drawn from the chain)."""
   c.init_checkpoint = "testbed"
-  c.data.batch_size = 32         # Prompts per step; each gets the rollout's samples.
-  c.data.num_examples = 8192     # Prompt draws (the dataset the Grain pipeline cycles through).
+  c.data.batch_size = 32  # Prompts per step; each gets the rollout's samples.
+  c.data.num_examples = 8192  # Prompt draws (the dataset the Grain pipeline cycles through).
   c.sampling.max_new_tokens = c.testbed.get_ref("response_len")
   c.optim.lr = 6e-4
   c.optim.warmup_steps = 10
@@ -214,8 +227,13 @@ def testbed_on_policy(c: mlc.ConfigDict) -> None:
 
 
 # configs/lipo.py's `loss` arg -> objective; every one trains on ranked lists (ALGORITHMS.md §3.2).
-LISTWISE = {"lambda": "lipo", "listmle": "listmle", "softmax": "list_softmax",
-            "pair_logistic": "list_pair_logistic", "pair_hinge": "list_pair_hinge"}
+LISTWISE = {
+  "lambda": "lipo",
+  "listmle": "listmle",
+  "softmax": "list_softmax",
+  "pair_logistic": "list_pair_logistic",
+  "pair_hinge": "list_pair_hinge",
+}
 
 
 def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
@@ -230,9 +248,9 @@ def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
   c.objective = objective
   c.loss.beta = 0.05
   if objective == "lipo":
-    c.loss.discount = "log2"     # Rank discount D(τ) = log2(1 + τ) (LambdaRank); ln rescales.
+    c.loss.discount = "log2"  # Rank discount D(τ) = log2(1 + τ) (LambdaRank); ln rescales.
   if objective == "list_pair_hinge":
-    c.loss.delta = 1.0           # Hinge margin (LiPO / RSO / TRL).
+    c.loss.delta = 1.0  # Hinge margin (LiPO / RSO / TRL).
   c.model = models.preset(arg.model)
   testbed_preference(c)
   c.data.list_size = arg.k

@@ -19,8 +19,10 @@ import jax
 import ml_collections as mlc
 from absl import app, flags
 
-from align_jax import checkpoint, models
-from align_jax.models import hf, lora
+from align_jax import checkpoint, errors, models
+from align_jax.models import hf, loading, lora
+from align_jax.testbed import base as testbed_base
+from align_jax.errors import MissingFileError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (config.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
@@ -35,7 +37,7 @@ def export(workdir: str, out: str, *, step: int = 0, dtype: str = "") -> int:
   """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"--workdir {workdir!r}: no config.json (not a run directory)")
+    raise MissingFileError(f"--workdir {workdir!r}: no config.json (not a run directory)")
   with open(config_path) as f:
     run_cfg = json.load(f)
   model_cfg = models.ModelConfig(**run_cfg["model"])
@@ -44,24 +46,32 @@ def export(workdir: str, out: str, *, step: int = 0, dtype: str = "") -> int:
   trained = lora.abstract(shapes, names, lora_cfg) if lora.enabled(lora_cfg) else shapes
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   step, params = checkpoint.load_state_params(
-      os.path.join(workdir, "checkpoints"),
-      checkpoint.abstract_like(trained, jax.tree.map(lambda _: device, trained)), step or None)
+    os.path.join(workdir, "checkpoints"),
+    checkpoint.abstract_like(trained, jax.tree.map(lambda _: device, trained)),
+    step or None,
+  )
   if lora.enabled(lora_cfg):
     base = _lora_base(mlc.ConfigDict(run_cfg), model_cfg, jax.tree.map(lambda _: device, shapes))
     params = lora.merge(base, params, lora_cfg)
   source = run_cfg.get("init_checkpoint", "")
-  hf.save(out, params, model_cfg, source_dir=source if hf.is_hf_dir(source) else None,
-          dtype=dtype or None)
+  hf.save(
+    out, params, model_cfg, source_dir=source if hf.is_hf_dir(source) else None, dtype=dtype or None
+  )
   return step
 
 
 def _lora_base(cfg, model_cfg, shardings) -> dict:
   """A LoRA run's frozen base: its init_checkpoint, or the fresh init of its seed."""
-  if not cfg.init_checkpoint:  # As train.run draws it.
+  if not cfg.init_checkpoint:  # As the run draws it.
     return jax.jit(functools.partial(models.init_params, model_cfg), out_shardings=shardings)(
-        jax.random.key(cfg.seed))
-  from align_jax import train  # The runs' own loader (testbed base LM, Orbax or HF directory).
-  return train.load_lm(cfg, model_cfg, shardings)
+      jax.random.key(cfg.seed)
+    )
+  path = cfg.init_checkpoint
+  if path == "testbed":  # The cached testbed base LM the run started from.
+    path = os.path.join(
+      testbed_base.base_dir(cfg.testbed, testbed_base.language_model(cfg.model)), "params"
+    )
+  return loading.read_lm(path, model_cfg, shardings)
 
 
 def main(argv):
@@ -69,7 +79,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     step = export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
-  except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+  except errors.Error as e:
     sys.exit(f"error: {e}")
   print(f"exported step {step} of {_WORKDIR.value} to {_OUT.value}", flush=True)
 

@@ -1,9 +1,13 @@
-"""The only code objectives use to run the model: per-sequence log-probabilities.
+"""The only code objectives use to run the model: per-token and per-sequence log-probabilities.
 
 Log-probs are float32 (float64 for a float64 model), whatever the compute dtype.
 
 Convention: `loss_mask[..., t] = 1` when token t is scored, i.e. log π(tokens[t] | tokens[<t])
 enters the sum. Position 0 is never scored (nothing predicts it).
+
+Two granularities (DESIGN.md §9): token log-probs `[B, K, T]`, T = L - 1, where position t is
+log π(tokens[t + 1] | tokens[≤t]) and its mask is `loss_mask[..., 1:]`; and sequence log-probs
+`[B, K]`, their sum under that mask.
 """
 
 import jax
@@ -27,17 +31,42 @@ def token_logps(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
   return picked_RxT - jax.nn.logsumexp(logits_RxTxV, axis=-1)
 
 
-def sequence_logps(graphdef, params, tokens_BxKxL: jax.Array,
-                   loss_mask_BxKxL: jax.Array) -> jax.Array:
-  """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]."""
+def token_logps_BxK(
+  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token log-probs of every response and the mask of the scored ones.
+
+  Args:
+    graphdef: the model's graph definition.
+    params: the model's parameters.
+    tokens_BxKxL: int tokens, K responses per example.
+    loss_mask_BxKxL: 1 where token t is scored (see the module docstring).
+
+  Returns:
+    logp_BxKxT: float32, T = L - 1; position t is log π(tokens[t + 1] | tokens[≤t]), whatever
+      the mask (objectives must weight it by the mask).
+    mask_BxKxT: `loss_mask_BxKxL[..., 1:]` in the dtype of logp_BxKxT.
+  """
   B, K, L = tokens_BxKxL.shape
-  tok_logp_RxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L))
-  mask_RxT = loss_mask_BxKxL.reshape(B * K, L)[:, 1:].astype(tok_logp_RxT.dtype)
-  return jnp.sum(tok_logp_RxT * mask_RxT, axis=-1).reshape(B, K)
+  logp_BxKxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L)).reshape(B, K, L - 1)
+  return logp_BxKxT, loss_mask_BxKxL[..., 1:].astype(logp_BxKxT.dtype)
 
 
-def sequence_scores(graphdef, params, tokens_BxKxL: jax.Array,
-                    loss_mask_BxKxL: jax.Array) -> jax.Array:
+def sum_tokens(logp_BxKxT: jax.Array, mask_BxKxT: jax.Array) -> jax.Array:
+  """Σ_t mask[t] · logp[t]: token log-probs to sequence log-probs [B, K] (`sequence_logps`)."""
+  return jnp.sum(logp_BxKxT * mask_BxKxT, axis=-1)
+
+
+def sequence_logps(
+  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array
+) -> jax.Array:
+  """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]."""
+  return sum_tokens(*token_logps_BxK(graphdef, params, tokens_BxKxL, loss_mask_BxKxL))
+
+
+def sequence_scores(
+  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array
+) -> jax.Array:
   """A scoring model's outputs at each response's last scored token: float32 [B, K, O].
 
   The last scored position has seen the prompt and the whole response (reward models read it).

@@ -10,11 +10,11 @@ them itself (a new event file whose purge step is s + 1).
 import json
 import math
 import os
+import subprocess
 import time
 
 import jax
 import numpy as np
-from absl import logging
 
 
 class NonFiniteError(RuntimeError):
@@ -22,9 +22,15 @@ class NonFiniteError(RuntimeError):
 
 
 class MetricWriter:
-
-  def __init__(self, workdir: str, *, total_steps: int, log_every: int, is_main: bool = True,
-               resumed_from: int = 0):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    log_every: int,
+    is_main: bool = True,
+    resumed_from: int = 0,
+  ):
     self._total, self._every, self._main = total_steps, max(log_every, 1), is_main
     self._pending: tuple[int, dict] | None = None
     self._last_time, self._last_step = time.time(), None
@@ -35,8 +41,20 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": resumed_from, "resumed_from": resumed_from}) + "\n")
         self._jsonl.flush()
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=resumed_from + 1 if resumed_from else None)
+
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"), purge_step=resumed_from + 1 if resumed_from else None
+      )
+
+  @classmethod
+  def for_run(cls, cfg, workdir: str, *, is_main: bool, resumed_from: int) -> "MetricWriter":
+    return cls(
+      workdir,
+      total_steps=cfg.total_steps,
+      log_every=cfg.log_every,
+      is_main=is_main,
+      resumed_from=resumed_from,
+    )
 
   def submit(self, step: int, metrics: dict) -> None:
     """Queues `step`'s device metrics and handles the previous step's (one step late)."""
@@ -67,9 +85,13 @@ class MetricWriter:
     self._last_time, self._last_step = now, step
     self.write(step, values)
     if self._main:
-      keys = [k for k in ("loss", "objective/accuracy", "objective/margin", "grad_norm") if k in values]
+      keys = [
+        k for k in ("loss", "objective/accuracy", "objective/margin", "grad_norm") if k in values
+      ]
       shown = " | ".join(f"{k.split('/')[-1]} {values[k]:.4g}" for k in keys)
-      rate = f" | {values['perf/steps_per_s']:.1f} steps/s | ETA {eta:.0f}s" if eta is not None else ""
+      rate = (
+        f" | {values['perf/steps_per_s']:.1f} steps/s | ETA {eta:.0f}s" if eta is not None else ""
+      )
       print(f"step {step}/{self._total} | {shown}{rate}", flush=True)
 
   def write(self, step: int, values: dict) -> None:
@@ -87,3 +109,67 @@ class MetricWriter:
     if self._main:
       self._jsonl.close()
       self._tb.close()
+
+
+def run_summary(cfg, wall_time_s: float, counts: dict) -> dict:
+  """summary.json's run facts: steps, wall time, device, commit and the data counts."""
+  return {
+    "steps": cfg.total_steps,
+    "wall_time_s": wall_time_s,
+    "device_kind": jax.devices()[0].device_kind,
+    "num_devices": jax.device_count(),
+    "commit": commit(),
+    **{f"data/{k}": v for k, v in counts.items()},
+  }
+
+
+def host(metrics: dict) -> dict:
+  """Device scalars -> Python floats."""
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+# ---- The console's banner and final report --------------------------------------------------
+
+
+def banner(cfg, workdir, model, mesh) -> None:
+  """What runs, on what, and where its results go (the detail is in <workdir>/log.txt)."""
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(model.shapes))
+  trained = sum(math.prod(x.shape) for x in jax.tree.leaves(model.trainable))
+  lora_note = f", {trained:,} trained (LoRA)" if model.merge is not None else ""
+  devices = f"{mesh.size} {jax.devices()[0].platform} device(s)"
+  print(
+    f"align_jax | {cfg.name or 'run'} | objective {cfg.objective} | model {count:,} "
+    f"parameters{lora_note} | mesh {dict(mesh.shape)} over {devices}, "
+    f"{jax.process_count()} process(es) | workdir {workdir}",
+    flush=True,
+  )
+
+
+def report(workdir, summary) -> None:
+  """Writes summary.json; prints the exact metrics' table and where the results are."""
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  if "final" in summary:
+    initial, final = summary["initial"], summary["final"]
+    print(f"\n{'exact metric':<36}{'initial':>12}{'final':>12}")
+    for k in final:
+      print(f"{k:<36}{initial.get(k, float('nan')):>12.5f}{final[k]:>12.5f}")
+  print(
+    f"\nresults: {workdir}/summary.json, {workdir}/metrics.jsonl, {workdir}/log.txt; "
+    f"curves: tensorboard --logdir {workdir}/tensorboard",
+    flush=True,
+  )
+
+
+def commit() -> str | None:
+  try:
+    out = subprocess.run(
+      ["git", "rev-parse", "HEAD"],
+      capture_output=True,
+      text=True,
+      timeout=5,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    return out.stdout.strip() or None
+  except OSError:
+    return None

@@ -16,24 +16,41 @@ import jax
 import jax.numpy as jnp
 
 from align_jax import sampling
+from align_jax.errors import ConfigError
 from align_jax.logps import sequence_logps
 
 
 def _draw(graphdef, params, prompts_BxP, count, key, cfg):
-  """count samples per prompt: tokens [B, count, L], scored mask, summed sampler log-probs."""
+  """count samples per prompt: tokens [B, count, L], their scored mask [B, count, L], the sampler's
+  log-prob of each sample [B, count] and of each of its tokens [B, count, T] (T = L - 1, the layout
+  of `logps.token_logps_BxK`: position t holds token t + 1's log-prob, 0 where the mask is 0)."""
   B, P = prompts_BxP.shape
   out = sampling.sample(graphdef, params, jnp.repeat(prompts_BxP, count, axis=0), key, cfg)
   tokens = out["tokens_RxL"].reshape(B, count, -1)
   mask = jnp.concatenate([jnp.zeros((B * count, P), jnp.float32), out["mask_RxN"]], axis=1)
-  logp = jnp.sum(out["logp_RxN"] * out["mask_RxN"], axis=1).reshape(B, count)
-  return tokens, mask.reshape(B, count, -1), logp
+  logp_RxN = out["logp_RxN"] * out["mask_RxN"]
+  logp = jnp.sum(logp_RxN, axis=1).reshape(B, count)
+  # Generated token n is token P + n of the row: position P - 1 + n of the [T] layout.
+  token_logp = jnp.concatenate([jnp.zeros((B * count, P - 1), logp_RxN.dtype), logp_RxN], axis=1)
+  return tokens, mask.reshape(B, count, -1), logp, token_logp.reshape(B, count, -1)
 
 
-def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params: dict,
-            reward_params: dict | None = None, *,
-            graphdef, sampling_cfg: sampling.SamplingConfig, num_policy: int, num_anchor: int,
-            anchor_is_ref: bool, score_fn, greedy: bool = False,
-            merge=None) -> dict[str, jax.Array]:
+def rollout(
+  state,
+  prompts_BxP: jax.Array,
+  prompt_index_B: jax.Array,
+  ref_params: dict,
+  reward_params: dict | None = None,
+  *,
+  graphdef,
+  sampling_cfg: sampling.SamplingConfig,
+  num_policy: int,
+  num_anchor: int,
+  anchor_is_ref: bool,
+  score_fn,
+  greedy: bool = False,
+  merge=None,
+) -> dict[str, jax.Array]:
   """The batch of one on-policy step.
 
   Args:
@@ -57,35 +74,94 @@ def rollout(state, prompts_BxP: jax.Array, prompt_index_B: jax.Array, ref_params
 
   Returns:
     tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
-    the distribution each response was drawn from), ref_logp_BxK, anchor_logp_BxK (with an
-    anchor), reward_BxK and target_logp_BxK.
+    the distribution each response was drawn from), sample_token_logp_BxKxT (the same per token,
+    T = L - 1, in the layout of `logps.token_logps_BxK`: position t is the log-prob of token
+    t + 1, 0 where loss_mask_BxKxL[..., 1:] is 0; for token ratios π / π_behaviour),
+    ref_logp_BxK, anchor_logp_BxK (with an anchor), reward_BxK and target_logp_BxK.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   model = (lambda p: p) if merge is None else (lambda p: merge(ref_params, p))
   policy = model(state.params)
   parts = []
   if num_policy:
-    parts.append(_draw(graphdef, policy, prompts_BxP, num_policy,
-                       jax.random.fold_in(key, 0), sampling_cfg))
+    parts.append(
+      _draw(graphdef, policy, prompts_BxP, num_policy, jax.random.fold_in(key, 0), sampling_cfg)
+    )
   anchor = ref_params if anchor_is_ref else model(state.anchor.get("params"))
   if num_anchor:
-    parts.append(_draw(graphdef, anchor, prompts_BxP, num_anchor, jax.random.fold_in(key, 1),
-                       sampling_cfg))
-  tokens, mask, sample_logp = (jnp.concatenate(x, axis=1) for x in zip(*parts))
+    parts.append(
+      _draw(graphdef, anchor, prompts_BxP, num_anchor, jax.random.fold_in(key, 1), sampling_cfg)
+    )
+  tokens, mask, sample_logp, sample_token_logp = (jnp.concatenate(x, axis=1) for x in zip(*parts))
   ref_logp = jax.lax.stop_gradient(sequence_logps(graphdef, ref_params, tokens, mask))
-  batch = {"tokens_BxKxL": tokens, "loss_mask_BxKxL": mask, "sample_logp_BxK": sample_logp,
-           "ref_logp_BxK": ref_logp, "prompt_index_B": prompt_index_B,
-           "example_mask_B": jnp.ones(prompts_BxP.shape[:1], jnp.float32)}
+  batch = {
+    "tokens_BxKxL": tokens,
+    "loss_mask_BxKxL": mask,
+    "sample_logp_BxK": sample_logp,
+    "sample_token_logp_BxKxT": sample_token_logp,
+    "ref_logp_BxK": ref_logp,
+    "prompt_index_B": prompt_index_B,
+    "example_mask_B": jnp.ones(prompts_BxP.shape[:1], jnp.float32),
+  }
   if num_anchor:
-    batch["anchor_logp_BxK"] = (ref_logp if anchor_is_ref else
-                                sequence_logps(graphdef, anchor, tokens, mask))
+    batch["anchor_logp_BxK"] = (
+      ref_logp if anchor_is_ref else sequence_logps(graphdef, anchor, tokens, mask)
+    )
   batch |= score_fn(tokens, mask, prompt_index_B, ref_logp, reward_params)
   if greedy:  # Temperature 0: the first argmax at every step, no randomness.
     argmax_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
-    g_tokens, g_mask, _ = _draw(graphdef, policy, prompts_BxP, 1, key, argmax_cfg)
+    g_tokens, g_mask, _, _ = _draw(graphdef, policy, prompts_BxP, 1, key, argmax_cfg)
     g_ref = sequence_logps(graphdef, ref_params, g_tokens, g_mask)
     g_logp = sequence_logps(graphdef, policy, g_tokens, g_mask)
     g_score = score_fn(g_tokens, g_mask, prompt_index_B, g_ref, reward_params)
-    batch |= {"greedy_reward_B": g_score["reward_BxK"][:, 0],
-              "greedy_log_ratio_B": jax.lax.stop_gradient(g_logp - g_ref)[:, 0]}
+    batch |= {
+      "greedy_reward_B": g_score["reward_BxK"][:, 0],
+      "greedy_log_ratio_B": jax.lax.stop_gradient(g_logp - g_ref)[:, 0],
+    }
   return batch
+
+
+# -------------------------------------------------------------------------------------------------
+# The anchor the rollout samples from: how it follows the policy after each update.
+
+
+def ema(anchor_params, params, eta):
+  r"""Moving anchor: θ_anchor ← (1 − η)·θ_anchor + η·θ, leaf by leaf (J-BOND, eq. 18 per [3P]).
+
+  Args:
+    anchor_params: the anchor pytree.
+    params: the policy pytree (same structure).
+    eta: EMA rate η ∈ [0, 1] (≈ 0.02 in the paper [3P]); 1 is a hard anchor copy.
+
+  Returns:
+    The new anchor pytree.
+
+  Examples:
+    >>> print(ema({"w": jnp.array([1., 0.])}, {"w": jnp.array([3., 4.])}, 0.25)["w"])
+    [1.5 1. ]
+  """
+  return jax.tree.map(
+    lambda a, p: (1.0 - eta) * a + eta * p, anchor_params, jax.lax.stop_gradient(params)
+  )
+
+
+def anchor_update(mode: str, *, ema_rate: float, every: int):
+  """How the anchor follows the policy after each update, (anchor, params, step, stats) -> anchor:
+  None for a fixed anchor (the reference), an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), a hard copy
+  every `every` steps (iterative BOND), or f-DPG's offline proposal q ← π every `every` steps
+  when the objective's statistics say the policy is closer to the target (stats["q_update"])."""
+  if mode == "reference":
+    return None
+  if mode == "ema":
+    return lambda anchor, params, step, stats: ema(anchor, params, ema_rate)
+  if every < 1:
+    raise ConfigError(f"rollout.anchor_every={every} must be >= 1 for a {mode} anchor")
+  if mode == "periodic":
+    return lambda anchor, params, step, stats: jax.tree.map(
+      lambda a, p: jnp.where(step % every == 0, p, a), anchor, params
+    )
+  if mode == "proposal":
+    return lambda anchor, params, step, stats: jax.tree.map(
+      lambda a, p: jnp.where((step % every == 0) & stats["q_update"], p, a), anchor, params
+    )
+  raise ConfigError(f"rollout.anchor {mode!r} is unknown; use reference, ema, periodic or proposal")

@@ -36,6 +36,7 @@ class SamplingConfig:
     eos_id: end-of-sequence token, or -1 for none. The EOS token itself is unmasked.
     pad_id: the token written after EOS (those positions have mask 0 and log-prob 0).
   """
+
   max_new_tokens: int
   temperature: float = 1.0
   top_k: int = 0
@@ -60,8 +61,9 @@ def _renormalise(logp_RxV: jax.Array, keep_RxV: jax.Array) -> jax.Array:
   return masked_RxV - jax.nn.logsumexp(masked_RxV, axis=-1, keepdims=True)
 
 
-def transform_logits(logits_RxV: jax.Array, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0) -> jax.Array:
+def transform_logits(
+  logits_RxV: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
   """Log-probs of the distribution the sampler draws from, float32 [R, V].
 
   In order: q = softmax(logits / T); top-k keeps the k largest q (ties at the k-th value all
@@ -95,8 +97,9 @@ def transform_logits(logits_RxV: jax.Array, temperature: float = 1.0, top_k: int
     sorted_RxV = -jnp.sort(-logp_RxV, axis=-1)  # Decreasing.
     mass_RxV = jnp.exp(sorted_RxV)
     before_RxV = jnp.cumsum(mass_RxV, axis=-1) - mass_RxV  # Mass strictly before; 0 for the top.
-    least_kept_Rx1 = jnp.min(jnp.where(before_RxV < top_p, sorted_RxV, jnp.inf), axis=-1,
-                             keepdims=True)
+    least_kept_Rx1 = jnp.min(
+      jnp.where(before_RxV < top_p, sorted_RxV, jnp.inf), axis=-1, keepdims=True
+    )
     logp_RxV = _renormalise(logp_RxV, logp_RxV >= least_kept_Rx1)
   return logp_RxV
 
@@ -107,8 +110,14 @@ def _shard_cache(cache: list[dict]) -> list[dict]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def sample(graphdef, params: dict, prompts_RxP: jax.Array, rng: jax.Array, cfg: SamplingConfig,
-           prompt_mask_RxP: jax.Array | None = None) -> dict[str, jax.Array]:
+def sample(
+  graphdef,
+  params: dict,
+  prompts_RxP: jax.Array,
+  rng: jax.Array,
+  cfg: SamplingConfig,
+  prompt_mask_RxP: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """Samples N = cfg.max_new_tokens tokens after each prompt.
 
   Step i draws token i of every row from `transform_logits` of the model's next-token logits with
@@ -129,7 +138,8 @@ def sample(graphdef, params: dict, prompts_RxP: jax.Array, rng: jax.Array, cfg: 
   Returns:
     "tokens_RxL": int32 prompts followed by the generated tokens, L = P + N.
     "logp_RxN": float32 log-prob of each generated token under the transformed distribution it
-      was drawn from; 0 where the mask is 0.
+      was drawn from; 0 where the mask is 0. Column n scores token P + n, i.e. column P - 1 + n
+      of `logps.token_logps` (the rollout's sample_token_logp_BxKxT uses that layout).
     "mask_RxN": float32, 1 for generated tokens up to and including the first EOS, 0 after.
   """
   R, P = prompts_RxP.shape
@@ -148,8 +158,15 @@ def sample(graphdef, params: dict, prompts_RxP: jax.Array, rng: jax.Array, cfg: 
 
   model_cfg = nnx.merge(graphdef, params).cfg
   cache = _shard_cache(models.init_cache(model_cfg, R, P + N))
-  logits_RxPxV, cache = models.apply(graphdef, params, prompts_RxP, positions_RxL=positions_RxP,
-                                     cache=cache, cache_index=0, kv_mask_RxS=kv_mask_RxS)
+  logits_RxPxV, cache = models.apply(
+    graphdef,
+    params,
+    prompts_RxP,
+    positions_RxL=positions_RxP,
+    cache=cache,
+    cache_index=0,
+    kv_mask_RxS=kv_mask_RxS,
+  )
 
   def step(carry):
     i, cache, logits_RxV, tokens_RxN, logp_RxN, mask_RxN, done_R = carry
@@ -165,21 +182,33 @@ def sample(graphdef, params: dict, prompts_RxP: jax.Array, rng: jax.Array, cfg: 
     if cfg.eos_id >= 0:
       done_R = done_R | (token_R == cfg.eos_id)
     # The next step's logits; the last step computes one it does not use.
-    logits_Rx1xV, cache = models.apply(graphdef, params, token_R[:, None],
-                                       positions_RxL=(next_position_R + i)[:, None],
-                                       cache=cache, cache_index=P + i, kv_mask_RxS=kv_mask_RxS)
-    return (i + 1, _shard_cache(cache), logits_Rx1xV[:, 0], tokens_RxN, logp_RxN, mask_RxN,
-            done_R)
+    logits_Rx1xV, cache = models.apply(
+      graphdef,
+      params,
+      token_R[:, None],
+      positions_RxL=(next_position_R + i)[:, None],
+      cache=cache,
+      cache_index=P + i,
+      kv_mask_RxS=kv_mask_RxS,
+    )
+    return (i + 1, _shard_cache(cache), logits_Rx1xV[:, 0], tokens_RxN, logp_RxN, mask_RxN, done_R)
 
   def keep_going(carry):
     i, done_R = carry[0], carry[-1]
     return (i < N) & ~jnp.all(done_R)
 
-  init = (jnp.int32(0), cache, logits_RxPxV[:, -1].astype(jnp.float32),
-          shard(jnp.full((R, N), cfg.pad_id, jnp.int32), ("act_batch", None)),
-          shard(jnp.zeros((R, N), jnp.float32), ("act_batch", None)),
-          shard(jnp.zeros((R, N), jnp.float32), ("act_batch", None)),
-          jnp.zeros((R,), bool))
+  init = (
+    jnp.int32(0),
+    cache,
+    logits_RxPxV[:, -1].astype(jnp.float32),
+    shard(jnp.full((R, N), cfg.pad_id, jnp.int32), ("act_batch", None)),
+    shard(jnp.zeros((R, N), jnp.float32), ("act_batch", None)),
+    shard(jnp.zeros((R, N), jnp.float32), ("act_batch", None)),
+    jnp.zeros((R,), bool),
+  )
   _, _, _, tokens_RxN, logp_RxN, mask_RxN, _ = jax.lax.while_loop(keep_going, step, init)
-  return {"tokens_RxL": jnp.concatenate([prompts_RxP, tokens_RxN], axis=1),
-          "logp_RxN": logp_RxN, "mask_RxN": mask_RxN}
+  return {
+    "tokens_RxL": jnp.concatenate([prompts_RxP, tokens_RxN], axis=1),
+    "logp_RxN": logp_RxN,
+    "mask_RxN": mask_RxN,
+  }

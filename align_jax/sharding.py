@@ -14,9 +14,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from align_jax.errors import ConfigError
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
-BATCH_AXES = ("data", "fsdp")  # Batch rows are split over these mesh axes.
 
 _RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rules", default=None)
 
@@ -26,24 +26,27 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape, axes = list(shape), tuple(axes)
   if len(shape) != len(axes):
-    raise ValueError(f"mesh.shape {tuple(shape)} and mesh.axes {axes} differ in length")
+    raise ConfigError(f"mesh.shape {tuple(shape)} and mesh.axes {axes} differ in length")
   if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
-    raise ValueError(f"mesh.shape {tuple(shape)}: sizes must be >= 1 with at most one -1")
+    raise ConfigError(f"mesh.shape {tuple(shape)}: sizes must be >= 1 with at most one -1")
   if -1 in shape:
     rest = -math.prod(shape)
     if len(devices) % rest:
-      raise ValueError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices")
+      raise ConfigError(f"mesh.shape {tuple(shape)} does not divide {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // rest
   if math.prod(shape) > len(devices):
-    raise ValueError(f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; "
-                     f"{len(devices)} are present")
+    raise ConfigError(
+      f"mesh.shape {tuple(shape)} needs {math.prod(shape)} devices; {len(devices)} are present"
+    )
   if math.prod(shape) < len(devices):  # E.g. (1,1,1) on a multi-device host: use the first.
     if jax.process_count() > 1:
-      raise ValueError(f"mesh.shape {tuple(shape)} must use all {len(devices)} devices of a "
-                       "multi-process run")
-    logging.warning("mesh.shape %s uses %d of %d devices", tuple(shape), math.prod(shape),
-                    len(devices))
-    devices = devices[:math.prod(shape)]
+      raise ConfigError(
+        f"mesh.shape {tuple(shape)} must use all {len(devices)} devices of a multi-process run"
+      )
+    logging.warning(
+      "mesh.shape %s uses %d of %d devices", tuple(shape), math.prod(shape), len(devices)
+    )
+    devices = devices[: math.prod(shape)]
   device_grid = np.asarray(devices).reshape(shape)
   return Mesh(device_grid, axes, axis_types=(AxisType.Auto,) * len(axes))
 
@@ -53,18 +56,19 @@ def check_rules(rules: Rules, mesh: Mesh, used_names: set[str] = frozenset()) ->
   names = [name for name, _ in rules]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
-    raise ValueError(f"rules: each logical axis may appear once; repeated: {dupes}")
+    raise ConfigError(f"rules: each logical axis may appear once; repeated: {dupes}")
   table = {}
   for name, target in rules:
     targets = target if isinstance(target, (tuple, list)) else (target,)
     for axis in targets:
       if axis is not None and axis not in mesh.axis_names:
-        raise ValueError(f"rules: {name!r} maps to unknown mesh axis {axis!r}; "
-                         f"mesh axes are {mesh.axis_names}")
+        raise ConfigError(
+          f"rules: {name!r} maps to unknown mesh axis {axis!r}; mesh axes are {mesh.axis_names}"
+        )
     table[name] = tuple(a for a in targets if a is not None) or None
   missing = sorted(set(used_names) - set(table))
   if missing:
-    raise ValueError(f"rules: logical axes {missing} are used by the model but have no rule")
+    raise ConfigError(f"rules: logical axes {missing} are used by the model but have no rule")
   return table
 
 
@@ -77,7 +81,9 @@ def spec(names: Sequence[str | None], table: dict) -> P:
       out.append(None)
       continue
     if seen & set(axes):
-      raise ValueError(f"logical axes {tuple(names)} map mesh axes {sorted(seen & set(axes))} twice")
+      raise ConfigError(
+        f"logical axes {tuple(names)} map mesh axes {sorted(seen & set(axes))} twice"
+      )
     seen |= set(axes)
     out.append(axes[0] if len(axes) == 1 else axes)
   return P(*out)
@@ -103,13 +109,22 @@ def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def tree_shardings(names_tree, mesh: Mesh, table: dict):
   """NamedShardings for a pytree whose leaves are tuples of logical names."""
-  return jax.tree.map(lambda n: NamedSharding(mesh, spec(n, table)), names_tree,
-                      is_leaf=lambda n: isinstance(n, tuple))
+  return jax.tree.map(
+    lambda n: NamedSharding(mesh, spec(n, table)),
+    names_tree,
+    is_leaf=lambda n: isinstance(n, tuple),
+  )
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Rows over data x fsdp, every other dimension replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, table: dict | None = None) -> NamedSharding:
+  """Rows over the mesh axes of the `act_batch` rule, every other dimension replicated.
+
+  The rules are `table`, or the table `use_rules` put in context.
+  """
+  table = _RULES.get() if table is None else table
+  if table is None:
+    raise RuntimeError("batch_sharding needs the rules table: pass it, or call within use_rules")
+  return NamedSharding(mesh, spec(("act_batch",) + (None,) * (ndim - 1), table))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -127,5 +142,10 @@ def log_param_shardings(shapes, shardings) -> None:
   flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
   flat_shardings = jax.tree.leaves(shardings)
   for (path, leaf), sh in zip(flat_shapes, flat_shardings):
-    logging.info("param %-48s %-18s %-8s %s", jax.tree_util.keystr(path),
-                 tuple(leaf.shape), leaf.dtype, sh.spec)
+    logging.info(
+      "param %-48s %-18s %-8s %s",
+      jax.tree_util.keystr(path),
+      tuple(leaf.shape),
+      leaf.dtype,
+      sh.spec,
+    )

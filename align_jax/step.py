@@ -8,19 +8,18 @@ import jax.numpy as jnp
 import optax
 
 from align_jax import objectives as objectives_lib
-from align_jax.objectives import bond
-from align_jax.logps import sequence_logps, sequence_scores
+from align_jax.logps import sequence_logps, sequence_scores, sum_tokens, token_logps_BxK
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  step: jax.Array            # int32 scalar: updates applied so far.
-  params: dict               # Trainable policy parameters.
+  step: jax.Array  # int32 scalar: updates applied so far.
+  params: dict  # Trainable policy parameters.
   opt_state: optax.OptState
-  rng: jax.Array             # uint32[2] raw key; the step folds in `step`.
-  anchor: dict               # Moving anchor (J-BOND EMA / iterative BOND); {} when unused.
-  stats: dict                # Objective running statistics (Ẑ, baselines, ...); {} when unused.
+  rng: jax.Array  # uint32[2] raw key; the step folds in `step`.
+  anchor: dict  # Moving anchor (J-BOND EMA / iterative BOND); {} when unused.
+  stats: dict  # Objective running statistics (Ẑ, baselines, ...); {} when unused.
 
 
 def learning_rate(optim) -> optax.Schedule:
@@ -41,68 +40,87 @@ def learning_rate(optim) -> optax.Schedule:
 def optimizer(optim) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; `optim` needs lr, schedule, warmup_steps, total_steps, ..."""
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
-  parts.append(optax.adamw(learning_rate(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay))
+  parts.append(
+    optax.adamw(
+      learning_rate(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
+    )
+  )
   return optax.chain(*parts)
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, seed: int,
-               stats: dict | None = None, moving_anchor: bool = False) -> TrainState:
+def init_state(
+  params: dict,
+  tx: optax.GradientTransformation,
+  seed: int,
+  stats: dict | None = None,
+  moving_anchor: bool = False,
+) -> TrainState:
   """Step 0; `stats` are the objective's initial running statistics ({} for most). A moving
   anchor starts as a copy of the policy."""
   anchor = {"params": jax.tree.map(jnp.copy, params)} if moving_anchor else {}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)), anchor=anchor,
-                    stats=stats or {})
-
-
-def anchor_update(mode: str, *, ema_rate: float, every: int):
-  """How the anchor follows the policy after each update, (anchor, params, step, stats) -> anchor:
-  None for a fixed anchor (the reference), an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), a hard copy
-  every `every` steps (iterative BOND), or f-DPG's offline proposal q ← π every `every` steps
-  when the objective's statistics say the policy is closer to the target (stats["q_update"])."""
-  if mode == "reference":
-    return None
-  if mode == "ema":
-    return lambda anchor, params, step, stats: bond.ema(anchor, params, ema_rate)
-  if every < 1:
-    raise ValueError(f"rollout.anchor_every={every} must be >= 1 for a {mode} anchor")
-  if mode == "periodic":
-    return lambda anchor, params, step, stats: jax.tree.map(
-        lambda a, p: jnp.where(step % every == 0, p, a), anchor, params)
-  if mode == "proposal":
-    return lambda anchor, params, step, stats: jax.tree.map(
-        lambda a, p: jnp.where((step % every == 0) & stats["q_update"], p, a), anchor, params)
-  raise ValueError(f"rollout.anchor {mode!r} is unknown; use reference, ema, periodic or proposal")
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(seed)),
+    anchor=anchor,
+    stats=stats or {},
+  )
 
 
 def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
   return jnp.sum(x_B.astype(jnp.float32) * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
 
 
-def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graphdef,
-               objective: objectives_lib.Objective, loss_cfg: dict,
-               tx: optax.GradientTransformation, lr_fn: optax.Schedule, move_anchor=None,
-               merge=None):
+def train_step(
+  state: TrainState,
+  batch: dict,
+  ref_params: dict | None,
+  *,
+  graphdef,
+  objective: objectives_lib.Objective,
+  loss_cfg: dict,
+  tx: optax.GradientTransformation,
+  lr_fn: optax.Schedule,
+  move_anchor=None,
+  merge=None,
+):
   """One optimizer update: (state, batch, frozen reference) -> (state, scalar metrics).
 
   Batch fields: tokens_BxKxL (int32), loss_mask_BxKxL (1 where a token is scored),
   example_mask_B (0 for padding prompts), and optionally precomputed ref_logp_BxK.
   `merge(ref_params, state.params)` gives the policy's params when the trainable params are not
   the whole model (LoRA: ref_params are the frozen base, the reference with adapters off).
+
+  The objective's granularity picks what its first argument is: "sequence", the policy's sequence
+  log-probs [B, K]; "token", its token log-probs logp_BxKxT (T = L - 1, `logps.token_logps_BxK`),
+  with the step adding token_mask_BxKxT (float32, loss_mask_BxKxL[..., 1:]) to the batch and,
+  when the objective needs the reference, ref_token_logp_BxKxT next to ref_logp_BxK (their sum
+  under the mask, unless the batch has it).
   """
   tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
-  logps = functools.partial(sequence_logps, graphdef)
-  if objective.needs_ref and "ref_logp_BxK" not in batch:
-    ref_logp_BxK = jax.lax.stop_gradient(logps(ref_params, tokens_BxKxL, mask_BxKxL))
-    batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
+  if objective.granularity == "token":
+    if objective.scores:
+      raise ValueError("a reward model's objective takes its scores [B, K, O], not token log-probs")
+    batch = {**batch, "token_mask_BxKxT": mask_BxKxL[..., 1:].astype(jnp.float32)}
+    if objective.needs_ref and "ref_token_logp_BxKxT" not in batch:
+      ref_BxKxT, ref_mask_BxKxT = jax.lax.stop_gradient(
+        token_logps_BxK(graphdef, ref_params, tokens_BxKxL, mask_BxKxL)
+      )
+      batch["ref_token_logp_BxKxT"] = ref_BxKxT
+      batch.setdefault("ref_logp_BxK", sum_tokens(ref_BxKxT, ref_mask_BxKxT))  # Keep a cached one.
+    model_fn = lambda params, t, m: token_logps_BxK(graphdef, params, t, m)[0]
+  else:
+    logps = functools.partial(sequence_logps, graphdef)
+    if objective.needs_ref and "ref_logp_BxK" not in batch:
+      ref_logp_BxK = jax.lax.stop_gradient(logps(ref_params, tokens_BxKxL, mask_BxKxL))
+      batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
+    # Policies are trained on sequence log-probs [B, K]; reward models on head outputs [B, K, O].
+    model_fn = functools.partial(sequence_scores if objective.scores else sequence_logps, graphdef)
   w_B = batch["example_mask_B"].astype(jnp.float32)
-  # Policies are trained on sequence log-probs [B, K]; reward models on head outputs [B, K, O].
-  model_fn = functools.partial(sequence_scores if objective.scores else sequence_logps, graphdef)
 
   def loss_fn(params):
-    out = model_fn(params if merge is None else merge(ref_params, params), tokens_BxKxL,
-                   mask_BxKxL)
+    out = model_fn(params if merge is None else merge(ref_params, params), tokens_BxKxL, mask_BxKxL)
     loss_B, metrics_B, stats = objective.fn(out, batch, state.stats, **loss_cfg)
     metrics = {k: _weighted_mean(v, w_B) for k, v in metrics_B.items()}
     return _weighted_mean(loss_B, w_B), (metrics, stats)
@@ -113,13 +131,14 @@ def train_step(state: TrainState, batch: dict, ref_params: dict | None, *, graph
   anchor = state.anchor
   if move_anchor is not None:  # After the update, so the anchor sees this step's policy.
     anchor = {"params": move_anchor(state.anchor["params"], params, state.step + 1, stats)}
-  new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state,
-                                  anchor=anchor, stats=stats)
+  new_state = dataclasses.replace(
+    state, step=state.step + 1, params=params, opt_state=opt_state, anchor=anchor, stats=stats
+  )
   return new_state, {
-      "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
-      "update_norm": optax.tree.norm(updates),
-      "param_norm": optax.tree.norm(state.params),
-      "lr": lr_fn(state.step),
-      **{f"objective/{k}": v for k, v in metrics.items()},
+    "loss": loss,
+    "grad_norm": optax.tree.norm(grads),
+    "update_norm": optax.tree.norm(updates),
+    "param_norm": optax.tree.norm(state.params),
+    "lr": lr_fn(state.step),
+    **{f"objective/{k}": v for k, v in metrics.items()},
   }

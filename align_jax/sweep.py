@@ -27,12 +27,14 @@ from typing import Any
 
 import ml_collections as mlc
 from absl import app, flags
+from align_jax.errors import ConfigError, MissingFileError
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One run of a sweep: `get_config(arg)` with `overrides` applied and `seed` set."""
-  name: str                      # The point's name: its arg and overrides, filesystem-safe.
+
+  name: str  # The point's name: its arg and overrides, filesystem-safe.
   arg: str
   overrides: dict[str, Any]
   seed: int
@@ -44,18 +46,23 @@ class Run:
     return cfg
 
   def command(self, config_path: str) -> str:
-    parts = [sys.executable, "-m", "align_jax.main",
-             f"--config={config_path}" + (f":{self.arg}" if self.arg else ""),
-             f"--workdir={self.workdir}"]
-    parts += [f"--config.{k}={_flag_value(v)}" for k, v in {**self.overrides,
-                                                            "seed": self.seed}.items()]
+    parts = [
+      sys.executable,
+      "-m",
+      "align_jax.main",
+      f"--config={config_path}" + (f":{self.arg}" if self.arg else ""),
+      f"--workdir={self.workdir}",
+    ]
+    parts += [
+      f"--config.{k}={_flag_value(v)}" for k, v in {**self.overrides, "seed": self.seed}.items()
+    ]
     return shlex.join(parts)
 
 
 def module(config_path: str):
   """The config file as a module (what `--config=` loads)."""
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"config file {config_path} does not exist")
+    raise MissingFileError(f"config file {config_path} does not exist")
   name = "align_jax_config_" + os.path.splitext(os.path.basename(config_path))[0]
   spec = importlib.util.spec_from_file_location(name, config_path)
   mod = importlib.util.module_from_spec(spec)
@@ -76,30 +83,37 @@ def apply_overrides(cfg: mlc.ConfigDict, overrides: dict[str, Any]) -> None:
     for part in path:
       node = getattr(node, part, None)
       if not isinstance(node, mlc.ConfigDict):
-        raise ValueError(f"sweep override {key}: the config has no field {key}")
+        raise ConfigError(f"sweep override {key}: the config has no field {key}")
     if leaf not in node:
-      raise ValueError(f"sweep override {key}: the config has no field {key}")
+      raise ConfigError(f"sweep override {key}: the config has no field {key}")
     if isinstance(value, str) and not isinstance(node[leaf], str):
       value = _parse(key, value)
     with cfg.unlocked():
       try:
         node[leaf] = value
       except TypeError as e:
-        raise ValueError(f"sweep override {key}={value!r}: {e}") from None
+        raise ConfigError(f"sweep override {key}={value!r}: {e}") from None
 
 
-def runs(config_path: str, arg: str = "", *, seeds=(0,), root: str = "",
-         sets: dict[str, Any] | None = None, quick: bool = False) -> list[Run]:
+def runs(
+  config_path: str,
+  arg: str = "",
+  *,
+  seeds=(0,),
+  root: str = "",
+  sets: dict[str, Any] | None = None,
+  quick: bool = False,
+) -> list[Run]:
   """The runs of `get_sweep` (each point × each seed), with `sets` applied to every run.
 
   `quick` passes `quick=True` to a `get_sweep` that accepts it (a reduced grid for tests).
   """
   mod = module(config_path)
   if not hasattr(mod, "get_sweep"):
-    raise ValueError(f"{config_path} defines no get_sweep()")
+    raise ConfigError(f"{config_path} defines no get_sweep()")
   points = mod.get_sweep(arg or None, quick=True) if quick else mod.get_sweep(arg or None)
   if not points:
-    raise ValueError(f"{config_path}: get_sweep({arg!r}) returned no runs")
+    raise ConfigError(f"{config_path}: get_sweep({arg!r}) returned no runs")
   stem = os.path.splitext(os.path.basename(config_path))[0]
   root = root or os.path.join("runs", "sweeps", stem)
   out, names = [], set()
@@ -110,16 +124,16 @@ def runs(config_path: str, arg: str = "", *, seeds=(0,), root: str = "",
     overrides = {**point, **(sets or {})}
     name = _name(own_arg, point)
     if name in names:
-      raise ValueError(f"{config_path}: get_sweep has the point {name} twice")
+      raise ConfigError(f"{config_path}: get_sweep has the point {name} twice")
     names.add(name)
-    out += [Run(name, point_arg, overrides, s, os.path.join(root, name, f"seed{s}"))
-            for s in seeds]
+    out += [Run(name, point_arg, overrides, s, os.path.join(root, name, f"seed{s}")) for s in seeds]
   return out
 
 
 def run_local(config_path: str, sweep: list[Run], log=print) -> list[dict]:
   """Runs (or resumes) each incomplete run in this process; returns every run's summary."""
   from align_jax import train  # Heavy: only when running.
+
   summaries = []
   for i, r in enumerate(sweep):
     path = os.path.join(r.workdir, "summary.json")
@@ -136,8 +150,7 @@ def run_local(config_path: str, sweep: list[Run], log=print) -> list[dict]:
 def write_index(root: str, config_path: str, sweep: list[Run]) -> None:
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, "sweep.json"), "w") as f:
-    json.dump({"config": config_path, "runs": [dataclasses.asdict(r) for r in sweep]}, f,
-              indent=1)
+    json.dump({"config": config_path, "runs": [dataclasses.asdict(r) for r in sweep]}, f, indent=1)
 
 
 def _merge_args(base: str, extra: str) -> str:
@@ -163,14 +176,15 @@ def _parse(key: str, raw: str) -> Any:
   try:
     return ast.literal_eval(raw)
   except (ValueError, SyntaxError):
-    raise ValueError(f"sweep override {key}={raw!r} is not a Python literal") from None
+    raise ConfigError(f"sweep override {key}={raw!r} is not a Python literal") from None
 
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file, optionally `path:arg`.")
 _LOCAL = flags.DEFINE_bool("local", False, "Run every run here, one after another.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; each point runs once per seed.")
-_ROOT = flags.DEFINE_string("root", None, "Runs go to <root>/<point>/seed<s> "
-                            "(default runs/sweeps/<config name>).")
+_ROOT = flags.DEFINE_string(
+  "root", None, "Runs go to <root>/<point>/seed<s> (default runs/sweeps/<config name>)."
+)
 _SET = flags.DEFINE_multi_string("set", [], "key=value applied to every run (repeatable).")
 
 
@@ -186,7 +200,7 @@ def main(argv):
     for item in _SET.value:
       key, sep, raw = item.partition("=")
       if not sep:
-        raise ValueError(f"--set {item!r} is not key=value")
+        raise ConfigError(f"--set {item!r} is not key=value")
       sets[key.strip()] = raw.strip()
     sweep = runs(config_path, arg, seeds=seeds, root=_ROOT.value or "", sets=sets)
     for r in sweep:  # Every run's config is built (and checked) before any run starts.

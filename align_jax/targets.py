@@ -12,6 +12,7 @@ fitted by `fit_lambda` on the base a·b (log weights from `pointwise`).
 
 import jax
 import jax.numpy as jnp
+from align_jax.errors import ConfigError
 
 
 def pointwise(base_logp: jax.Array, b: jax.Array, *, epsilon: float = 0.0) -> jax.Array:
@@ -40,7 +41,7 @@ def pointwise(base_logp: jax.Array, b: jax.Array, *, epsilon: float = 0.0) -> ja
     Z = 0.7
   """
   if not 0.0 <= epsilon < 1.0:
-    raise ValueError(f"pointwise epsilon must lie in [0, 1); got {epsilon}")
+    raise ConfigError(f"pointwise epsilon must lie in [0, 1); got {epsilon}")
   b = jnp.asarray(b).astype(jnp.result_type(base_logp))
   return base_logp + jnp.log(jnp.maximum(b, epsilon))
 
@@ -75,7 +76,7 @@ def rlhf(base_logp: jax.Array, reward: jax.Array, beta: float) -> jax.Array:
   r"""The KL-regularised RLHF target log P = log(a·exp(r/β)) (§1.1.4, §1.7).
 
   p = P/Z maximises E_π[r] − β KL(π‖a); reverse-KL f-DPG on it is REINFORCE on r − β log(π/a).
-  Normalised per context it is `align_jax.testbed.exact.rlhf_target`.
+  Normalised per context (`exact.normalize`) it is the KL-regularised optimum.
 
   Args:
     base_logp: log a(x), any shape.
@@ -90,8 +91,8 @@ def rlhf(base_logp: jax.Array, reward: jax.Array, beta: float) -> jax.Array:
     >>> print(f"{jnp.exp(jax.nn.logsumexp(log_P)):.5f}")   # Z = 2.901912, ALGORITHMS.md §7.1
     2.90191
   """
-  if not beta > 0:
-    raise ValueError(f"rlhf beta must be > 0; got {beta}")
+  if isinstance(beta, (int, float)) and not beta > 0:  # A traced β is the caller's to check.
+    raise ConfigError(f"rlhf beta must be > 0; got {beta}")
   return base_logp + reward / beta
 
 
@@ -126,9 +127,17 @@ def _expected_features(lam_F, phi_XxNxF, log_weight_XxN, prompt_w_X):
   return jnp.einsum("x,xn,xnf->f", prompt_w_X, s_XxN, phi_XxNxF)
 
 
-def fit_lambda(phi: jax.Array, log_weight: jax.Array, mu_bar_F: jax.Array, *, lr: float,
-               tol: float, max_iter: int, prompt_logw_X: jax.Array | None = None,
-               lam_init_F: jax.Array | None = None):
+def fit_lambda(
+  phi: jax.Array,
+  log_weight: jax.Array,
+  mu_bar_F: jax.Array,
+  *,
+  lr: float,
+  tol: float,
+  max_iter: int,
+  prompt_logw_X: jax.Array | None = None,
+  lam_init_F: jax.Array | None = None,
+):
   r"""Moment matching for GDC distributional constraints by SNIS (ALGORITHMS.md §1.2).
 
   Finds λ with E[φ] = μ̄ under P_λ = a·exp(λ·φ), by ascent on the concave dual
@@ -183,8 +192,10 @@ def fit_lambda(phi: jax.Array, log_weight: jax.Array, mu_bar_F: jax.Array, *, lr
   if phi.ndim == 2:
     phi, log_weight = phi[None], log_weight[None]
   if phi.ndim != 3 or log_weight.shape != phi.shape[:2]:
-    raise ValueError(f"fit_lambda wants phi [N, F] or [X, N, F] and log_weight [N] or [X, N]; got "
-                     f"{phi.shape} and {log_weight.shape}")
+    raise ConfigError(
+      f"fit_lambda wants phi [N, F] or [X, N, F] and log_weight [N] or [X, N]; got "
+      f"{phi.shape} and {log_weight.shape}"
+    )
   dtype = jnp.result_type(phi, log_weight, mu_bar_F, jnp.float32)
   phi, log_weight = jnp.asarray(phi, dtype), jnp.asarray(log_weight, dtype)
   mu_bar_F = jnp.asarray(mu_bar_F, dtype)
@@ -193,8 +204,7 @@ def fit_lambda(phi: jax.Array, log_weight: jax.Array, mu_bar_F: jax.Array, *, lr
     prompt_w_X = jnp.full((num_x,), 1.0 / num_x, dtype)
   else:
     prompt_w_X = jnp.exp(jnp.asarray(prompt_logw_X, dtype))
-  lam_F = (jnp.zeros(phi.shape[-1:], dtype) if lam_init_F is None else
-           jnp.asarray(lam_init_F, dtype))
+  lam_F = jnp.zeros(phi.shape[-1:], dtype) if lam_init_F is None else jnp.asarray(lam_init_F, dtype)
   moments = lambda lam: _expected_features(lam, phi, log_weight, prompt_w_X)
   error = lambda mu: jnp.max(jnp.abs(mu_bar_F - mu))
 

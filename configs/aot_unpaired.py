@@ -22,9 +22,9 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "aot_unpaired"
   c.objective = "aot_unpaired"
-  c.loss.beta = 0.5              # Scale of the margin in the surrogate h.
-  c.loss.label_smoothing = 0.0   # ε of the logistic h (TRL).
-  c.loss.h = "logistic"         # logistic | squared_hinge | least_squares.
+  c.loss.beta = 0.5  # Scale of the margin in the surrogate h.
+  c.loss.label_smoothing = 0.0  # ε of the logistic h (TRL).
+  c.loss.h = "logistic"  # logistic | squared_hinge | least_squares.
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

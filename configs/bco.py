@@ -22,8 +22,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "bco"
   c.objective = "bco"
-  c.loss.beta = 0.1              # Inverse temperature of the implicit reward.
-  c.loss.delta_momentum = -1.0   # < 0: δ = mean of everything seen (TRL); in [0, 1): EMA.
+  c.loss.beta = 0.1  # Inverse temperature of the implicit reward.
+  c.loss.delta_momentum = -1.0  # < 0: δ = mean of everything seen (TRL); in [0, 1): EMA.
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

@@ -39,15 +39,15 @@ def get_config(arg: str | None = None):
   c.objective = "bond"
   c.model = models.preset(arg.model)
   config_lib.testbed_on_policy(c)
-  c.rollout.num_policy = 2       # Policy samples per prompt (≥ 2 for the leave-one-out baseline).
-  c.rollout.num_anchor = 16      # k anchor samples: quantiles, and k/n groups for the forward term.
+  c.rollout.num_policy = 2  # Policy samples per prompt (≥ 2 for the leave-one-out baseline).
+  c.rollout.num_anchor = 16  # k anchor samples: quantiles, and k/n groups for the forward term.
   c.rollout.anchor = ANCHORS[arg.anchor]
-  c.loss.n = arg.n               # N of the Best-of-N target.
-  c.loss.beta = arg.beta         # Jeffreys mix: 0 = forward KL only, 1 = backward only.
+  c.loss.n = arg.n  # N of the Best-of-N target.
+  c.loss.beta = arg.beta  # Jeffreys mix: 0 = forward KL only, 1 = backward only.
   c.loss.num_policy = c.rollout.get_ref("num_policy")
   c.loss.quantile_clip = 1.0 / 32  # Floor of p̂≤: 1/(2k) [3P].
   c.loss.baseline = "mean_loo"
-  c.testbed.target = "bon"
+  c.target.kind = "bon"
   c.testbed.target_n = c.loss.get_ref("n")
   c.testbed.target_jeffreys = c.loss.get_ref("beta")
   if arg.smoke:
@@ -65,8 +65,11 @@ def get_sweep(arg: str | None = None, quick: bool = False) -> list[dict]:
   """
   del arg
   if quick:
-    return [{"arg": "n=4,beta=0.5"}, {"arg": "n=4,beta=0.5,anchor=ema", "total_steps": 300,
-                                      "eval_every": 25}]
+    return [
+      {"arg": "n=4,beta=0.5"},
+      {"arg": "n=4,beta=0.5,anchor=ema", "total_steps": 300, "eval_every": 25},
+    ]
   return [{"arg": f"n={n},beta={beta}"} for beta in (0.0, 0.5, 1.0) for n in (2, 4, 8, 16)] + [
-      {"arg": f"n=2,beta=0.5,anchor={anchor}", "total_steps": 300, "eval_every": 25}
-      for anchor in ("fixed", "periodic", "ema")]
+    {"arg": f"n=2,beta=0.5,anchor={anchor}", "total_steps": 300, "eval_every": 25}
+    for anchor in ("fixed", "periodic", "ema")
+  ]

@@ -24,10 +24,10 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "bt_reward"
   c.objective = "bt_reward"
-  c.loss.center_weight = 0.0     # c ≥ 0: weight of the reward-centering regulariser.
+  c.loss.center_weight = 0.0  # c ≥ 0: weight of the reward-centering regulariser.
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)
-  c.model.num_scores = 1         # A scalar reward head on the base LM's body.
+  c.model.num_scores = 1  # A scalar reward head on the base LM's body.
   return c

@@ -19,8 +19,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "cdpo"
   c.objective = "cdpo"
-  c.loss.beta = 0.1              # Inverse temperature of the implicit reward.
-  c.loss.label_smoothing = 0.1   # ε ∈ [0, 0.5]: assumed label-flip probability.
+  c.loss.beta = 0.1  # Inverse temperature of the implicit reward.
+  c.loss.label_smoothing = 0.1  # ε ∈ [0, 0.5]: assumed label-flip probability.
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

@@ -27,11 +27,11 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "d2o"
   c.objective = "d2o"
-  c.loss.beta = 0.1              # Weight β of the mean self-sample log-ratio [3P].
-  c.loss.alpha = 0.1             # Weight α of the negative's log-ratio [3P].
+  c.loss.beta = 0.1  # Weight β of the mean self-sample log-ratio [3P].
+  c.loss.alpha = 0.1  # Weight α of the negative's log-ratio [3P].
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
-  c.data.num_samples = 11        # Self-samples per negative, N [3P].
+  c.data.num_samples = 11  # Self-samples per negative, N [3P].
   if arg.smoke:
     config_lib.smoke(c)
   return c

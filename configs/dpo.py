@@ -2,7 +2,7 @@ r"""DPO (Rafailov et al. 2023, arXiv 2305.18290) on testbed preference pairs.
 
 Pairs are two samples of the cached base LM per prompt, labelled by the testbed's gold reward with
 Bradley–Terry noise, P(a ≻ b) = σ((r_a − r_b)/T). With such labels the population optimum of DPO is
-π* ∝ π_ref·exp(r/(β·T)); the exact metrics report the divergences to it (testbed.target = rlhf).
+π* ∝ π_ref·exp(r/(β·T)); the exact metrics report the divergences to it (target.kind = rlhf).
 
   # Default (≈1–2 min on a 2-core CPU; pretrains and caches the base LM on first use):
   python -m align_jax.main --config=configs/dpo.py
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "dpo"
   c.objective = "dpo"
-  c.loss.beta = 0.1              # Inverse temperature of the implicit reward β·log(π/π_ref).
+  c.loss.beta = 0.1  # Inverse temperature of the implicit reward β·log(π/π_ref).
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c, rlhf_target=True)
   if arg.smoke:

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "dprm"
   c.objective = "dprm"
-  c.loss.cost = "abs"            # Ground cost between categories: abs |j − k| | squared.
+  c.loss.cost = "abs"  # Ground cost between categories: abs |j − k| | squared.
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

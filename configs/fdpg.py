@@ -37,11 +37,13 @@ TASKS = ("pointwise", "distributional", "hybrid", "rlhf")
 
 
 def get_config(arg: str | None = None):
-  arg = config_lib.parse_arg(arg, smoke=False, model="testbed", divergence="js", task="pointwise",
-                             proposal="policy")
+  arg = config_lib.parse_arg(
+    arg, smoke=False, model="testbed", divergence="js", task="pointwise", proposal="policy"
+  )
   if arg.divergence not in fdpg.DIVERGENCES:
-    raise ValueError(f"config arg divergence={arg.divergence!r} is unknown; known: "
-                     f"{fdpg.DIVERGENCES}")
+    raise ValueError(
+      f"config arg divergence={arg.divergence!r} is unknown; known: {fdpg.DIVERGENCES}"
+    )
   if arg.task not in TASKS:
     raise ValueError(f"config arg task={arg.task!r} is unknown; known: {TASKS}")
   if arg.proposal not in ("policy", "offline"):
@@ -51,25 +53,26 @@ def get_config(arg: str | None = None):
   c.objective = "fdpg"
   c.model = models.preset(arg.model)
   config_lib.testbed_on_policy(c)
-  c.rollout.num_policy = 4       # Samples per prompt (the proposal is the policy itself).
+  c.rollout.num_policy = 4  # Samples per prompt (the proposal is the policy itself).
   if arg.proposal == "offline":  # Samples from a frozen copy q, replaced by π when π is closer.
     c.rollout.num_policy, c.rollout.num_anchor = 0, 4
     c.rollout.anchor = "proposal"
     c.rollout.anchor_every = 10  # naver/gdc's q_update_interval.
   c.loss.divergence = arg.divergence
-  c.loss.alpha = 0.5             # Amari order α (divergence=amari only).
+  c.loss.alpha = 0.5  # Amari order α (divergence=amari only).
   # Samples with P = 0 get the table's limit pseudo-reward (the unbiased estimator); divergences
   # whose limit is −∞ use a smoothed target instead, where no sample has P = 0.
-  c.loss.outside_support = ("mask" if arg.divergence in ("reverse_kl", "pearson", "amari")
-                            else "limit")
-  c.loss.baseline = "window"     # window | exact (forward KL) | none.
+  c.loss.outside_support = (
+    "mask" if arg.divergence in ("reverse_kl", "pearson", "amari") else "limit"
+  )
+  c.loss.baseline = "window"  # window | exact (forward KL) | none.
   c.loss.baseline_window = 1024  # Past pseudo-rewards averaged by the baseline (disco: 1024).
   c.loss.proposal_criterion = "kl"  # Offline proposal: q ← π when D(p‖π) < D(p‖q) by kl | tv.
-  c.loss.clip_log_ratio = 0.0    # > 0 clips log(π/p) to ±c before the pseudo-reward (0: exact).
-  c.testbed.target = arg.task
-  c.testbed.target_beta = 1.0    # rlhf task: β of a·exp(r/β).
+  c.loss.clip_log_ratio = 0.0  # > 0 clips log(π/p) to ±c before the pseudo-reward (0: exact).
+  c.target.kind = arg.task
+  c.target.beta = 1.0  # rlhf task: β of a·exp(r/β).
   if arg.task in ("pointwise", "hybrid") and arg.divergence in ("reverse_kl", "pearson", "amari"):
-    c.testbed.epsilon = 0.01     # These divergences are +∞ against a hard constraint.
+    c.testbed.epsilon = 0.01  # These divergences are +∞ against a hard constraint.
   if arg.smoke:
     config_lib.smoke(c)
   return c

@@ -25,11 +25,11 @@ def get_config(arg: str | None = None):
   c.loss.divergence = "forward_kl"
   c.loss.alpha = 0.5
   c.loss.outside_support = "limit"  # Pseudo-reward 0 where b = 0, so the baseline pushes away.
-  c.loss.baseline = "exact"      # B = E_π[p/π] = 1 (DPG with baseline, Korbak et al. 2022).
+  c.loss.baseline = "exact"  # B = E_π[p/π] = 1 (DPG with baseline, Korbak et al. 2022).
   c.loss.baseline_window = 1024
   c.loss.proposal_criterion = "kl"  # Offline proposal: q ← π when D(p‖π) < D(p‖q) by kl | tv.
   c.loss.clip_log_ratio = 0.0
-  c.testbed.target = "pointwise"
+  c.target.kind = "pointwise"
   if arg.smoke:
     config_lib.smoke(c)
   return c

@@ -19,8 +19,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "ipo"
   c.objective = "ipo"
-  c.loss.tau = 0.5               # Regularisation τ > 0: the target margin is 1/(2τ).
-  c.loss.per_token = False       # Length-averaged log-ratios (÷ completion length).
+  c.loss.tau = 0.5  # Regularisation τ > 0: the target margin is 1/(2τ).
+  c.loss.per_token = False  # Length-averaged log-ratios (÷ completion length).
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

@@ -33,12 +33,12 @@ def get_config(arg: str | None = None):
   c.rollout.num_policy = 1
   c.rollout.num_anchor = 2
   c.rollout.anchor = "ema"
-  c.rollout.anchor_ema = 0.02    # η [3P].
-  c.loss.beta = 0.5              # Jeffreys mix [3P/M].
-  c.loss.gamma = 0.5             # Weight of the KL-to-anchor term (unconfirmed).
+  c.rollout.anchor_ema = 0.02  # η [3P].
+  c.loss.beta = 0.5  # Jeffreys mix [3P/M].
+  c.loss.gamma = 0.5  # Weight of the KL-to-anchor term (unconfirmed).
   c.loss.log_penalty = -math.log(16.0)  # r_J of a sample worse than both anchor samples [3P].
   c.loss.kl_in_backward = False
-  c.testbed.target = "bon"       # Exact divergences to BoN_2 of the reference, a first waypoint.
+  c.target.kind = "bon"  # Exact divergences to BoN_2 of the reference, a first waypoint.
   c.testbed.target_n = 2
   if arg.smoke:
     config_lib.smoke(c)

@@ -32,8 +32,9 @@ def get_config(arg: str | None = None):
   if loss not in config_lib.LISTWISE:
     raise ValueError(f"config arg loss={loss!r} is unknown; known: {sorted(config_lib.LISTWISE)}")
   objective = config_lib.LISTWISE[loss]
-  return config_lib.listwise("lipo" if loss == "lambda" else f"lipo_{loss}", objective,
-                             ",".join(rest))
+  return config_lib.listwise(
+    "lipo" if loss == "lambda" else f"lipo_{loss}", objective, ",".join(rest)
+  )
 
 
 def get_sweep(arg: str | None = None, quick: bool = False) -> list[str]:

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "ln_dpo"
   c.objective = "ln_dpo"
-  c.loss.beta = 0.4              # Inverse temperature of the per-token implicit reward [M].
+  c.loss.beta = 0.4  # Inverse temperature of the per-token implicit reward [M].
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

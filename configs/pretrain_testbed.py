@@ -12,7 +12,7 @@ from ≈1 nat at random init to ≈0.01–0.03 nats.
 """
 
 from align_jax import config_lib, models
-from align_jax.testbed import task
+from align_jax.testbed import base
 
 
 def get_config(arg: str | None = None):
@@ -21,4 +21,4 @@ def get_config(arg: str | None = None):
   c.model = models.preset(arg.model)
   if arg.smoke:
     config_lib.smoke(c)
-  return task.pretrain_config(c.testbed, c.model, seed=c.seed)
+  return base.pretrain_config(c.testbed, c.model, seed=c.seed)

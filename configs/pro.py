@@ -18,8 +18,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "pro"
   c.objective = "pro"
-  c.loss.sft_weight = 0.05       # w_sft of the best response's NLL (official: 0.05).
-  c.loss.temperature = True      # Reward-gap temperatures T (False: T ≡ 1).
+  c.loss.sft_weight = 0.05  # w_sft of the best response's NLL (official: 0.05).
+  c.loss.temperature = True  # Reward-gap temperatures T (False: T ≡ 1).
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   c.data.list_size = arg.k

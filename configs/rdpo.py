@@ -18,8 +18,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "rdpo"
   c.objective = "rdpo"
-  c.loss.beta = 0.1              # Inverse temperature of the implicit reward.
-  c.loss.label_smoothing = 0.1   # ε ∈ [0, 0.5): the assumed symmetric flip rate.
+  c.loss.beta = 0.1  # Inverse temperature of the implicit reward.
+  c.loss.label_smoothing = 0.1  # ε ∈ [0, 0.5): the assumed symmetric flip rate.
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c, rlhf_target=True)
   if arg.smoke:

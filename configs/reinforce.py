@@ -3,7 +3,7 @@ r"""REINFORCE on the KL-penalised reward r − β·log(π/π_ref): the RLHF base
 K = rollout.num_policy samples per prompt, each pushed by its own penalised reward (Williams
 1992); loss.baseline = loo subtracts the mean of the other K − 1 (that is configs/rloo.py). The
 expected gradient is −∇(E_π[r] − β·KL(π‖π_ref)) (ALGORITHMS.md §1.7): the exact metrics compare the
-policy with that objective's optimum π_ref·exp(r/β) (testbed.target = rlhf, β tied to loss.beta).
+policy with that objective's optimum π_ref·exp(r/β) (target.kind = rlhf, β tied to loss.beta).
 
   python -m align_jax.main --config=configs/reinforce.py
   python -m align_jax.main --config=configs/reinforce.py:smoke
@@ -23,10 +23,10 @@ def get_config(arg: str | None = None):
   c.model = models.preset(arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4
-  c.loss.beta = 1.0              # KL coefficient of the penalised reward.
-  c.loss.baseline = "none"       # none | loo (configs/rloo.py).
-  c.testbed.target = "rlhf"
-  c.testbed.target_beta = c.loss.get_ref("beta")
+  c.loss.beta = 1.0  # KL coefficient of the penalised reward.
+  c.loss.baseline = "none"  # none | loo (configs/rloo.py).
+  c.target.kind = "rlhf"
+  c.target.beta = c.loss.get_ref("beta")
   if arg.smoke:
     config_lib.smoke(c)
   return c

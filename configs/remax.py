@@ -22,9 +22,9 @@ def get_config(arg: str | None = None):
   c.model = models.preset(arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 2
-  c.loss.beta = 1.0              # KL coefficient of the penalised reward.
-  c.testbed.target = "rlhf"
-  c.testbed.target_beta = c.loss.get_ref("beta")
+  c.loss.beta = 1.0  # KL coefficient of the penalised reward.
+  c.target.kind = "rlhf"
+  c.target.beta = c.loss.get_ref("beta")
   if arg.smoke:
     config_lib.smoke(c)
   return c

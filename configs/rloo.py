@@ -24,10 +24,10 @@ def get_config(arg: str | None = None):
   c.objective = "rloo"
   c.model = models.preset(arg.model)
   config_lib.testbed_on_policy(c)
-  c.rollout.num_policy = 4       # K ≥ 2 samples per prompt for the leave-one-out baseline.
-  c.loss.beta = 1.0              # KL coefficient of the penalised reward.
-  c.testbed.target = "rlhf"
-  c.testbed.target_beta = c.loss.get_ref("beta")
+  c.rollout.num_policy = 4  # K ≥ 2 samples per prompt for the leave-one-out baseline.
+  c.loss.beta = 1.0  # KL coefficient of the penalised reward.
+  c.target.kind = "rlhf"
+  c.target.beta = c.loss.get_ref("beta")
   if arg.smoke:
     config_lib.smoke(c)
   return c

@@ -20,8 +20,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "slic"
   c.objective = "slic"
-  c.loss.delta = 1.0             # Calibration margin δ on the log-likelihood gap [M].
-  c.loss.lam = 0.5               # Weight λ of the cross-entropy regulariser [M].
+  c.loss.delta = 1.0  # Calibration margin δ on the log-likelihood gap [M].
+  c.loss.lam = 0.5  # Weight λ of the cross-entropy regulariser [M].
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

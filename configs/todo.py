@@ -20,8 +20,8 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "todo"
   c.objective = "todo"
-  c.loss.beta = 0.1              # Inverse temperature of the implicit reward.
-  c.loss.alpha = 0.5             # Tie parameter α > 0 (official: 0.5).
+  c.loss.beta = 0.1  # Inverse temperature of the implicit reward.
+  c.loss.alpha = 0.5  # Tie parameter α > 0 (official: 0.5).
   c.model = models.preset(arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

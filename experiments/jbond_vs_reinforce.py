@@ -26,29 +26,38 @@ import bond  # noqa: E402  (experiments/bond.py: the exact Best-of-N curve)
 import study  # noqa: E402
 
 BUDGET = {"total_steps": 300, "eval_every": 20}
-QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0,
-         "mesh.shape": (1, 1, 1)}  # On the smoke configs.
+QUICK = {
+  "total_steps": 4,
+  "eval_every": 2,
+  "checkpoint_every": 0,
+  "mesh.shape": (1, 1, 1),
+}  # On the smoke configs.
 FRONTIER_BETAS = np.geomspace(0.02, 50.0, 120)
 
 
 def grids(quick: bool) -> list[study.Grid]:
   arg, sets = ("smoke", QUICK) if quick else ("", BUDGET)
-  return [study.Grid("jbond", "configs/jbond.py", arg=arg, sets=sets),
-          study.Grid("rloo", "configs/rloo.py", arg=arg, sets=sets)]
+  return [
+    study.Grid("jbond", "configs/jbond.py", arg=arg, sets=sets),
+    study.Grid("rloo", "configs/rloo.py", arg=arg, sets=sets),
+  ]
 
 
 def frontier(reference, betas=FRONTIER_BETAS) -> dict[str, list[float]]:
   """Exact (KL(π_β‖π_ref), E_{π_β}[r]) of the KL-regularised optima, by increasing KL."""
   import jax
   import jax.numpy as jnp
+  from align_jax import targets
   from align_jax.testbed import exact
+
   tb, ref_XxY = reference
   ref_XxY, reward_XxY = jnp.asarray(ref_XxY), jnp.asarray(tb.reward_XxY)
   w_X = jnp.asarray(tb.prompt_logw_X)
 
   def point(beta):
-    opt_XxY = exact.rlhf_target(ref_XxY, reward_XxY, beta)
+    opt_XxY = exact.normalize(targets.rlhf(ref_XxY, reward_XxY, beta))
     return exact.kl(opt_XxY, ref_XxY, w_X), exact.expectation(opt_XxY, reward_XxY, w_X)
+
   betas = sorted(map(float, betas), reverse=True)
   kl_B, reward_B = jax.jit(lambda b_B: jax.lax.map(point, b_B))(jnp.asarray(betas))
   return {"beta": betas, "kl": np.asarray(kl_B).tolist(), "reward": np.asarray(reward_B).tolist()}
@@ -62,8 +71,11 @@ def _label(r: study.Record) -> str:
 
 def _path(r: study.Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   steps, ms = zip(*r.trajectory)
-  return (np.array(steps), np.array([m["exact/kl_policy_ref"] for m in ms]),
-          np.array([m["exact/reward"] for m in ms]))
+  return (
+    np.array(steps),
+    np.array([m["exact/kl_policy_ref"] for m in ms]),
+    np.array([m["exact/reward"] for m in ms]),
+  )
 
 
 def _reward_at(kl_target: float, kl: np.ndarray, reward: np.ndarray) -> float:
@@ -85,38 +97,57 @@ def analyze(records: list[study.Record], args):
   for label, rs in points.items():
     paths = [_path(r) for r in rs]
     finals = [(kl[-1], rew[-1]) for _, kl, rew in paths]
-    third = [rew[-1] - rew[np.searchsorted(steps, steps[-1] * 2 // 3)]
-             for steps, _, rew in paths]
+    third = [rew[-1] - rew[np.searchsorted(steps, steps[-1] * 2 // 3)] for steps, _, rew in paths]
     mean_regret = [float(np.mean(regret(kl, rew)[1:])) for _, kl, rew in paths]
-    rows.append([label, study.fmt([r for _, r in finals]), study.fmt([k for k, _ in finals]),
-                 study.fmt([regret(k, r) for k, r in finals]), study.fmt(mean_regret),
-                 study.fmt(third)])
+    rows.append(
+      [
+        label,
+        study.fmt([r for _, r in finals]),
+        study.fmt([k for k, _ in finals]),
+        study.fmt([regret(k, r) for k, r in finals]),
+        study.fmt(mean_regret),
+        study.fmt(third),
+      ]
+    )
     data["points"][label] = {
-        "final_reward": study.mean_std(r for _, r in finals),
-        "final_kl_ref": study.mean_std(k for k, _ in finals),
-        "final_regret": study.mean_std(regret(k, r) for k, r in finals),
-        "mean_regret": study.mean_std(mean_regret), "last_third_gain": study.mean_std(third),
-        "paths": [{"step": s.tolist(), "kl_ref": k.tolist(), "reward": w.tolist()}
-                  for s, k, w in paths]}
+      "final_reward": study.mean_std(r for _, r in finals),
+      "final_kl_ref": study.mean_std(k for k, _ in finals),
+      "final_regret": study.mean_std(regret(k, r) for k, r in finals),
+      "mean_regret": study.mean_std(mean_regret),
+      "last_third_gain": study.mean_std(third),
+      "paths": [
+        {"step": s.tolist(), "kl_ref": k.tolist(), "reward": w.tolist()} for s, k, w in paths
+      ],
+    }
   steps = records[0].summary["steps"]
-  body = [f"Final exact E_π[r] and KL(π‖π_ref) after {steps} steps; regret = the KL-regularised "
-          "frontier's reward at the run's KL minus the run's; mean regret along the path (every "
-          f"evaluation after step 0); reward gained over the last third of training:",
-          study.table(["run", "E_π[r]", "KL(π‖π_ref)", "final regret", "mean path regret",
-                       "last-third gain"], rows)]
+  body = [
+    f"Final exact E_π[r] and KL(π‖π_ref) after {steps} steps; regret = the KL-regularised "
+    "frontier's reward at the run's KL minus the run's; mean regret along the path (every "
+    f"evaluation after step 0); reward gained over the last third of training:",
+    study.table(
+      ["run", "E_π[r]", "KL(π‖π_ref)", "final regret", "mean path regret", "last-third gain"], rows
+    ),
+  ]
   pareto, verdict = _pareto(points, data["points"])
   if pareto:
-    body += ["Pareto comparison at equal KL: each J-BOND path's reward at the REINFORCE run's "
-             "final KL (mean ± std over J-BOND seeds; '—' where that KL lies outside the path's "
-             "evaluations after step 0) minus that run's final reward (mean over its seeds):",
-             study.table(["REINFORCE run", "its final KL", *pareto["jbond"]], pareto["rows"])]
+    body += [
+      "Pareto comparison at equal KL: each J-BOND path's reward at the REINFORCE run's "
+      "final KL (mean ± std over J-BOND seeds; '—' where that KL lies outside the path's "
+      "evaluations after step 0) minus that run's final reward (mean over its seeds):",
+      study.table(["REINFORCE run", "its final KL", *pareto["jbond"]], pareto["rows"]),
+    ]
     data["pareto"] = pareto
   body.append(verdict)
-  body.append("The exact BoN_N points of the reference and the frontier are in the plot; the "
-              "frontier's (KL, E[r]) at β_RL ∈ {0.1, 0.3, 1, 3}: " + ", ".join(
-                  f"({np.interp(b, front['beta'][::-1], front_kl[::-1]):.2f}, "
-                  f"{np.interp(b, front['beta'][::-1], front_r[::-1]):.3f})"
-                  for b in (0.1, 0.3, 1.0, 3.0)) + ".")
+  body.append(
+    "The exact BoN_N points of the reference and the frontier are in the plot; the "
+    "frontier's (KL, E[r]) at β_RL ∈ {0.1, 0.3, 1, 3}: "
+    + ", ".join(
+      f"({np.interp(b, front['beta'][::-1], front_kl[::-1]):.2f}, "
+      f"{np.interp(b, front['beta'][::-1], front_r[::-1]):.3f})"
+      for b in (0.1, 0.3, 1.0, 3.0)
+    )
+    + "."
+  )
   curve = bond.bon_curve(records[0], ns=(1, 2, 4, 8, 16, 32, 64, 128, 256))
   data["bon_curve"] = {str(n): c for n, c in curve.items()}
   return "\n\n".join(body), data, _figure(points, front, curve)
@@ -126,8 +157,10 @@ def _pareto(points, summary) -> tuple[dict, str]:
   jbonds = {k: [_path(r) for r in rs] for k, rs in points.items() if k.startswith("J-BOND")}
   rloos = {k: [_path(r) for r in rs] for k, rs in points.items() if k.startswith("REINFORCE")}
   if not jbonds or not rloos:
-    return {}, ("**Finding (paper Fig. 7: J-BOND's reward/KL front dominates REINFORCE).** Not "
-                "testable on this grid: it needs both methods.")
+    return {}, (
+      "**Finding (paper Fig. 7: J-BOND's reward/KL front dominates REINFORCE).** Not "
+      "testable on this grid: it needs both methods."
+    )
   rows, wins, comparable = [], {j: 0 for j in jbonds}, {j: 0 for j in jbonds}
   along = {j: [0, 0] for j in jbonds}  # REINFORCE path points J-BOND beats / can be compared at.
   for label, paths in rloos.items():
@@ -135,8 +168,10 @@ def _pareto(points, summary) -> tuple[dict, str]:
     r_end = float(np.mean([rew[-1] for _, _, rew in paths]))
     row = [label, f"{kl_end:.3f}"]
     for j, jpaths in jbonds.items():
-      for kl_t, r_t in zip(np.mean([kl for _, kl, _ in paths], axis=0)[1:],
-                           np.mean([rew for _, _, rew in paths], axis=0)[1:]):
+      for kl_t, r_t in zip(
+        np.mean([kl for _, kl, _ in paths], axis=0)[1:],
+        np.mean([rew for _, _, rew in paths], axis=0)[1:],
+      ):
         at = [_reward_at(kl_t, kl, rew) for _, kl, rew in jpaths]
         if not np.isnan(at).any():
           along[j][0] += float(np.mean(at)) > r_t
@@ -151,36 +186,58 @@ def _pareto(points, summary) -> tuple[dict, str]:
     rows.append(row)
   lines = []
   for j in jbonds:
-    verdict = ("not testable (its path reaches none of the REINFORCE runs' KLs)"
-               if not comparable[j] else
-               "reproduced" if wins[j] == comparable[j] == len(rloos) else
-               "partly reproduced" if wins[j] else "not reproduced")
-    lines.append(f"{j}: higher reward than REINFORCE at equal KL for {wins[j]}/{comparable[j]} "
-                 f"comparable β_RL (of {len(rloos)}) — {verdict} (and above {along[j][0]}/"
-                 f"{along[j][1]} of the comparable evaluated points along the REINFORCE paths, "
-                 "seed means)")
+    verdict = (
+      "not testable (its path reaches none of the REINFORCE runs' KLs)"
+      if not comparable[j]
+      else "reproduced"
+      if wins[j] == comparable[j] == len(rloos)
+      else "partly reproduced"
+      if wins[j]
+      else "not reproduced"
+    )
+    lines.append(
+      f"{j}: higher reward than REINFORCE at equal KL for {wins[j]}/{comparable[j]} "
+      f"comparable β_RL (of {len(rloos)}) — {verdict} (and above {along[j][0]}/"
+      f"{along[j][1]} of the comparable evaluated points along the REINFORCE paths, "
+      "seed means)"
+    )
   # Saturation: REINFORCE's reward stops at a β_RL-dependent level, J-BOND's keeps rising.
   gain = {k: summary[k]["last_third_gain"] for k in points}
   flat = [k for k in rloos if abs(gain[k][0]) <= max(2 * gain[k][1], 0.02)]
   rising = [k for k in jbonds if gain[k][0] > max(2 * gain[k][1], 0.02)]
-  saturation = ("reproduced" if len(flat) == len(rloos) and len(rising) == len(jbonds) else
-                "partly reproduced" if flat or rising else "not reproduced")
-  return ({"jbond": list(jbonds), "rows": rows, "wins": wins, "comparable": comparable,
-           "along_paths": along,
-           "saturated": flat, "rising": rising},
-          "**Finding (paper Fig. 7: J-BOND's reward/KL front dominates REINFORCE at every β_RL)."
-          "** " + "; ".join(lines) + ". At this scale it is a statement about the finite "
-          "budget's paths: a converged REINFORCE lies on the frontier (ABLATIONS.md §9).\n\n"
-          "**Finding (paper Fig. 7: REINFORCE saturates at a β_RL-dependent reward, J-BOND keeps "
-          f"improving).** {saturation.capitalize()} on the testbed: last-third gain within noise "
-          f"(|gain| ≤ max(2 std, 0.02)) for {len(flat)}/{len(rloos)} REINFORCE runs, clearly "
-          f"positive for {len(rising)}/{len(jbonds)} J-BOND runs ({', '.join(rising) or 'none'}).")
+  saturation = (
+    "reproduced"
+    if len(flat) == len(rloos) and len(rising) == len(jbonds)
+    else "partly reproduced"
+    if flat or rising
+    else "not reproduced"
+  )
+  return (
+    {
+      "jbond": list(jbonds),
+      "rows": rows,
+      "wins": wins,
+      "comparable": comparable,
+      "along_paths": along,
+      "saturated": flat,
+      "rising": rising,
+    },
+    "**Finding (paper Fig. 7: J-BOND's reward/KL front dominates REINFORCE at every β_RL)."
+    "** " + "; ".join(lines) + ". At this scale it is a statement about the finite "
+    "budget's paths: a converged REINFORCE lies on the frontier (ABLATIONS.md §9).\n\n"
+    "**Finding (paper Fig. 7: REINFORCE saturates at a β_RL-dependent reward, J-BOND keeps "
+    f"improving).** {saturation.capitalize()} on the testbed: last-third gain within noise "
+    f"(|gain| ≤ max(2 std, 0.02)) for {len(flat)}/{len(rloos)} REINFORCE runs, clearly "
+    f"positive for {len(rising)}/{len(jbonds)} J-BOND runs ({', '.join(rising) or 'none'}).",
+  )
 
 
 def _figure(points, front, curve):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
   ax.plot(front["kl"], front["reward"], "k-", lw=1, label="KL-regularised optima π_β (exact)")
   bond.plot_bon_curve(ax, curve, "k:")
@@ -190,17 +247,30 @@ def _figure(points, front, curve):
     kl = np.mean([k for _, k, _ in paths], axis=0)
     rew = np.mean([w for _, _, w in paths], axis=0)
     style = "-" if label.startswith("J-BOND") else "--"
-    line, = ax.plot(kl, rew, style, marker=".", ms=4, label=label)
-    ax.errorbar(kl[-1], rew[-1], xerr=np.std([k[-1] for _, k, _ in paths]),
-                yerr=np.std([w[-1] for _, _, w in paths]), color=line.get_color(), capsize=2)
+    (line,) = ax.plot(kl, rew, style, marker=".", ms=4, label=label)
+    ax.errorbar(
+      kl[-1],
+      rew[-1],
+      xerr=np.std([k[-1] for _, k, _ in paths]),
+      yerr=np.std([w[-1] for _, _, w in paths]),
+      color=line.get_color(),
+      capsize=2,
+    )
     bx.plot(steps, rew, style, color=line.get_color(), label=label)
-    bx.fill_between(steps, rew - np.std([w for _, _, w in paths], axis=0),
-                    rew + np.std([w for _, _, w in paths], axis=0), color=line.get_color(),
-                    alpha=0.15)
+    bx.fill_between(
+      steps,
+      rew - np.std([w for _, _, w in paths], axis=0),
+      rew + np.std([w for _, _, w in paths], axis=0),
+      color=line.get_color(),
+      alpha=0.15,
+    )
   kl_max = max(max(np.max(_path(r)[1]) for r in rs) for rs in points.values())
   ax.set_xlim(0, 1.15 * kl_max + 0.05)
-  ax.set(xlabel="KL(π‖π_ref) [nats]", ylabel="E_π[r] (exact)",
-         title="Reward vs KL along training (mean of seeds)")
+  ax.set(
+    xlabel="KL(π‖π_ref) [nats]",
+    ylabel="E_π[r] (exact)",
+    title="Reward vs KL along training (mean of seeds)",
+  )
   ax.legend(fontsize=7)
   bx.set(xlabel="step", ylabel="E_π[r] (exact)", title="Reward along training (± std)")
   bx.legend(fontsize=7)

@@ -4,8 +4,9 @@ import os
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Testbed base LMs pretrained by tests are cached here for the session (and reused by subprocesses).
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="align_jax_test_cache_"))
@@ -17,9 +18,11 @@ import pytest  # noqa: E402
 # persistent cache: identical computations compile once per session. The pytest-xdist workers
 # inherit the directory from the controller's environment, and subprocesses (the CLI tests) too.
 os.environ.setdefault("ALIGN_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="align_jax_test_xla_"))
-_XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ["ALIGN_JAX_TEST_XLA_CACHE"],
-              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+_XLA_CACHE = {
+  "JAX_COMPILATION_CACHE_DIR": os.environ["ALIGN_JAX_TEST_XLA_CACHE"],
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -49,6 +52,7 @@ def devices8():
 def load_config(name: str, arg: str | None = None):
   """configs/<name>.py's get_config(arg), as the CLI would build it (then locked)."""
   from align_jax import sweep
+
   cfg = sweep.load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
   cfg.lock()
   return cfg
@@ -56,6 +60,7 @@ def load_config(name: str, arg: str | None = None):
 
 def read_jsonl(path: str) -> list[dict]:
   import json
+
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -65,13 +70,18 @@ def run_study_quick(name: str, tmp_path) -> tuple[dict, str]:
   written table, numbers and plot exist and agree, and returns (the JSON, the markdown)."""
   import importlib.util
   import json
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
-                                                os.path.join(ROOT, "experiments", f"{name}.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    f"experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  out = module.study.main(name, module.grids, module.analyze,
-                          argv=["--quick", "--root", str(tmp_path / "runs"), "--out",
-                                str(tmp_path)])
+  out = module.study.main(
+    name,
+    module.grids,
+    module.analyze,
+    argv=["--quick", "--root", str(tmp_path / "runs"), "--out", str(tmp_path)],
+  )
   for ext in ("md", "json", "png"):
     assert os.path.getsize(tmp_path / f"{name}.{ext}") > 0
   assert json.load(open(tmp_path / f"{name}.json"))["meta"] == out["meta"]

@@ -16,8 +16,9 @@ from conftest import ROOT
 sys.path.insert(0, ROOT)
 from experiments.benchmarks import harness, roofline  # noqa: E402
 
-SMALL = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-             mlp_dim=80)
+SMALL = dict(
+  vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=80
+)
 
 
 def _abstract_update(objective: str, model_cfg, k: int, length: int):
@@ -26,9 +27,13 @@ def _abstract_update(objective: str, model_cfg, k: int, length: int):
   params = jax.eval_shape(functools.partial(models.init_params, model_cfg), jax.random.key(0))
   state = jax.eval_shape(lambda p: step.init_state(p, tx, 0), params)
   shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
-  batch = {"tokens_BxKxL": jax.ShapeDtypeStruct((2, k, length), jnp.int32),
-           "loss_mask_BxKxL": shape(2, k, length), "example_mask_B": shape(2),
-           "score_BxK": shape(2, k), "response_mask_BxK": shape(2, k)}
+  batch = {
+    "tokens_BxKxL": jax.ShapeDtypeStruct((2, k, length), jnp.int32),
+    "loss_mask_BxKxL": shape(2, k, length),
+    "example_mask_B": shape(2),
+    "score_BxK": shape(2, k),
+    "response_mask_BxK": shape(2, k),
+  }
   return update, state, batch, params
 
 
@@ -41,8 +46,7 @@ def test_formula_equals_every_matmul_of_the_update(objective, k, tied):
   counted = roofline.jaxpr_matmul_flops(jax.make_jaxpr(update)(*args))
   assert counted == roofline.train_step_flops(model_cfg, rows=2 * k, length=12)
   # Dropping the reference forward (or the attention term) breaks the equality.
-  assert counted != roofline.train_step_flops(model_cfg, rows=2 * k, length=12,
-                                              frozen_forwards=0)
+  assert counted != roofline.train_step_flops(model_cfg, rows=2 * k, length=12, frozen_forwards=0)
 
 
 def test_forward_formula_within_xla_cost_analysis():
@@ -66,8 +70,11 @@ def test_matmul_params_from_the_parameter_tree(tied):
   model_cfg = models.ModelConfig(**SMALL, tie_embeddings=tied)
   _, shapes, _ = models.abstract(model_cfg)
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  matrices = sum(np.prod(v.shape) for path, v in flat if len(v.shape) >= 2
-                 and (tied or "embed_VxD" not in jax.tree_util.keystr(path)))
+  matrices = sum(
+    np.prod(v.shape)
+    for path, v in flat
+    if len(v.shape) >= 2 and (tied or "embed_VxD" not in jax.tree_util.keystr(path))
+  )
   assert roofline.matmul_params(model_cfg) == matrices
 
 

@@ -36,7 +36,10 @@ def test_lipo_args_choose_list_size_and_loss():
   with pytest.raises(ValueError, match="loss='nope'"):
     load_config("lipo", "loss=nope")
   import importlib.util
-  spec = importlib.util.spec_from_file_location("lipo_cfg", os.path.join(ROOT, "configs", "lipo.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "lipo_cfg", os.path.join(ROOT, "configs", "lipo.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   sweep = module.get_sweep()

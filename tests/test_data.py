@@ -7,8 +7,12 @@ from align_jax.data import pipeline
 
 
 def _source(n=40):
-  return pipeline.ArraySource({"tokens_KxL": np.arange(n * 6, dtype=np.int32).reshape(n, 2, 3),
-                               "loss_mask_KxL": np.ones((n, 2, 3), np.float32)})
+  return pipeline.ArraySource(
+    {
+      "tokens_KxL": np.arange(n * 6, dtype=np.int32).reshape(n, 2, 3),
+      "loss_mask_KxL": np.ones((n, 2, 3), np.float32),
+    }
+  )
 
 
 def test_processes_together_read_exactly_the_single_process_batches():

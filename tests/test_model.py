@@ -37,12 +37,16 @@ def test_mask_excludes_prompt_and_padding(model):
   tokens = jnp.array([[[2, 5, 1, 7, 0, 0]]])
   mask = jnp.array([[[0, 0, 1, 1, 0, 0]]], jnp.float32)
   tok = logps.token_logps(graphdef, params, tokens[0])  # log π(t_i | t_<i), i = 1..5
-  np.testing.assert_allclose(logps.sequence_logps(graphdef, params, tokens, mask)[0, 0],
-                             tok[0, 1] + tok[0, 2], rtol=1e-6)
+  np.testing.assert_allclose(
+    logps.sequence_logps(graphdef, params, tokens, mask)[0, 0], tok[0, 1] + tok[0, 2], rtol=1e-6
+  )
   # Changing padding after the response leaves the sequence log-prob unchanged (causality).
   other = tokens.at[..., 4:].set(3)
-  np.testing.assert_allclose(logps.sequence_logps(graphdef, params, other, mask),
-                             logps.sequence_logps(graphdef, params, tokens, mask), rtol=1e-6)
+  np.testing.assert_allclose(
+    logps.sequence_logps(graphdef, params, other, mask),
+    logps.sequence_logps(graphdef, params, tokens, mask),
+    rtol=1e-6,
+  )
 
 
 def test_cached_decoding_equals_full_forward(model):
@@ -54,8 +58,9 @@ def test_cached_decoding_equals_full_forward(model):
   outs = [pre]
   for i in range(4, 7):
     pos = jnp.full((3, 1), i)
-    out, cache = models.apply(graphdef, params, tokens[:, i:i + 1], positions_RxL=pos,
-                              cache=cache, cache_index=i)
+    out, cache = models.apply(
+      graphdef, params, tokens[:, i : i + 1], positions_RxL=pos, cache=cache, cache_index=i
+    )
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
 
@@ -64,8 +69,7 @@ def test_cached_decoding_equals_full_forward(model):
 def test_remat_same_gradients_and_actually_remats(model, policy):
   _, params = model
   tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
-  remat_graphdef, _, _ = models.abstract(dataclasses.replace(CFG, remat=True,
-                                                             remat_policy=policy))
+  remat_graphdef, _, _ = models.abstract(dataclasses.replace(CFG, remat=True, remat_policy=policy))
   plain_graphdef, _, _ = models.abstract(CFG)
 
   def loss(graphdef, p):
@@ -76,8 +80,10 @@ def test_remat_same_gradients_and_actually_remats(model, policy):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(remat_graphdef, p)))(params))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
-  shown = {"nothing": "policy=<function nothing_saveable",
-           "dots_no_batch": "policy=DotsSaveable(only_if_no_batch_dims=True)"}[policy]
+  shown = {
+    "nothing": "policy=<function nothing_saveable",
+    "dots_no_batch": "policy=DotsSaveable(only_if_no_batch_dims=True)",
+  }[policy]
   assert shown in jaxpr  # the chosen policy reached the remat
   assert "remat" not in str(jax.make_jaxpr(jax.grad(lambda p: loss(plain_graphdef, p)))(params))
 
@@ -92,11 +98,12 @@ def test_gqa_equals_repeated_kv_heads():
   rep = CFG.n_heads // CFG.n_kv_heads
   p_mha = jax.tree.map(lambda x: x, p)
   for layer in p_mha["layers"].values():
-    for w in ("wk_DxGxK", "wv_DxGxK"):
+    for w in ("wk_DxGxE", "wv_DxGxE"):
       layer["attn"][w] = jnp.repeat(layer["attn"][w], rep, axis=1)
   tokens = jax.random.randint(jax.random.key(4), (2, 5), 0, CFG.vocab_size)
-  np.testing.assert_allclose(models.apply(g_gqa, p, tokens)[0],
-                             models.apply(g_mha, p_mha, tokens)[0], atol=1e-5)
+  np.testing.assert_allclose(
+    models.apply(g_gqa, p, tokens)[0], models.apply(g_mha, p_mha, tokens)[0], atol=1e-5
+  )
 
 
 def test_tied_embeddings_have_no_unembed_and_use_embedding():
@@ -125,7 +132,9 @@ def test_bfloat16_compute_keeps_float32_logits_and_params():
 
 def test_every_parameter_has_logical_names_of_its_rank():
   _, shapes, names = models.abstract(CFG)
-  for s, n in zip(jax.tree.leaves(shapes), jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))):
+  for s, n in zip(
+    jax.tree.leaves(shapes), jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))
+  ):
     assert len(s.shape) == len(n)
     assert set(n) <= set(models.transformer.PARAM_AXES)
 

@@ -17,15 +17,30 @@ from align_jax import train
 from conftest import ROOT, load_config, read_jsonl, subprocess_env
 
 STEPS = 20  # Long enough that a SIGTERM sent after step 2 always lands mid-run.
-ARGS = (f"--config={ROOT}/configs/dpo.py:smoke", f"--config.total_steps={STEPS}",
-        "--config.log_every=1", "--config.testbed.exact_eval=false")
+ARGS = (
+  f"--config={ROOT}/configs/dpo.py:smoke",
+  f"--config.total_steps={STEPS}",
+  "--config.log_every=1",
+  "--config.testbed.exact_eval=false",
+)
 
 
 def _launch(workdir, *args) -> subprocess.Popen:
   env = subprocess_env(2) | {"NPROC": "2", "DEVICES_PER_PROC": "2", "PYTHON": sys.executable}
-  return subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"),
-                           f"--workdir={workdir}", *ARGS, *args], env=env, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [
+      "bash",
+      os.path.join(ROOT, "launch", "local_multiprocess.sh"),
+      f"--workdir={workdir}",
+      *ARGS,
+      *args,
+    ],
+    env=env,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _losses(path) -> dict[int, dict]:
@@ -49,8 +64,10 @@ def test_two_processes_match_one_through_sigterm_and_resume(tmp_path):
   stopped = int(stops[0])
   assert 2 <= stopped < STEPS
   for p in (0, 1):  # Each process reads only its half of every global batch of 16.
-    assert f"data: process {p} of 2 reads rows [{8 * p}, {8 * p + 8}) of every global batch " \
-           "of 16" in stderr
+    assert (
+      f"data: process {p} of 2 reads rows [{8 * p}, {8 * p + 8}) of every global batch "
+      "of 16" in stderr
+    )
   assert max(int(d) for d in os.listdir(multi / "checkpoints") if d.isdigit()) == stopped
 
   # Both processes restore that checkpoint and finish.
@@ -92,16 +109,17 @@ def test_cluster_launchers_hand_every_worker_the_same_command(tmp_path):
   def launch(script):
     path = os.path.join(ROOT, "launch", script)
     subprocess.run(["bash", "-n", path], check=True)
-    return subprocess.run(["bash", path, *args], env=env, capture_output=True, text=True,
-                          check=True).stdout.splitlines()
+    return subprocess.run(
+      ["bash", path, *args], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
 
   gcloud = launch("tpu_vm.sh")
   assert gcloud[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"]
   assert "--zone=zone-a" in gcloud and "--worker=all" in gcloud
-  command = shlex.split(next(a for a in gcloud if a.startswith("--command="))[len("--command="):])
+  command = shlex.split(next(a for a in gcloud if a.startswith("--command="))[len("--command=") :])
   assert command == ["cd", "align_jax", "&&", "env", "PYTHONUNBUFFERED=1", *main]
 
   assert launch("slurm_gpu.sbatch") == ["--kill-on-bad-exit=1", *main]
   with open(os.path.join(ROOT, "launch", "slurm_gpu.sbatch")) as f:  # sbatch reads #SBATCH lines
-    head = f.read().split("\nset -euo pipefail")[0].splitlines()     # only before the first command
+    head = f.read().split("\nset -euo pipefail")[0].splitlines()  # only before the first command
   assert all(l.startswith("#") for l in head) and sum(l.startswith("#SBATCH") for l in head) >= 4

@@ -23,8 +23,9 @@ def test_dpo_test_vector():
 def test_dpo_gradient_closed_form_and_reference_frozen():
   beta = 0.3
   h = 1.0
-  g_logp, g_ref = jax.grad(lambda lp, rf: pairwise.dpo(lp, rf, beta=beta)[0].sum(),
-                           argnums=(0, 1))(LOGP, REF)
+  g_logp, g_ref = jax.grad(lambda lp, rf: pairwise.dpo(lp, rf, beta=beta)[0].sum(), argnums=(0, 1))(
+    LOGP, REF
+  )
   weight = beta * jax.nn.sigmoid(-beta * h)  # d softplus(-βh)/dh = -β σ(-βh)
   np.testing.assert_allclose(g_logp, [[-weight, weight]], rtol=1e-6)
   np.testing.assert_array_equal(g_ref, 0.0)  # stop-gradient on the reference
@@ -33,7 +34,9 @@ def test_dpo_gradient_closed_form_and_reference_frozen():
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_dpo_finite_on_extreme_log_ratios(scale):
   logp = jnp.array([[scale, -scale], [0.0, 0.0]])
-  loss, grad = jax.value_and_grad(lambda lp: pairwise.dpo(lp, jnp.zeros((2, 2)), beta=0.1)[0].sum())(logp)
+  loss, grad = jax.value_and_grad(
+    lambda lp: pairwise.dpo(lp, jnp.zeros((2, 2)), beta=0.1)[0].sum()
+  )(logp)
   assert np.isfinite(loss) and np.all(np.isfinite(grad))
   if scale < 0:  # softplus(-β·2e4·(-1)) = 2000 exactly in the linear regime
     np.testing.assert_allclose(pairwise.dpo(logp, jnp.zeros((2, 2)), beta=0.1)[0][0], 2000.0)
@@ -54,3 +57,18 @@ def test_registry_binds_batch_fields():
   assert stats == {"z": 1}
   with pytest.raises(ValueError, match="unknown"):
     objectives.get("no_such_objective")
+
+
+def test_registry_entries_declare_a_known_granularity():
+  from align_jax.errors import ConfigError
+
+  assert all(o.granularity == "sequence" for o in objectives.OBJECTIVES.values())
+  fn = objectives.get("dpo").fn
+  assert (
+    objectives.Objective(fn, needs_ref=True, data="pairs", granularity="token").granularity
+    == "token"
+  )
+  with pytest.raises(ValueError, match="granularity 'word'"):
+    objectives.Objective(fn, needs_ref=True, data="pairs", granularity="word")
+  with pytest.raises(ConfigError, match="'nope' is unknown"):
+    objectives.get("nope")

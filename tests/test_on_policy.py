@@ -1,22 +1,23 @@
 """On-policy objectives (BOND, J-BOND, REINFORCE) through the rollout: exact metrics move as theory says."""
 
-import json
-import os
-import subprocess
-
 import jax
 import numpy as np
 import pytest
 
-from align_jax import checkpoint, models, train
+from align_jax import train
+from align_jax.testbed import target as tb_target
 from align_jax.testbed import task
-from conftest import load_config, main_command, read_jsonl, subprocess_env
+from conftest import load_config, read_jsonl
 
 
 ON_POLICY = ["bond", "jbond", "reinforce", "rloo", "remax", "fdpg", "gdc"]
 # The exact divergence each f-DPG divergence minimises (ALGORITHMS.md §1.4).
-OWN_DIVERGENCE = {"forward_kl": "exact/kl_target_policy", "reverse_kl": "exact/kl_policy_target",
-                  "tv": "exact/tv", "js": "exact/js"}
+OWN_DIVERGENCE = {
+  "forward_kl": "exact/kl_target_policy",
+  "reverse_kl": "exact/kl_policy_target",
+  "tv": "exact/tv",
+  "js": "exact/js",
+}
 
 
 def _smoke(name, tmp_path, **overrides):
@@ -61,15 +62,21 @@ def test_jbond_raises_reward_and_its_anchor_is_the_ema_of_the_policy(tmp_path):
   anchor0 = jax.tree.map(np.asarray, before.anchor["params"])
   after = train.run(cfg, str(tmp_path)).state
   eta = cfg.rollout.anchor_ema
-  for a0, a1, p1 in zip(jax.tree.leaves(anchor0), jax.tree.leaves(after.anchor["params"]),
-                        jax.tree.leaves(after.params)):
-    np.testing.assert_allclose(np.asarray(a1), (1 - eta) * a0 + eta * np.asarray(p1), rtol=1e-5,
-                               atol=1e-7)
-  assert any(not np.allclose(a, p) for a, p in zip(jax.tree.leaves(after.anchor["params"]),
-                                                   jax.tree.leaves(after.params)))
+  for a0, a1, p1 in zip(
+    jax.tree.leaves(anchor0), jax.tree.leaves(after.anchor["params"]), jax.tree.leaves(after.params)
+  ):
+    np.testing.assert_allclose(
+      np.asarray(a1), (1 - eta) * a0 + eta * np.asarray(p1), rtol=1e-5, atol=1e-7
+    )
+  assert any(
+    not np.allclose(a, p)
+    for a, p in zip(jax.tree.leaves(after.anchor["params"]), jax.tree.leaves(after.params))
+  )
 
 
-@pytest.mark.parametrize("name, arg, extra", [
+@pytest.mark.parametrize(
+  "name, arg, extra",
+  [
     ("gdc", "smoke", "exact/constraint_rate"),
     ("fdpg", "smoke", "exact/constraint_rate"),
     ("fdpg", "smoke,divergence=tv", "exact/constraint_rate"),
@@ -77,7 +84,8 @@ def test_jbond_raises_reward_and_its_anchor_is_the_ema_of_the_policy(tmp_path):
     ("fdpg", "smoke,task=distributional,divergence=forward_kl", "exact/moments"),
     ("fdpg", "smoke,task=rlhf,divergence=reverse_kl", "exact/reward"),
     ("fdpg", "smoke,task=hybrid", "exact/constraint_rate"),
-])
+  ],
+)
 def test_fdpg_smoke_reduces_its_own_divergence(tmp_path, name, arg, extra):
   """Six steps: the run's own exact divergence to its target falls, and the constrained quantity
   (constraint rate, moment towards 0.5, reward) moves towards the target's value."""
@@ -104,9 +112,14 @@ def _default(name, arg, tmp_path):
   return train.run(cfg, str(tmp_path)).summary
 
 
-@pytest.mark.parametrize("name, arg, divergence", [
-    ("gdc", None, "forward_kl"), ("fdpg", "divergence=reverse_kl", "reverse_kl"),
-    ("fdpg", None, "js")])
+@pytest.mark.parametrize(
+  "name, arg, divergence",
+  [
+    ("gdc", None, "forward_kl"),
+    ("fdpg", "divergence=reverse_kl", "reverse_kl"),
+    ("fdpg", None, "js"),
+  ],
+)
 def test_fdpg_default_configs_halve_their_own_divergence(tmp_path, name, arg, divergence):
   """Measured reductions at the default budget: forward KL −90 %, reverse KL (ε = 0.01) −92 %,
   JS −86 %; the claim is ≥ 50 %. (TV at this budget, −74 % over 3 seeds, is in
@@ -114,7 +127,9 @@ def test_fdpg_default_configs_halve_their_own_divergence(tmp_path, name, arg, di
   summary = _default(name, arg, tmp_path)
   own = OWN_DIVERGENCE[divergence]
   assert summary["final"][own] <= 0.5 * summary["initial"][own], summary
-  assert summary["final"]["exact/constraint_rate"] > 0.5 > summary["initial"]["exact/constraint_rate"]
+  assert (
+    summary["final"]["exact/constraint_rate"] > 0.5 > summary["initial"]["exact/constraint_rate"]
+  )
 
 
 def test_bond_default_config_halves_the_jeffreys_divergence_to_best_of_n(tmp_path):
@@ -153,11 +168,14 @@ def test_fdpg_resume_restores_running_z_and_baseline_window_exactly(tmp_path):
       c.mesh.shape = (1, 1, 1)
       c.total_steps, c.checkpoint_every, c.eval_every = steps, 3, 0
     return c
+
   straight = train.run(cfg(6), str(tmp_path / "straight")).state
   train.run(cfg(3), str(tmp_path / "resumed"))
   resumed = train.run(cfg(6), str(tmp_path / "resumed")).state
-  for a, b in zip(jax.tree.leaves((straight.params, straight.stats)),
-                  jax.tree.leaves((resumed.params, resumed.stats))):
+  for a, b in zip(
+    jax.tree.leaves((straight.params, straight.stats)),
+    jax.tree.leaves((resumed.params, resumed.stats)),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert 0 < int(straight.stats["window"]["count"]) <= 6 * 16 * 4  # ≤ steps × prompts × samples
 
@@ -190,8 +208,10 @@ def test_fdpg_offline_proposal_samples_from_q_and_is_replaced_by_the_rule(tmp_pa
   assert records[0]["objective/importance_weight"] == pytest.approx(1.0, abs=1e-4)  # q = π at 0
   assert abs(records[-1]["objective/importance_weight"] - 1.0) > 1e-4
   state = result.state
-  same = all(np.array_equal(a, p) for a, p in zip(jax.tree.leaves(state.anchor["params"]),
-                                                  jax.tree.leaves(state.params)))
+  same = all(
+    np.array_equal(a, p)
+    for a, p in zip(jax.tree.leaves(state.anchor["params"]), jax.tree.leaves(state.params))
+  )
   assert same == bool(state.stats["q_update"])
   assert bool(state.stats["q_update"])  # Four steps towards the target beat the base here.
 
@@ -200,12 +220,14 @@ def test_lsc_reward_transform_trains_on_log_sigmoid_centred_reward(tmp_path):
   """testbed.reward_transform = lsc: the rollout's reward is log σ(r − E_ref[r|x]) (< 0, increasing
   in r, invariant to shifting r), and training on it still raises the gold reward."""
   import jax.numpy as jnp
-  cfg, result = _smoke("rloo", tmp_path, testbed=dict(load_config("rloo", "smoke").testbed,
-                                                       reward_transform="lsc"))
+
+  cfg, result = _smoke(
+    "rloo", tmp_path, testbed=dict(load_config("rloo", "smoke").testbed, reward_transform="lsc")
+  )
   assert result.summary["final"]["exact/reward"] > result.summary["initial"]["exact/reward"]
   tb = task.make(cfg.testbed)
   ref_XxY = jnp.log(jnp.full(tb.reward_XxY.shape, 1.0 / tb.reward_XxY.shape[1]))
-  u_XxY = np.asarray(train._training_reward(cfg, tb, ref_XxY))
+  u_XxY = np.asarray(tb_target.training_reward(cfg, tb, ref_XxY))
   r_ref_X = tb.reward_XxY.mean(axis=1, keepdims=True)
   np.testing.assert_allclose(u_XxY, -np.logaddexp(0.0, -(tb.reward_XxY - r_ref_X)), rtol=1e-5)
   assert np.all(u_XxY < 0)

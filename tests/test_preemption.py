@@ -35,7 +35,7 @@ def _after_resume(path, step):
   """metrics.jsonl from the `resumed_from` marker of `step` on (the marker included)."""
   records = read_jsonl(path)
   at = records.index({"step": step, "resumed_from": step})
-  return records[:at], records[at + 1:]
+  return records[:at], records[at + 1 :]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,19 @@ def straight(tmp_path_factory):
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, straight):
   workdir, straight_state = straight
   proc = subprocess.Popen(
-      main_command(f"--config={ROOT}/configs/dpo.py:smoke", f"--workdir={tmp_path}",
-                   f"--config.total_steps={STEPS}", "--config.log_every=1",
-                   "--config.checkpoint_every=1", "--config.testbed.exact_eval=false"),
-      env=subprocess_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    main_command(
+      f"--config={ROOT}/configs/dpo.py:smoke",
+      f"--workdir={tmp_path}",
+      f"--config.total_steps={STEPS}",
+      "--config.log_every=1",
+      "--config.checkpoint_every=1",
+      "--config.testbed.exact_eval=false",
+    ),
+    env=subprocess_env(8),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 300
   while not (tmp_path / "checkpoints" / "2" / "commit_success.txt").exists():
     assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
@@ -59,7 +68,9 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path, straight):
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
-  line = [l for l in stdout.splitlines() if l.startswith("preempted: stopped on SIGTERM after step")]
+  line = [
+    l for l in stdout.splitlines() if l.startswith("preempted: stopped on SIGTERM after step")
+  ]
   assert len(line) == 1, stdout[-2000:]
   stopped = int(line[0].split("after step ")[1].split(";")[0])
   assert 2 <= stopped < STEPS
@@ -100,8 +111,11 @@ def test_damaged_newest_checkpoints_fall_back_to_the_last_complete_one(tmp_path,
   shutil.copytree(first, hopeless)
   _damage(hopeless, truncate_step=4, unmarked_steps=[1, 2, 3])
   listing = sorted(hopeless.rglob("*"))
-  with pytest.raises(ValueError, match=r"no checkpoint in .* restores: step 4: .*; step 3: "
-                     r"FileNotFoundError: no commit_success.txt .*nothing was deleted"):
+  with pytest.raises(
+    ValueError,
+    match=r"no checkpoint in .* restores: step 4: .*; step 3: "
+    r"FileNotFoundError: no commit_success.txt .*nothing was deleted",
+  ):
     _run(hopeless, total_steps=6)
   assert sorted(hopeless.rglob("*")) == listing
 
@@ -112,10 +126,14 @@ def test_damaged_newest_checkpoints_fall_back_to_the_last_complete_one(tmp_path,
   resumed = _run(first, total_steps=6)
   out = capsys.readouterr().out
   assert f"checkpoint step 4 in {first}/checkpoints could not be restored (ValueError: " in out
-  assert f"checkpoint step 3 in {first}/checkpoints could not be restored (FileNotFoundError: " \
-         "no commit_success.txt" in out
-  assert f"step(s) 4, 3 set aside in {first}/checkpoints/damaged; step 2 is the newest " \
-         "complete checkpoint" in out
+  assert (
+    f"checkpoint step 3 in {first}/checkpoints could not be restored (FileNotFoundError: "
+    "no commit_success.txt" in out
+  )
+  assert (
+    f"step(s) 4, 3 set aside in {first}/checkpoints/damaged; step 2 is the newest "
+    "complete checkpoint" in out
+  )
   assert sorted(os.listdir(first / "checkpoints" / "damaged")) == ["3", "4"]  # kept
   assert int(resumed.state.step) == 6
 
@@ -124,5 +142,7 @@ def test_damaged_newest_checkpoints_fall_back_to_the_last_complete_one(tmp_path,
   assert [r["step"] for r in head if "loss" in r] == [1, 2, 3, 4]
   assert [r["step"] for r in tail if "loss" in r] == [3, 4, 5, 6]
   # Steps 3 and 4 ran again from the step-2 checkpoint: the same losses as the first time.
-  assert {s: v for s, v in _losses(tail).items() if s <= 4} == {3: _losses(head)[3],
-                                                               4: _losses(head)[4]}
+  assert {s: v for s, v in _losses(tail).items() if s <= 4} == {
+    3: _losses(head)[3],
+    4: _losses(head)[4],
+  }

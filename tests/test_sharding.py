@@ -48,12 +48,15 @@ def test_parameters_are_created_sharded_by_their_logical_names(devices8):
   _, shapes, names = models.abstract(cfg)
   shardings = sharding.tree_shardings(names, mesh, table)
   params = jax.jit(functools.partial(models.init_params, cfg), out_shardings=shardings)(
-      jax.random.key(0))
+    jax.random.key(0)
+  )
   w = params["layers"][0]["mlp"]["wgate_DxF"]
   assert w.sharding.spec == P("fsdp", "tensor")
   assert {s.data.shape for s in w.addressable_shards} == {(32 // 4, 64 // 2)}
-  assert params["layers"][1]["attn"]["wo_HxKxD"].sharding.spec == P("tensor", None, "fsdp")
+  assert params["layers"][1]["attn"]["wo_HxExD"].sharding.spec == P("tensor", None, "fsdp")
   assert params["final_norm"]["scale_D"].sharding.spec == P(None)
   # Same values as an unsharded init: sharding changes placement, not numbers.
   plain = models.init_params(cfg, jax.random.key(0))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, plain)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, plain
+  )

@@ -32,9 +32,15 @@ def test_override_points_and_their_commands(tmp_path):
   assert betas == [0.05, 0.1, 0.3]
   assert all(r.config(DPO).mesh.shape == (1, 1, 1) for r in runs)
   cmd = shlex.split(runs[1].command(DPO))
-  assert cmd[1:] == ["-m", "align_jax.main", f"--config={DPO}",
-                     f"--workdir={tmp_path}/loss.beta-0.1/seed1", "--config.loss.beta=0.1",
-                     "--config.mesh.shape=(1,1,1)", "--config.seed=1"]
+  assert cmd[1:] == [
+    "-m",
+    "align_jax.main",
+    f"--config={DPO}",
+    f"--workdir={tmp_path}/loss.beta-0.1/seed1",
+    "--config.loss.beta=0.1",
+    "--config.mesh.shape=(1,1,1)",
+    "--config.seed=1",
+  ]
 
 
 def test_bad_sweeps_fail_with_one_clear_error(tmp_path):
@@ -46,11 +52,17 @@ def test_bad_sweeps_fail_with_one_clear_error(tmp_path):
     sweep.runs(os.path.join(ROOT, "configs", "kto.py"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     sweep.runs(str(tmp_path / "missing.py"))
-  out = subprocess.run([sys.executable, "-m", "align_jax.sweep", f"--config={DPO}",
-                        "--set=loss.nope=1"], capture_output=True, text=True, cwd=ROOT,
-                       env=subprocess_env(1), timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-m", "align_jax.sweep", f"--config={DPO}", "--set=loss.nope=1"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=subprocess_env(1),
+    timeout=120,
+  )
   assert out.returncode == 1 and out.stderr.strip() == (
-      "error: sweep override loss.nope: the config has no field loss.nope")
+    "error: sweep override loss.nope: the config has no field loss.nope"
+  )
 
 
 def test_finished_runs_are_skipped(tmp_path):

@@ -19,8 +19,13 @@ DPO = os.path.join(ROOT, "configs", "dpo.py")
 
 
 def _cli(workdir, *overrides, config=f"{DPO}:smoke", devices=8, check=True):
-  out = subprocess.run(main_command(f"--config={config}", f"--workdir={workdir}", *overrides),
-                       env=subprocess_env(devices), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    main_command(f"--config={config}", f"--workdir={workdir}", *overrides),
+    env=subprocess_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if check:
     assert out.returncode == 0, out.stderr[-3000:]
   return out
@@ -70,14 +75,22 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
   """A BOND run with an EMA anchor: the optimizer state, the rollout's randomness, the anchor and
   the data position must all resume exactly (the offline DPO path is a subset of this loop)."""
   config, steps = f"{os.path.join(ROOT, 'configs', 'bond.py')}:smoke,anchor=ema", 40
-  args = (f"--config.total_steps={steps}", "--config.checkpoint_every=10",
-          "--config.eval_every=20", "--config.log_every=10", "--config.keep_checkpoints=3")
+  args = (
+    f"--config.total_steps={steps}",
+    "--config.checkpoint_every=10",
+    "--config.eval_every=20",
+    "--config.log_every=10",
+    "--config.keep_checkpoints=3",
+  )
   _cli(tmp_path / "straight", *args, config=config)  # Also caches the base LM for the next run.
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(main_command(f"--config={config}", f"--workdir={killed}", *args),
-                          env=subprocess_env(8), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    main_command(f"--config={config}", f"--workdir={killed}", *args),
+    env=subprocess_env(8),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 300
   while not (killed / "checkpoints" / "10" / "commit_success.txt").exists():
     assert proc.poll() is None and time.time() < deadline, "run ended before its step-10 checkpoint"
@@ -97,7 +110,8 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
   assert final[0] == final[1]
   last = [read_jsonl(d / "metrics.jsonl")[-1] for d in (tmp_path / "straight", killed)]
   assert {k: v for k, v in last[0].items() if not k.startswith("perf/")} == {
-      k: v for k, v in last[1].items() if not k.startswith("perf/")}
+    k: v for k, v in last[1].items() if not k.startswith("perf/")
+  }
 
 
 def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
@@ -107,21 +121,30 @@ def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
       cfg.mesh.shape, cfg.total_steps, cfg.checkpoint_every, cfg.log_every = shape, steps, 3, 1
       cfg.testbed.exact_eval = False
     return train.run(cfg, str(workdir))
+
   run(tmp_path / "a", (8, 1, 1), 3)
   run(tmp_path / "a", (2, 2, 2), 6)  # Resumes the (8,1,1) checkpoint at step 3 on another mesh.
   run(tmp_path / "b", (8, 1, 1), 6)
   records = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # Steps 1-3 were not run again.
   resumed = {r["step"]: r["loss"] for r in records}
-  straight = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r}
+  straight = {
+    r["step"]: r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "loss" in r
+  }
   assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
   for s in straight:
     np.testing.assert_allclose(resumed[s], straight[s], atol=1e-5, err_msg=f"step {s}")
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-  out = _cli(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0",
-             "--config.total_steps=6", "--config.checkpoint_every=1", check=False)
+  out = _cli(
+    tmp_path,
+    "--config.optim.lr=1e30",
+    "--config.optim.clip_norm=0",
+    "--config.total_steps=6",
+    "--config.checkpoint_every=1",
+    check=False,
+  )
   assert out.returncode != 0
   line = [l for l in out.stderr.splitlines() if l.startswith("error: non-finite")]
   assert len(line) == 1, out.stderr[-2000:]
@@ -134,8 +157,14 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
 
 def test_default_dpo_raises_exact_reward(tmp_path):
   """The README's command, no flag: pretrains the base, trains DPO, reports exact metrics."""
-  out = subprocess.run(main_command(f"--config={DPO}"), cwd=tmp_path, env=subprocess_env(8),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    main_command(f"--config={DPO}"),
+    cwd=tmp_path,
+    env=subprocess_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.load(open(tmp_path / "runs" / "dpo" / "summary.json"))
   initial, final = summary["initial"], summary["final"]

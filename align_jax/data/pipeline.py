@@ -14,6 +14,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from align_jax import sharding
+from align_jax.errors import ConfigError
 
 
 class _ProcessRows:
@@ -31,16 +32,25 @@ class _ProcessRows:
     return self._records[b * self._global + self._offset + j]
 
 
-def batches(source, *, global_batch: int, total_steps: int, seed: int, shuffle: bool = True,
-            process_index: int | None = None, process_count: int | None = None):
+def batches(
+  source,
+  *,
+  global_batch: int,
+  total_steps: int,
+  seed: int,
+  shuffle: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+):
   """A checkpointable Grain iterator over this process's local batches (numpy dicts)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch % process_count:
-    raise ValueError(f"data.batch_size={global_batch} is not divisible by the "
-                     f"{process_count} processes")
+    raise ConfigError(
+      f"data.batch_size={global_batch} is not divisible by the {process_count} processes"
+    )
   if len(source) < global_batch:
-    raise ValueError(f"data: {len(source)} records are fewer than one batch of {global_batch}")
+    raise ConfigError(f"data: {len(source)} records are fewer than one batch of {global_batch}")
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.seed(seed).shuffle()
@@ -49,9 +59,14 @@ def batches(source, *, global_batch: int, total_steps: int, seed: int, shuffle: 
   rows = global_batch // process_count
   local = grain.MapDataset.source(_ProcessRows(ds, global_batch, process_index, process_count))
   local = local.batch(rows, drop_remainder=True)
-  logging.info("data: process %d of %d reads rows [%d, %d) of every global batch of %d",
-               process_index, process_count, process_index * rows, (process_index + 1) * rows,
-               global_batch)
+  logging.info(
+    "data: process %d of %d reads rows [%d, %d) of every global batch of %d",
+    process_index,
+    process_count,
+    process_index * rows,
+    (process_index + 1) * rows,
+    global_batch,
+  )
   return iter(local.to_iter_dataset())
 
 
@@ -69,8 +84,10 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   rows = next(iter(local_batch.values())).shape[0]
   local_batch = {batch_key(k): v for k, v in local_batch.items()}
   local_batch["example_mask_B"] = np.ones((rows,), np.float32)
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+    for k, v in local_batch.items()
+  }
 
 
 class ArraySource:
@@ -79,7 +96,7 @@ class ArraySource:
   def __init__(self, arrays: dict[str, np.ndarray]):
     lengths = {k: len(v) for k, v in arrays.items()}
     if len(set(lengths.values())) != 1:
-      raise ValueError(f"data: fields have different record counts {lengths}")
+      raise ConfigError(f"data: fields have different record counts {lengths}")
     self._arrays = arrays
     self._n = next(iter(lengths.values()))
 

@@ -58,21 +58,29 @@ import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from align_jax.errors import DataError, MissingFileError
 
 FORMATS = ("pairs", "lists", "negatives", "binary", "ternary", "distribution")
-COUNTS = ("records", "padded_lists", "truncated_responses", "skipped_all_tied",
-          "skipped_identical_pair")
+COUNTS = (
+  "records",
+  "padded_lists",
+  "truncated_responses",
+  "skipped_all_tied",
+  "skipped_identical_pair",
+)
 _FIXED_K = {"pairs": 2, "negatives": 1, "binary": 1, "ternary": 2, "distribution": 1}
 _EXTRA = {"binary": "desirable", "ternary": "is_tie"}
 
 
-class DataError(ValueError):
-  """Malformed data; the message names the source and the record."""
-
-
-def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
-         vocab_size: int | None = None, text=None) -> tuple[dict[str, np.ndarray],
-                                                            dict[str, int]]:
+def read(
+  source: str,
+  fmt: str,
+  *,
+  max_len: int = 0,
+  list_size: int = 0,
+  vocab_size: int | None = None,
+  text=None,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Reads a preference data source into padded arrays.
 
   Args:
@@ -95,11 +103,11 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
     ValueError: a bad fmt, source string, max_len or list_size.
   """
   if fmt not in FORMATS:
-    raise ValueError(f"data format {fmt!r}: expected one of {FORMATS}")
+    raise DataError(f"data format {fmt!r}: expected one of {FORMATS}")
   if max_len < 0 or list_size < 0:
-    raise ValueError(f"max_len={max_len} and list_size={list_size} must be >= 0")
+    raise DataError(f"max_len={max_len} and list_size={list_size} must be >= 0")
   if fmt in _FIXED_K and list_size not in (0, _FIXED_K[fmt]):
-    raise ValueError(f"list_size={list_size}: format {fmt!r} has {_FIXED_K[fmt]} responses")
+    raise DataError(f"list_size={list_size}: format {fmt!r} has {_FIXED_K[fmt]} responses")
   label, rows = records(source)
   counts = dict.fromkeys(COUNTS, 0)
   kept, seen, categories = [], 0, 0
@@ -111,14 +119,17 @@ def read(source: str, fmt: str, *, max_len: int = 0, list_size: int = 0,
     if fmt == "distribution":
       categories = categories or len(extra["label_dist"])
       if len(extra["label_dist"]) != categories:
-        raise DataError(f"{where}: {len(extra['label_dist'])} categories; earlier records have "
-                        f"{categories}")
+        raise DataError(
+          f"{where}: {len(extra['label_dist'])} categories; earlier records have {categories}"
+        )
     truncated = 0
     if max_len:
       room = max_len - len(prompt)
       if room < 1:
-        raise DataError(f"{where}: prompt of {len(prompt)} tokens leaves no room for a response "
-                        f"within max_len={max_len}")
+        raise DataError(
+          f"{where}: prompt of {len(prompt)} tokens leaves no room for a response "
+          f"within max_len={max_len}"
+        )
       truncated = sum(len(r) > room for r in responses)
       responses = [r[:room] for r in responses]
     if len(responses) == 2 and fmt != "lists" and responses[0] == responses[1]:
@@ -143,11 +154,14 @@ def check_source(source: str) -> None:
     return
   path = rest if sep and kind in ("jsonl", "arrayrecord") else source
   if not (sep and kind in ("jsonl", "arrayrecord")) and not source.endswith(
-      (".jsonl", ".array_record")):
-    raise ValueError(f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
-                     "tfds:NAME/SPLIT[@DATA_DIR], or a path ending in .jsonl or .array_record")
+    (".jsonl", ".array_record")
+  ):
+    raise DataError(
+      f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
+      "tfds:NAME/SPLIT[@DATA_DIR], or a path ending in .jsonl or .array_record"
+    )
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data source {source!r}: no such file")
+    raise MissingFileError(f"data source {source!r}: no such file")
 
 
 def records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
@@ -166,10 +180,12 @@ def records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
       return f"tfds:{name_split}", _tfds_records(name, split, data_dir or None)
   elif kind and rest:
     if not os.path.isfile(rest):
-      raise FileNotFoundError(f"data source {source!r}: no such file")
+      raise MissingFileError(f"data source {source!r}: no such file")
     return rest, (_jsonl_records if kind == "jsonl" else _arrayrecord_records)(rest)
-  raise ValueError(f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
-                   "tfds:NAME/SPLIT[@DATA_DIR], or a path ending in .jsonl or .array_record")
+  raise DataError(
+    f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
+    "tfds:NAME/SPLIT[@DATA_DIR], or a path ending in .jsonl or .array_record"
+  )
 
 
 def _decode(raw: bytes, where: str) -> dict:
@@ -193,6 +209,7 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, dict]]:
 
 def _arrayrecord_records(path: str) -> Iterator[tuple[str, dict]]:
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
   try:
     reader = array_record_module.ArrayRecordReader(path)
     raws = reader.read_all()
@@ -205,8 +222,10 @@ def _arrayrecord_records(path: str) -> Iterator[tuple[str, dict]]:
 
 def _tfds_records(name: str, split: str, data_dir: str | None) -> Iterator[tuple[str, dict]]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   # Registers xsum and cnn_dailymail (TFDS imports them only alongside TensorFlow).
   import tensorflow_datasets.summarization  # pylint: disable=g-import-not-at-top,unused-import
+
   ds = tfds.data_source(name, split=split, data_dir=data_dir)
   for n in range(len(ds)):
     yield f"tfds:{name}/{split}[index {n}]", ds[n]
@@ -230,8 +249,9 @@ def _field(record: dict, key: str, where: str):
   return record[key]
 
 
-def token_ids(value, key: str, where: str, vocab_size: int | None,
-         encode: Callable | None = None) -> list[int]:
+def token_ids(
+  value, key: str, where: str, vocab_size: int | None, encode: Callable | None = None
+) -> list[int]:
   """A non-empty list of token ids below vocab_size, from a list, tuple or 1-d integer array, or
   from text or chat messages through `encode`."""
   if isinstance(value, bytes):
@@ -242,9 +262,11 @@ def token_ids(value, key: str, where: str, vocab_size: int | None,
   messages = isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
   if isinstance(value, str) or messages:
     if encode is None:
-      raise DataError(f"{where}: field {key!r} is {'messages' if messages else 'text'}; set "
-                      "data.tokenizer (a tokenizer.json, tokenizer.model or tokenizer directory) "
-                      "or give token ids")
+      raise DataError(
+        f"{where}: field {key!r} is {'messages' if messages else 'text'}; set "
+        "data.tokenizer (a tokenizer.json, tokenizer.model or tokenizer directory) "
+        "or give token ids"
+      )
     try:
       value = list(encode(value))
     except ValueError as e:
@@ -252,8 +274,9 @@ def token_ids(value, key: str, where: str, vocab_size: int | None,
   if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
     value = value.tolist()
   if not isinstance(value, (list, tuple)):
-    raise DataError(f"{where}: field {key!r} must be a list of token ids, got "
-                    f"{type(value).__name__}")
+    raise DataError(
+      f"{where}: field {key!r} must be a list of token ids, got {type(value).__name__}"
+    )
   ids = [int(t) if isinstance(t, np.integer) else t for t in value]
   for t in ids:
     if isinstance(t, bool) or not isinstance(t, int):
@@ -276,7 +299,7 @@ def _sequence(value, key: str, where: str) -> list:
 
 
 def _scores(record: dict, n: int, where: str) -> list[float]:
-  """"scores" (finite numbers) or "ranks" (ints >= 1, as −rank) for n responses."""
+  """ "scores" (finite numbers) or "ranks" (ints >= 1, as −rank) for n responses."""
   if ("scores" in record) == ("ranks" in record):
     raise DataError(f"{where}: record needs exactly one of the fields 'scores' and 'ranks'")
   key = "scores" if "scores" in record else "ranks"
@@ -284,8 +307,9 @@ def _scores(record: dict, n: int, where: str) -> list[float]:
   if len(values) != n:
     raise DataError(f"{where}: field {key!r} has {len(values)} values for {n} responses")
   for v in values:
-    if key == "scores" and (isinstance(v, bool) or not isinstance(v, (int, float))
-                            or not math.isfinite(v)):
+    if key == "scores" and (
+      isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+    ):
       raise DataError(f"{where}: field 'scores' must hold finite numbers, has {v!r}")
     if key == "ranks" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
       raise DataError(f"{where}: field 'ranks' must hold ints >= 1 (1 = best), has {v!r}")
@@ -293,7 +317,7 @@ def _scores(record: dict, n: int, where: str) -> list[float]:
 
 
 def _label_distribution(record: dict, where: str) -> list[float]:
-  """"distribution" (normalised) or "votes" (uniform-prior posterior mean) over C >= 2 categories."""
+  """ "distribution" (normalised) or "votes" (uniform-prior posterior mean) over C >= 2 categories."""
   if ("distribution" in record) == ("votes" in record):
     raise DataError(f"{where}: record needs exactly one of the fields 'distribution' and 'votes'")
   key = "distribution" if "distribution" in record else "votes"
@@ -313,6 +337,7 @@ def _label_distribution(record: dict, where: str) -> list[float]:
 
 def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, text=None):
   """One record -> (prompt, responses, scores, extra fields)."""
+
   def ids(key: str, value=None) -> list[int]:
     if text is None:
       encode = None
@@ -320,8 +345,9 @@ def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, text=None
       encode = text.prompt
     else:  # A response given as messages must follow the record's prompt.
       encode = functools.partial(text.response, prompt=plain(record.get("prompt")))
-    return token_ids(_field(record, key, where) if value is None else value, key, where,
-                     vocab_size, encode)
+    return token_ids(
+      _field(record, key, where) if value is None else value, key, where, vocab_size, encode
+    )
 
   prompt = ids("prompt")
   if fmt == "pairs":
@@ -347,12 +373,17 @@ def _parse(record: dict, fmt: str, where: str, vocab_size: int | None, text=None
     raise DataError(f"{where}: field 'label' must be \"a\", \"b\" or \"tie\", got {label!r}")
   a, b = ids("a"), ids("b")
   tie = label == "tie"
-  return (prompt, [b, a] if label == "b" else [a, b], [0.5, 0.5] if tie else [1.0, 0.0],
-          {"is_tie": float(tie)})
+  return (
+    prompt,
+    [b, a] if label == "b" else [a, b],
+    [0.5, 0.5] if tie else [1.0, 0.0],
+    {"is_tie": float(tie)},
+  )
 
 
-def _arrays(kept: list, fmt: str, max_len: int, list_size: int,
-            counts: dict[str, int]) -> dict[str, np.ndarray]:
+def _arrays(
+  kept: list, fmt: str, max_len: int, list_size: int, counts: dict[str, int]
+) -> dict[str, np.ndarray]:
   """Pads the kept records into the output arrays; counts padded lists."""
   K = _FIXED_K.get(fmt) or list_size or max(len(r) for _, r, _, _ in kept)
   L = max_len or max(len(p) + len(x) for p, r, _, _ in kept for x in r)
@@ -365,14 +396,18 @@ def _arrays(kept: list, fmt: str, max_len: int, list_size: int,
   for n, (prompt, responses, scores, fields) in enumerate(kept):
     counts["padded_lists"] += len(responses) < K
     for k, response in enumerate(responses):
-      tokens[n, k, :len(prompt) + len(response)] = prompt + response
-      loss_mask[n, k, len(prompt):len(prompt) + len(response)] = 1.0
-    score[n, :len(scores)] = scores
-    response_mask[n, :len(responses)] = 1.0
+      tokens[n, k, : len(prompt) + len(response)] = prompt + response
+      loss_mask[n, k, len(prompt) : len(prompt) + len(response)] = 1.0
+    score[n, : len(scores)] = scores
+    response_mask[n, : len(responses)] = 1.0
     extra[n] = fields.get(_EXTRA.get(fmt), 0.0)
   counts["records"] = N
-  arrays = {"tokens_KxL": tokens, "loss_mask_KxL": loss_mask, "score_K": score,
-            "response_mask_K": response_mask}
+  arrays = {
+    "tokens_KxL": tokens,
+    "loss_mask_KxL": loss_mask,
+    "score_K": score,
+    "response_mask_K": response_mask,
+  }
   if fmt in _EXTRA:
     arrays[_EXTRA[fmt]] = extra
   if fmt == "distribution":
@@ -393,11 +428,13 @@ def with_mismatched(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   other_tokens, other_mask = np.zeros_like(tokens_NxL), np.zeros_like(mask_NxL)
   for i in range(n):
     j = (i - 1) % n
-    seq = np.concatenate([tokens_NxL[i, :starts_N[i]], tokens_NxL[j][mask_NxL[j] > 0]])[:length]
-    other_tokens[i, :len(seq)] = seq
-    other_mask[i, starts_N[i]:len(seq)] = 1.0
-  return {**arrays,
-          "tokens_KxL": np.stack([tokens_NxL, other_tokens], axis=1),
-          "loss_mask_KxL": np.stack([mask_NxL, other_mask], axis=1),
-          "score_K": np.concatenate([arrays["score_K"], np.zeros((n, 1), np.float32)], axis=1),
-          "response_mask_K": np.ones((n, 2), np.float32)}
+    seq = np.concatenate([tokens_NxL[i, : starts_N[i]], tokens_NxL[j][mask_NxL[j] > 0]])[:length]
+    other_tokens[i, : len(seq)] = seq
+    other_mask[i, starts_N[i] : len(seq)] = 1.0
+  return {
+    **arrays,
+    "tokens_KxL": np.stack([tokens_NxL, other_tokens], axis=1),
+    "loss_mask_KxL": np.stack([mask_NxL, other_mask], axis=1),
+    "score_K": np.concatenate([arrays["score_K"], np.zeros((n, 1), np.float32)], axis=1),
+    "response_mask_K": np.ones((n, 2), np.float32),
+  }

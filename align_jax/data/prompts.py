@@ -22,15 +22,20 @@ truncated_prompts, skipped_short_prompts. Only the first `limit` records of the 
 import numpy as np
 
 from align_jax.data import preference
-from align_jax.data.preference import DataError
+from align_jax.errors import DataError
 
-DATASETS = {"xsum": "document", "cnn_dailymail": "article", "reddit_tifu": "documents",
-            "imdb_reviews": "text"}
+DATASETS = {
+  "xsum": "document",
+  "cnn_dailymail": "article",
+  "reddit_tifu": "documents",
+  "imdb_reviews": "text",
+}
 COUNTS = ("records", "truncated_prompts", "skipped_short_prompts")
 
 
-def read(source: str, *, prompt_len: int, text=None, limit: int = 0,
-         vocab_size: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def read(
+  source: str, *, prompt_len: int, text=None, limit: int = 0, vocab_size: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Reads prompts into {"prompt_P": int32 [N, P], "prompt_index": int32 [N]} and counts.
 
   Args:
@@ -46,8 +51,10 @@ def read(source: str, *, prompt_len: int, text=None, limit: int = 0,
   """
   frame = text.frame if text is not None else 0
   if prompt_len <= frame:
-    raise ValueError(f"data.prompt_len={prompt_len} must exceed the {frame} tokens the chat "
-                     "template adds around a prompt (set data.prompt_len for prompt sources)")
+    raise DataError(
+      f"data.prompt_len={prompt_len} must exceed the {frame} tokens the chat "
+      "template adds around a prompt (set data.prompt_len for prompt sources)"
+    )
   label, source_records = preference.records(source)
   field = DATASETS.get(_tfds_name(source))
   counts = dict.fromkeys(COUNTS, 0)
@@ -61,30 +68,33 @@ def read(source: str, *, prompt_len: int, text=None, limit: int = 0,
       wanted = " or ".join(repr(k) for k in ("prompt", "messages", field) if k)
       raise DataError(f"{where}: record has no field {wanted}")
     value = preference.plain(record[key])
-    formatted = isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
-                                           and isinstance(value[0], dict))
-    ids = preference.token_ids(value, key, where, vocab_size,
-                               None if text is None else text.prompt)
+    formatted = isinstance(value, str) or (
+      isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
+    )
+    ids = preference.token_ids(value, key, where, vocab_size, None if text is None else text.prompt)
     if len(ids) < prompt_len:
       counts["skipped_short_prompts"] += 1
       continue
     if len(ids) > prompt_len:  # Cut the text's end; keep the template's tail.
       tail = text.tail if formatted else 0
-      ids = ids[:prompt_len - tail] + ids[len(ids) - tail:]
+      ids = ids[: prompt_len - tail] + ids[len(ids) - tail :]
       counts["truncated_prompts"] += 1
     rows.append(ids)
   if not seen:
     raise DataError(f"{label}: no records")
   if not rows:
-    raise DataError(f"{label}: none of {seen} prompts has data.prompt_len={prompt_len} tokens "
-                    f"({counts['skipped_short_prompts']} shorter)")
+    raise DataError(
+      f"{label}: none of {seen} prompts has data.prompt_len={prompt_len} tokens "
+      f"({counts['skipped_short_prompts']} shorter)"
+    )
   counts["records"] = len(rows)
-  return {"prompt_P": np.asarray(rows, np.int32),
-          "prompt_index": np.arange(len(rows), dtype=np.int32)}, counts
+  return {
+    "prompt_P": np.asarray(rows, np.int32),
+    "prompt_index": np.arange(len(rows), dtype=np.int32),
+  }, counts
 
 
 def _tfds_name(source: str) -> str:
-  """"tfds:reddit_tifu/short:1.1.2/train@dir" -> "reddit_tifu"; "" for other sources."""
+  """ "tfds:reddit_tifu/short:1.1.2/train@dir" -> "reddit_tifu"; "" for other sources."""
   kind, _, rest = source.partition(":")
   return rest.partition("@")[0].split("/")[0].split(":")[0] if kind == "tfds" else ""
-

@@ -26,21 +26,33 @@ from align_jax import sampling, sharding
 from align_jax.logps import sequence_logps
 
 
-def cache_key(records: dict[str, np.ndarray], model_cfg: dict, reference: str,
-              tokenizer: str = "token-ids") -> str:
+def cache_key(
+  records: dict[str, np.ndarray], model_cfg: dict, reference: str, tokenizer: str = "token-ids"
+) -> str:
   """Hex digest identifying the reference log-probs of `records`."""
   h = hashlib.sha256()
   for name in ("tokens_KxL", "loss_mask_KxL"):
     array = np.ascontiguousarray(records[name])
     h.update(f"{name}{array.shape}{array.dtype}".encode())
     h.update(array.tobytes())
-  h.update(json.dumps({"model": model_cfg, "reference": reference, "tokenizer": tokenizer},
-                      sort_keys=True).encode())
+  h.update(
+    json.dumps(
+      {"model": model_cfg, "reference": reference, "tokenizer": tokenizer}, sort_keys=True
+    ).encode()
+  )
   return h.hexdigest()[:24]
 
 
-def ref_logps(records: dict[str, np.ndarray], *, graphdef, ref_params: dict, mesh,
-              rows_per_call: int, cache_dir: str, key: str) -> tuple[np.ndarray, bool]:
+def ref_logps(
+  records: dict[str, np.ndarray],
+  *,
+  graphdef,
+  ref_params: dict,
+  mesh,
+  rows_per_call: int,
+  cache_dir: str,
+  key: str,
+) -> tuple[np.ndarray, bool]:
   """(log π_ref of every record's responses [N, K] float32, whether it came from the cache).
 
   Every process holds all records and gets all log-probs; only process 0 writes the cache file.
@@ -59,12 +71,20 @@ def ref_logps(records: dict[str, np.ndarray], *, graphdef, ref_params: dict, mes
   if pad:  # Repeat the first records to fill the last call; their outputs are dropped.
     tokens = np.concatenate([tokens, tokens[:pad]])
     mask = np.concatenate([mask, mask[:pad]])
-  fn = jax.jit(lambda p, t, m: sequence_logps(graphdef, p, t, m),
-               out_shardings=sharding.replicated(mesh))
+  fn = jax.jit(
+    lambda p, t, m: sequence_logps(graphdef, p, t, m), out_shardings=sharding.replicated(mesh)
+  )
   batch = sharding.batch_sharding(mesh, 3)
-  out = [np.asarray(fn(ref_params, sharding.global_array(tokens[i:i + rows], batch),
-                       sharding.global_array(mask[i:i + rows], batch)))
-         for i in range(0, len(tokens), rows)]
+  out = [
+    np.asarray(
+      fn(
+        ref_params,
+        sharding.global_array(tokens[i : i + rows], batch),
+        sharding.global_array(mask[i : i + rows], batch),
+      )
+    )
+    for i in range(0, len(tokens), rows)
+  ]
   logp_NxK = np.concatenate(out)[:n].astype(np.float32)
   if jax.process_index() == 0:
     os.makedirs(cache_dir, exist_ok=True)
@@ -75,9 +95,17 @@ def ref_logps(records: dict[str, np.ndarray], *, graphdef, ref_params: dict, mes
   return logp_NxK, False
 
 
-def append_samples(records: dict[str, np.ndarray], *, graphdef, ref_params: dict, mesh,
-                   sampling_cfg: sampling.SamplingConfig, num_samples: int, rows_per_call: int,
-                   seed: int) -> dict[str, np.ndarray]:
+def append_samples(
+  records: dict[str, np.ndarray],
+  *,
+  graphdef,
+  ref_params: dict,
+  mesh,
+  sampling_cfg: sampling.SamplingConfig,
+  num_samples: int,
+  rows_per_call: int,
+  seed: int,
+) -> dict[str, np.ndarray]:
   """Negatives-only records (K = 1) gain K indices 1..num_samples: samples of the reference.
 
   Each record's prompt (the tokens before its first scored one) is left-padded into one batch and
@@ -92,34 +120,44 @@ def append_samples(records: dict[str, np.ndarray], *, graphdef, ref_params: dict
   prompts_NxP = np.zeros((n, P), np.int32)
   prompt_mask_NxP = np.zeros((n, P), np.int32)
   for i, s in enumerate(start_N):  # Left padding: the prompt ends where the response starts.
-    prompts_NxP[i, P - s:] = tokens_NxL[i, :s]
-    prompt_mask_NxP[i, P - s:] = 1
+    prompts_NxP[i, P - s :] = tokens_NxL[i, :s]
+    prompt_mask_NxP[i, P - s :] = 1
   rows = max(rows_per_call - rows_per_call % mesh.size, mesh.size)
   reps = np.repeat(np.arange(n), num_samples)  # Row r samples for record reps[r].
   pad = -len(reps) % rows
   reps_padded = np.concatenate([reps, reps[:pad]])
-  draw = jax.jit(lambda p, t, m, key: sampling.sample(graphdef, p, t, key, sampling_cfg, m),
-                 out_shardings=sharding.replicated(mesh))
+  draw = jax.jit(
+    lambda p, t, m, key: sampling.sample(graphdef, p, t, key, sampling_cfg, m),
+    out_shardings=sharding.replicated(mesh),
+  )
   batch = sharding.batch_sharding(mesh, 2)
   key = jax.random.key(seed)
   new_NxN, new_mask_NxN = [], []
   for c, i in enumerate(range(0, len(reps_padded), rows)):
-    idx = reps_padded[i:i + rows]
-    out = draw(ref_params, sharding.global_array(prompts_NxP[idx], batch),
-               sharding.global_array(prompt_mask_NxP[idx], batch), jax.random.fold_in(key, c))
+    idx = reps_padded[i : i + rows]
+    out = draw(
+      ref_params,
+      sharding.global_array(prompts_NxP[idx], batch),
+      sharding.global_array(prompt_mask_NxP[idx], batch),
+      jax.random.fold_in(key, c),
+    )
     new_NxN.append(np.asarray(out["tokens_RxL"])[:, P:])
     new_mask_NxN.append(np.asarray(out["mask_RxN"]))
-  new_NxN = np.concatenate(new_NxN)[:len(reps)].reshape(n, num_samples, N)
-  new_mask_NxN = np.concatenate(new_mask_NxN)[:len(reps)].reshape(n, num_samples, N)
+  new_NxN = np.concatenate(new_NxN)[: len(reps)].reshape(n, num_samples, N)
+  new_mask_NxN = np.concatenate(new_mask_NxN)[: len(reps)].reshape(n, num_samples, N)
   L = max(tokens_NxL.shape[1], P + N)
   tokens = np.zeros((n, 1 + num_samples, L), np.int32)
   mask = np.zeros((n, 1 + num_samples, L), np.float32)
-  tokens[:, 0, :tokens_NxL.shape[1]] = tokens_NxL
-  mask[:, 0, :tokens_NxL.shape[1]] = mask_NxL
+  tokens[:, 0, : tokens_NxL.shape[1]] = tokens_NxL
+  mask[:, 0, : tokens_NxL.shape[1]] = mask_NxL
   for i, s in enumerate(start_N):
     tokens[i, 1:, :s] = tokens_NxL[i, :s]
-    tokens[i, 1:, s:s + N] = new_NxN[i]
-    mask[i, 1:, s:s + N] = new_mask_NxN[i]
-  return {**records, "tokens_KxL": tokens, "loss_mask_KxL": mask,
-          "score_K": np.concatenate([records["score_K"], np.ones((n, num_samples), np.float32)], 1),
-          "response_mask_K": np.ones((n, 1 + num_samples), np.float32)}
+    tokens[i, 1:, s : s + N] = new_NxN[i]
+    mask[i, 1:, s : s + N] = new_mask_NxN[i]
+  return {
+    **records,
+    "tokens_KxL": tokens,
+    "loss_mask_KxL": mask,
+    "score_K": np.concatenate([records["score_K"], np.ones((n, num_samples), np.float32)], 1),
+    "response_mask_K": np.ones((n, 1 + num_samples), np.float32),
+  }

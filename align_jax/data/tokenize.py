@@ -38,14 +38,21 @@ import abc
 import json
 import os
 import re
+from align_jax.errors import DataError, MissingFileError
 
 TEMPLATES = ("", "plain", "llama3", "gemma", "chatml", "qwen2", "qwen2.5")
 _DEFAULT_SYSTEM = {
-    "qwen2": "You are a helpful assistant.",
-    "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
+  "qwen2": "You are a helpful assistant.",
+  "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+}
 # The token that ends an assistant turn (the sampler's stop token).
-_END_OF_TURN = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "chatml": "<|im_end|>",
-                "qwen2": "<|im_end|>", "qwen2.5": "<|im_end|>"}
+_END_OF_TURN = {
+  "llama3": "<|eot_id|>",
+  "gemma": "<end_of_turn>",
+  "chatml": "<|im_end|>",
+  "qwen2": "<|im_end|>",
+  "qwen2.5": "<|im_end|>",
+}
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 
 
@@ -71,7 +78,7 @@ class Tokenizer(abc.ABC):
   def token_id(self, token: str) -> int:
     token_id = self.find(token)
     if token_id is None:
-      raise ValueError(f"data.tokenizer {self.path!r}: token {token!r} is not in its vocabulary")
+      raise DataError(f"data.tokenizer {self.path!r}: token {token!r} is not in its vocabulary")
     return token_id
 
   @property
@@ -89,10 +96,11 @@ class _JsonTokenizer(Tokenizer):
   def __init__(self, path: str, config: dict):
     super().__init__(path, config)
     import tokenizers  # pylint: disable=g-import-not-at-top
+
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # The library raises bare Exceptions for malformed files.
-      raise ValueError(f"data.tokenizer {path!r}: not a tokenizer.json ({e})") from None
+      raise DataError(f"data.tokenizer {path!r}: not a tokenizer.json ({e})") from None
     for token in (self.bos_token, self.eos_token):
       if token is not None:
         self.token_id(token)
@@ -112,19 +120,24 @@ class _SentencePieceTokenizer(Tokenizer):
       import sentencepiece as spm  # pylint: disable=g-import-not-at-top
       from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
     except ImportError:
-      raise ValueError(f"data.tokenizer {path!r}: a tokenizer.model needs the sentencepiece "
-                       "package (pip install sentencepiece)") from None
+      raise DataError(
+        f"data.tokenizer {path!r}: a tokenizer.model needs the sentencepiece "
+        "package (pip install sentencepiece)"
+      ) from None
     with open(path, "rb") as f:
       raw = f.read()
     try:
       proto = sentencepiece_model_pb2.ModelProto.FromString(raw)
       self._sp = spm.SentencePieceProcessor(model_proto=raw)
     except Exception as e:  # protobuf / sentencepiece errors have no common base.
-      raise ValueError(f"data.tokenizer {path!r}: not a SentencePiece model ({e})") from None
+      raise DataError(f"data.tokenizer {path!r}: not a SentencePiece model ({e})") from None
     pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
     spec = proto.trainer_spec  # BOS, EOS and UNK default to the model's own pieces.
-    defaults = {f"{k}_token": getattr(spec, f"{k}_piece") for k in ("bos", "eos", "unk")
-                if getattr(spec, f"{k}_id") >= 0}
+    defaults = {
+      f"{k}_token": getattr(spec, f"{k}_piece")
+      for k in ("bos", "eos", "unk")
+      if getattr(spec, f"{k}_id") >= 0
+    }
     config = {**defaults, **{k: v for k, v in config.items() if v is not None}}
     super().__init__(path, config)
     # Pieces are encoded without the dummy prefix; `encode` adds it where transformers does.
@@ -140,12 +153,14 @@ class _SentencePieceTokenizer(Tokenizer):
     for token in filter(None, named):
       if token not in self._special:
         if token not in pieces:
-          raise ValueError(f"data.tokenizer {path!r}: special token {token!r} is not in the "
-                           "SentencePiece model")
+          raise DataError(
+            f"data.tokenizer {path!r}: special token {token!r} is not in the SentencePiece model"
+          )
         self._special[token] = pieces[token]
     self._pieces = pieces
-    self._split = re.compile("(" + "|".join(
-        re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")")
+    self._split = re.compile(
+      "(" + "|".join(re.escape(t) for t in sorted(self._special, key=len, reverse=True)) + ")"
+    )
     self._add_bos = bool(config.get("add_bos_token", False)) and self.bos_token is not None
     self._add_eos = bool(config.get("add_eos_token", False)) and self.eos_token is not None
 
@@ -171,16 +186,20 @@ class _SentencePieceTokenizer(Tokenizer):
 def load(path: str) -> Tokenizer:
   """The tokenizer at `path`: a tokenizer.json, a tokenizer.model, or a directory with either."""
   if os.path.isdir(path):
-    found = [os.path.join(path, f) for f in ("tokenizer.json", "tokenizer.model")
-             if os.path.isfile(os.path.join(path, f))]
+    found = [
+      os.path.join(path, f)
+      for f in ("tokenizer.json", "tokenizer.model")
+      if os.path.isfile(os.path.join(path, f))
+    ]
     if not found:
-      raise FileNotFoundError(f"data.tokenizer {path!r}: no tokenizer.json or tokenizer.model "
-                              "in this directory")
+      raise MissingFileError(
+        f"data.tokenizer {path!r}: no tokenizer.json or tokenizer.model in this directory"
+      )
     file = found[0]
   elif os.path.isfile(path):
     file = path
   else:
-    raise FileNotFoundError(f"data.tokenizer {path!r}: no such file or directory")
+    raise MissingFileError(f"data.tokenizer {path!r}: no such file or directory")
   config = _config(os.path.dirname(file))
   if file.endswith(".model"):
     return _SentencePieceTokenizer(file, config)
@@ -197,7 +216,7 @@ def _config(directory: str) -> dict:
         with open(file) as f:
           config |= json.load(f)
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not JSON ({e})") from None
+        raise DataError(f"{file}: not JSON ({e})") from None
   return config
 
 
@@ -208,6 +227,7 @@ def _content(token) -> str | None:
 
 # ---- Chat templates ------------------------------------------------------------------------------
 
+
 def messages_of(value, *, last: str, system_prompt: str = "") -> list[dict]:
   """Text (one user / assistant message) or a message list, checked; raises ValueError."""
   if isinstance(value, str):
@@ -215,27 +235,38 @@ def messages_of(value, *, last: str, system_prompt: str = "") -> list[dict]:
   elif isinstance(value, (list, tuple)) and value:
     messages = list(value)
   else:
-    raise ValueError(f"expected text or a non-empty list of messages, got {type(value).__name__}")
+    raise DataError(f"expected text or a non-empty list of messages, got {type(value).__name__}")
   for i, m in enumerate(messages):
-    if not (isinstance(m, dict) and isinstance(m.get("content"), str)
-            and m.get("role") in ("system", "user", "assistant")):
-      raise ValueError(f"message {i} is not {{'role': system|user|assistant, 'content': text}}")
+    if not (
+      isinstance(m, dict)
+      and isinstance(m.get("content"), str)
+      and m.get("role") in ("system", "user", "assistant")
+    ):
+      raise DataError(f"message {i} is not {{'role': system|user|assistant, 'content': text}}")
   if messages[-1]["role"] != last:
-    raise ValueError(f"the last message is the {messages[-1]['role']}'s, not the {last}'s")
+    raise DataError(f"the last message is the {messages[-1]['role']}'s, not the {last}'s")
   if system_prompt and messages[0]["role"] != "system":
     messages.insert(0, {"role": "system", "content": system_prompt})
   return messages
 
 
-def render(messages: list[dict], template: str, *, bos_token: str | None = None,
-           add_generation_prompt: bool = True) -> str:
+def render(
+  messages: list[dict],
+  template: str,
+  *,
+  bos_token: str | None = None,
+  add_generation_prompt: bool = True,
+) -> str:
   """The text of a family's chat template (as its Jinja template renders it) for `messages`."""
   bos = bos_token or ""
   if template == "llama3":
-    text = bos + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                         f"{m['content'].strip()}<|eot_id|>" for m in messages)
-    return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
-                   if add_generation_prompt else "")
+    text = bos + "".join(
+      f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+      for m in messages
+    )
+    return text + (
+      "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
+    )
   if template == "gemma":
     prefix = ""
     if messages[0]["role"] == "system":
@@ -243,18 +274,20 @@ def render(messages: list[dict], template: str, *, bos_token: str | None = None,
     text = bos
     for i, m in enumerate(messages):
       if (m["role"] == "user") != (i % 2 == 0):
-        raise ValueError("gemma: conversation roles must alternate user/assistant/user/...")
+        raise DataError("gemma: conversation roles must alternate user/assistant/user/...")
       role = "model" if m["role"] == "assistant" else m["role"]
-      text += (f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{m['content'].strip()}"
-               "<end_of_turn>\n")
+      text += (
+        f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{m['content'].strip()}<end_of_turn>\n"
+      )
     return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
   if template in ("chatml", "qwen2", "qwen2.5"):
     if template in _DEFAULT_SYSTEM and messages[0]["role"] != "system":
       messages = [{"role": "system", "content": _DEFAULT_SYSTEM[template]}, *messages]
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-  raise ValueError(f"data.chat_template {template!r} is not a chat template; use one of "
-                   f"{TEMPLATES[2:]}")
+  raise DataError(
+    f"data.chat_template {template!r} is not a chat template; use one of {TEMPLATES[2:]}"
+  )
 
 
 def _assistant_turn(content: str, template: str) -> str:
@@ -278,21 +311,24 @@ class Text:
 
   def __init__(self, tokenizer: Tokenizer, chat_template: str = "", system_prompt: str = ""):
     if chat_template not in TEMPLATES:
-      raise ValueError(f"data.chat_template {chat_template!r} is unknown; use one of {TEMPLATES}")
+      raise DataError(f"data.chat_template {chat_template!r} is unknown; use one of {TEMPLATES}")
     if system_prompt and chat_template in ("", "plain"):
-      raise ValueError("data.system_prompt needs a chat template (data.chat_template)")
+      raise DataError("data.system_prompt needs a chat template (data.chat_template)")
     self.tokenizer, self.template, self.system_prompt = tokenizer, chat_template, system_prompt
     self.chat = chat_template not in ("", "plain")
     if self.chat:
       self.stop_id = tokenizer.token_id(_END_OF_TURN[chat_template])
-      _, tail = render(messages_of("\x00", last="user", system_prompt=system_prompt),
-                       chat_template, bos_token=tokenizer.bos_token).split("\x00")
+      _, tail = render(
+        messages_of("\x00", last="user", system_prompt=system_prompt),
+        chat_template,
+        bos_token=tokenizer.bos_token,
+      ).split("\x00")
       self.tail = len(tokenizer.encode(tail))
     else:
       self.stop_id = tokenizer.eos_id
       text_ids = tokenizer.encode("a")
       ids = tokenizer.encode("a", add_special_tokens=chat_template == "plain")
-      starts = [i for i in range(len(ids)) if ids[i:i + len(text_ids)] == text_ids]
+      starts = [i for i in range(len(ids)) if ids[i : i + len(text_ids)] == text_ids]
       self.tail = len(ids) - starts[0] - len(text_ids) if starts else 0
     self.frame = len(self.prompt(""))
 
@@ -301,16 +337,18 @@ class Text:
     if not self.chat:
       return self.tokenizer.encode(self._plain(value), add_special_tokens=self.template == "plain")
     messages = messages_of(value, last="user", system_prompt=self.system_prompt)
-    return self.tokenizer.encode(render(messages, self.template,
-                                        bos_token=self.tokenizer.bos_token))
+    return self.tokenizer.encode(
+      render(messages, self.template, bos_token=self.tokenizer.bos_token)
+    )
 
   def response(self, value, prompt=None) -> list[int]:
     """A response (text, or messages ending with the assistant's) -> ids of its assistant turn."""
     if not isinstance(value, str):
       messages = messages_of(value, last="assistant")
-      if len(messages) > 1 and (prompt is None or messages[:-1] != messages_of(prompt,
-                                                                               last="user")):
-        raise ValueError("the messages before the assistant's are not the prompt's")
+      if len(messages) > 1 and (
+        prompt is None or messages[:-1] != messages_of(prompt, last="user")
+      ):
+        raise DataError("the messages before the assistant's are not the prompt's")
       value = messages[-1]["content"]
     if self.chat:
       return self.tokenizer.encode(_assistant_turn(value, self.template))
@@ -319,5 +357,5 @@ class Text:
 
   def _plain(self, value) -> str:
     if not isinstance(value, str):
-      raise ValueError("chat messages need a chat template (data.chat_template)")
+      raise DataError("chat messages need a chat template (data.chat_template)")
     return value

@@ -2,23 +2,53 @@
 
 ALGORITHMS.md §5.7 [R]: a class-balanced logistic-regression classifier on prompt embeddings gives
 p̂(desirable | x), and each undesirable example's loss is multiplied by clip(p̂/(1 − p̂), 0.5, 10)
-(`align_jax.objectives.binary.bco_udm_weight`). Because the classes are balanced, p̂/(1 − p̂)
-estimates the prompt density ratio p_D(x)/p_U(x). TRL embeds prompts with a separate embedding
-model; our stated choice of "prompt embedding" is the mean of the reference model's input-embedding
-rows over the prompt tokens, so no extra model is needed. Everything here is numpy, run once on the
-whole dataset before training; the result is a per-record loss weight.
+(`bco_udm_weight`). Because the classes are balanced, p̂/(1 − p̂) estimates the prompt density ratio
+p_D(x)/p_U(x). TRL embeds prompts with a separate embedding model; our stated choice of "prompt
+embedding" is the mean of the reference model's input-embedding rows over the prompt tokens, so no
+extra model is needed. Everything here runs once on the whole dataset before training (numpy,
+except the final clip); the result is a per-record loss weight, the batch field `udm_weight_B` that
+`objectives.binary.bco_objective` reads.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from align_jax.objectives.binary import bco_udm_weight
-
-_CHUNK_ELEMENTS = 1 << 24   # gathered embedding values per chunk in `prompt_features`
+_CHUNK_ELEMENTS = 1 << 24  # gathered embedding values per chunk in `prompt_features`
 
 
-def prompt_features(tokens_NxL: np.ndarray, loss_mask_NxL: np.ndarray,
-                    embed_VxD: np.ndarray) -> np.ndarray:
+def bco_udm_weight(
+  prob_desirable_B: jax.Array, *, min_ratio: float = 0.5, max_ratio: float = 10.0
+) -> jax.Array:
+  r"""BCO's underlying-distribution-matching weight of undesirable examples (ALGORITHMS.md §5.7, [R]).
+
+  .. math:: w = \mathrm{clip}\!\left(\frac{\hat p}{1 - \hat p},\ \text{min\_ratio},\
+            \text{max\_ratio}\right)
+
+  p̂ = p̂(desirable | x) comes from a class-balanced logistic-regression classifier on prompt
+  embeddings (TRL samples 1024 prompts per class; here `fit_logistic` on `prompt_features`). TRL's
+  defaults: min 0.5, max 10. A p̂ of 1 gives the maximum weight.
+
+  Args:
+    prob_desirable_B: classifier probability that each example's prompt is from the desirable set.
+    min_ratio: lower clip of the density ratio.
+    max_ratio: upper clip of the density ratio.
+
+  Returns:
+    weight_B, under stop-gradient; pass it to `objectives.binary.bco` as `udm_weight_B`.
+
+  Examples:
+    >>> print(bco_udm_weight(jnp.array([0.5, 0.75, 0.2, 1.0])))   # odds 1, 3, 0.25 → 0.5, ∞ → 10
+    [ 1.   3.   0.5 10. ]
+  """
+  p_B = jnp.clip(jax.lax.stop_gradient(prob_desirable_B), 0.0, 1.0)
+  return jnp.clip(p_B / (1.0 - p_B), min_ratio, max_ratio)
+
+
+def prompt_features(
+  tokens_NxL: np.ndarray, loss_mask_NxL: np.ndarray, embed_VxD: np.ndarray
+) -> np.ndarray:
   """Mean input embedding of each record's prompt tokens.
 
   The prompt is every position before the first 1 in the loss mask (the completion starts there;
@@ -53,8 +83,14 @@ def _objective(z_N, y_N, s_N, v_D, l2):
   return float(s_N @ (np.logaddexp(0.0, z_N) - y_N * z_N) + 0.5 * l2 * v_D @ v_D)
 
 
-def fit_logistic(features_NxD: np.ndarray, labels_N: np.ndarray, *, l2: float = 1e-3,
-                 max_iter: int = 100, tol: float = 1e-8) -> tuple[np.ndarray, float]:
+def fit_logistic(
+  features_NxD: np.ndarray,
+  labels_N: np.ndarray,
+  *,
+  l2: float = 1e-3,
+  max_iter: int = 100,
+  tol: float = 1e-8,
+) -> tuple[np.ndarray, float]:
   r"""Class-balanced, L2-regularised logistic regression by damped Newton's method (IRLS), float64.
 
   Sample weights s_i = 1/(2 n_{class(i)}) sum to 1/2 per class. Features are standardised with the
@@ -84,8 +120,10 @@ def fit_logistic(features_NxD: np.ndarray, labels_N: np.ndarray, *, l2: float = 
   y_N = (np.asarray(labels_N) > 0).astype(np.float64)
   n_pos, n_neg = int(y_N.sum()), int(y_N.size - y_N.sum())
   if n_pos == 0 or n_neg == 0:
-    raise ValueError(f"fit_logistic needs examples of both classes; got {n_pos} positive "
-                     f"(desirable) and {n_neg} negative (undesirable)")
+    raise ValueError(
+      f"fit_logistic needs examples of both classes; got {n_pos} positive "
+      f"(desirable) and {n_neg} negative (undesirable)"
+    )
   s_N = np.where(y_N > 0, 0.5 / n_pos, 0.5 / n_neg)
   mu_D = s_N @ x_NxD / s_N.sum()
   sigma_D = np.sqrt(s_N @ (x_NxD - mu_D) ** 2 / s_N.sum())
@@ -105,7 +143,7 @@ def fit_logistic(features_NxD: np.ndarray, labels_N: np.ndarray, *, l2: float = 
       step_E = np.linalg.solve(hess_ExE, grad_E)
     except np.linalg.LinAlgError:
       step_E = np.linalg.lstsq(hess_ExE, grad_E, rcond=None)[0]
-    t = 1.0   # backtracking (Armijo) keeps Newton monotone on near-separable data
+    t = 1.0  # backtracking (Armijo) keeps Newton monotone on near-separable data
     while t > 1e-10:
       new_theta_E = theta_E - t * step_E
       new_logit_N = z_NxE @ new_theta_E
@@ -114,11 +152,14 @@ def fit_logistic(features_NxD: np.ndarray, labels_N: np.ndarray, *, l2: float = 
         break
       t *= 0.5
     else:
-      break   # no decrease possible at float64 precision: at the optimum
+      break  # no decrease possible at float64 precision: at the optimum
     theta_E, logit_N, loss = new_theta_E, new_logit_N, new_loss
   else:
-    logging.warning("fit_logistic: no convergence in %d Newton steps (gradient max %.3g)",
-                    max_iter, np.max(np.abs(grad_E)))
+    logging.warning(
+      "fit_logistic: no convergence in %d Newton steps (gradient max %.3g)",
+      max_iter,
+      np.max(np.abs(grad_E)),
+    )
   w_D = theta_E[:-1] / sigma_D
   return w_D, float(theta_E[-1] - mu_D @ w_D)
 
@@ -133,10 +174,17 @@ def balanced_subsample(desirable_N: np.ndarray, per_class: int, seed: int = 0) -
   return np.sort(np.concatenate(picks))
 
 
-def density_ratio_weights(tokens_KxL: np.ndarray, loss_mask_KxL: np.ndarray,
-                          desirable_N: np.ndarray, embed_VxD: np.ndarray, *, per_class: int = 1024,
-                          seed: int = 0, min_ratio: float = 0.5,
-                          max_ratio: float = 10.0) -> np.ndarray:
+def density_ratio_weights(
+  tokens_KxL: np.ndarray,
+  loss_mask_KxL: np.ndarray,
+  desirable_N: np.ndarray,
+  embed_VxD: np.ndarray,
+  *,
+  per_class: int = 1024,
+  seed: int = 0,
+  min_ratio: float = 0.5,
+  max_ratio: float = 10.0,
+) -> np.ndarray:
   """Per-record UDM loss weights for a binary dataset (ALGORITHMS.md §5.7; TRL defaults).
 
   Fits `fit_logistic` on the prompt features (`prompt_features` of K index 0) of a seeded,

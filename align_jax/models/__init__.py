@@ -1,5 +1,12 @@
 """Models: one transformer code path (transformer.py) and its named sizes (presets.py)."""
 
 from align_jax.models.presets import preset
-from align_jax.models.transformer import (ModelConfig, Transformer, abstract, apply, init_cache,
-                                          init_params, wide)
+from align_jax.models.transformer import (
+  ModelConfig,
+  Transformer,
+  abstract,
+  apply,
+  init_cache,
+  init_params,
+  wide,
+)

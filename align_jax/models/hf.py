@@ -8,7 +8,7 @@ A local HF directory (`config.json` with a `model_type`, and `model.safetensors`
   hf.save(out_dir, params, model_cfg)                     # loads in AutoModelForCausalLM
 
 Every parameter is one HF tensor (or a column block of GPT-2's fused `c_attn`) viewed as a matrix
-M[a, b]: its first `split` axes flatten to a, the rest to b (wq_DxHxK: a = D, b = H·K). HF Linear
+M[a, b]: its first `split` axes flatten to a, the rest to b (wq_DxHxE: a = D, b = H·E). HF Linear
 weights store M transposed ([out, in]); GPT-2's Conv1D and embeddings store M as is. Import builds
 each array with `jax.make_array_from_callback`, reading through `safe_open(...).get_slice` only
 the rows and columns of the blocks the process's devices hold.
@@ -29,16 +29,17 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from align_jax.models.transformer import ModelConfig, abstract
+from align_jax.errors import HFDirError, MissingFileError
 
 # family -> (model_type, architecture) written on export.
 ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "gemma": ("gemma", "GemmaForCausalLM"),
-    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "gpt2": ("gpt2", "GPT2LMHeadModel"),
+  "llama": ("llama", "LlamaForCausalLM"),
+  "gemma": ("gemma", "GemmaForCausalLM"),
+  "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+  "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+  "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+  "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+  "gpt2": ("gpt2", "GPT2LMHeadModel"),
 }
 _FAMILY = {model_type: family for family, (model_type, _) in ARCHITECTURES.items()}
 # ModelConfig fields that shape the parameters: a run's config must agree with the checkpoint.
@@ -46,10 +47,24 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "h
 # ModelConfig fields that are the run's choice, not the checkpoint's.
 RUN_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "num_scores", "attention_impl")
 # Files of the source directory an export carries over (tokenizer, generation defaults).
-_CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-            "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+_CARRIED = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "chat_template.jinja",
+  "generation_config.json",
+  "vocab.json",
+  "merges.txt",
+)
+_ACTIVATIONS = {
+  "silu": "silu",
+  "swish": "silu",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_new": "gelu_tanh",
+  "gelu_fast": "gelu_tanh",
+  "gelu": "gelu",
+}
 
 
 def is_hf_dir(path: str) -> bool:
@@ -65,7 +80,7 @@ def read_config(hf_dir: str) -> dict:
   """config.json as a dict (a multimodal Gemma 3's text_config)."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{hf_dir!r}: no config.json (not a Hugging Face model directory)")
+    raise MissingFileError(f"{hf_dir!r}: no config.json (not a Hugging Face model directory)")
   with open(path) as f:
     hf = json.load(f)
   if hf.get("model_type") == "gemma3" and "text_config" in hf:
@@ -75,75 +90,109 @@ def read_config(hf_dir: str) -> dict:
 
 # ---- config.json -> ModelConfig ------------------------------------------------------------------
 
+
 def config_fields(hf: Mapping, where: str = "config.json") -> dict:
   """The ModelConfig architecture fields (all but RUN_FIELDS) of an HF config dict."""
   try:
     return _config_fields(hf, where)
   except KeyError as e:
-    raise ValueError(f"{where}: no {e.args[0]!r} (a {hf.get('model_type')} config needs "
-                     "it)") from None
+    raise HFDirError(
+      f"{where}: no {e.args[0]!r} (a {hf.get('model_type')} config needs it)"
+    ) from None
 
 
 def _config_fields(hf: Mapping, where: str) -> dict:
   model_type = hf.get("model_type")
   if model_type not in _FAMILY:
-    raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: "
-                     f"{sorted(_FAMILY)}")
+    raise HFDirError(
+      f"{where}: model_type {model_type!r} is not supported; supported: {sorted(_FAMILY)}"
+    )
   family = _FAMILY[model_type]
   if family == "gpt2":
     return _gpt2_fields(hf, where)
   gemma = family.startswith("gemma")
   H = hf["num_attention_heads"]
   fields = dict(
-      family=family, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-      n_layers=hf["num_hidden_layers"], n_heads=H, n_kv_heads=hf.get("num_key_value_heads") or H,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // H, mlp_dim=hf["intermediate_size"],
-      norm_eps=hf.get("rms_norm_eps", 1e-6), max_positions=hf.get("max_position_embeddings", 0),
-      tie_embeddings=hf.get("tie_word_embeddings", gemma),
-      mlp_act=_activation(hf, family, where), norm_plus_one=gemma, embed_scale=gemma,
-      qkv_bias=family == "qwen2" or hf.get("attention_bias", False),
-      out_bias=family != "qwen2" and hf.get("attention_bias", False),
-      mlp_bias=family == "llama" and hf.get("mlp_bias", False),
-      qk_norm=family in ("qwen3", "gemma3"), post_norms=family in ("gemma2", "gemma3"))
+    family=family,
+    vocab_size=hf["vocab_size"],
+    d_model=hf["hidden_size"],
+    n_layers=hf["num_hidden_layers"],
+    n_heads=H,
+    n_kv_heads=hf.get("num_key_value_heads") or H,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // H,
+    mlp_dim=hf["intermediate_size"],
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
+    max_positions=hf.get("max_position_embeddings", 0),
+    tie_embeddings=hf.get("tie_word_embeddings", gemma),
+    mlp_act=_activation(hf, family, where),
+    norm_plus_one=gemma,
+    embed_scale=gemma,
+    qkv_bias=family == "qwen2" or hf.get("attention_bias", False),
+    out_bias=family != "qwen2" and hf.get("attention_bias", False),
+    mlp_bias=family == "llama" and hf.get("mlp_bias", False),
+    qk_norm=family in ("qwen3", "gemma3"),
+    post_norms=family in ("gemma2", "gemma3"),
+  )
   if family in ("gemma2", "gemma3"):
-    fields.update(query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
-                  final_softcap=float(hf.get("final_logit_softcapping",
-                                             30.0 if family == "gemma2" else None) or 0.0))
+    fields.update(
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+      final_softcap=float(
+        hf.get("final_logit_softcapping", 30.0 if family == "gemma2" else None) or 0.0
+      ),
+    )
   if family == "gemma2":  # Gemma 3's attention ignores attn_logit_softcapping (transformers 5).
     fields["attn_softcap"] = float(hf.get("attn_logit_softcapping", 50.0) or 0.0)
   if hf.get("use_bidirectional_attention"):
-    raise ValueError(f"{where}: use_bidirectional_attention is not supported (causal LMs only)")
+    raise HFDirError(f"{where}: use_bidirectional_attention is not supported (causal LMs only)")
   fields.update(_rope_fields(hf, family, where))
   fields.update(_window_fields(hf, family, where))
   return fields
 
 
 def _activation(hf, family, where) -> str:
-  act = hf.get("hidden_activation") or hf.get("hidden_act") or (
-      "gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
+  act = (
+    hf.get("hidden_activation")
+    or hf.get("hidden_act")
+    or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
+  )
   if family == "gemma" and act == "gelu":  # transformers reads Gemma's legacy "gelu" as tanh.
     act = "gelu_pytorch_tanh"
   if act not in _ACTIVATIONS:
-    raise ValueError(f"{where}: activation {act!r} is not supported; supported: "
-                     f"{sorted(_ACTIVATIONS)}")
+    raise HFDirError(
+      f"{where}: activation {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
+    )
   return _ACTIVATIONS[act]
 
 
 def _gpt2_fields(hf, where) -> dict:
   for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
     if hf.get(key):
-      raise ValueError(f"{where}: GPT-2 with {key}=true is not supported")
+      raise HFDirError(f"{where}: GPT-2 with {key}=true is not supported")
   D, H = hf["n_embd"], hf["n_head"]
   act = hf.get("activation_function", "gelu_new")
   if act not in _ACTIVATIONS:
-    raise ValueError(f"{where}: activation_function {act!r} is not supported")
-  return dict(family="gpt2", vocab_size=hf["vocab_size"], d_model=D, n_layers=hf["n_layer"],
-              n_heads=H, n_kv_heads=H, head_dim=D // H, mlp_dim=hf.get("n_inner") or 4 * D,
-              norm="layer", norm_eps=hf.get("layer_norm_epsilon", 1e-5), qkv_bias=True,
-              out_bias=True, mlp_bias=True, mlp_act=_ACTIVATIONS[act], gated_mlp=False,
-              positions="learned", max_positions=hf["n_positions"],
-              tie_embeddings=hf.get("tie_word_embeddings", True),
-              query_pre_attn_scalar=0.0 if hf.get("scale_attn_weights", True) else 1.0)
+    raise HFDirError(f"{where}: activation_function {act!r} is not supported")
+  return dict(
+    family="gpt2",
+    vocab_size=hf["vocab_size"],
+    d_model=D,
+    n_layers=hf["n_layer"],
+    n_heads=H,
+    n_kv_heads=H,
+    head_dim=D // H,
+    mlp_dim=hf.get("n_inner") or 4 * D,
+    norm="layer",
+    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    mlp_act=_ACTIVATIONS[act],
+    gated_mlp=False,
+    positions="learned",
+    max_positions=hf["n_positions"],
+    tie_embeddings=hf.get("tie_word_embeddings", True),
+    query_pre_attn_scalar=0.0 if hf.get("scale_attn_weights", True) else 1.0,
+  )
 
 
 def _rope_fields(hf, family, where) -> dict:
@@ -156,23 +205,29 @@ def _rope_fields(hf, family, where) -> dict:
   default_theta = 1_000_000.0 if family == "gemma3" else 10_000.0
   fields = dict(rope_theta=float(global_.get("rope_theta", hf.get("rope_theta", default_theta))))
   if family == "gemma3":
-    fields["rope_local_theta"] = float(local.get("rope_theta",
-                                                 hf.get("rope_local_base_freq", 10_000.0)))
+    fields["rope_local_theta"] = float(
+      local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    )
   for p in (global_, local):
     if p.get("partial_rotary_factor", 1.0) != 1.0:
-      raise ValueError(f"{where}: partial_rotary_factor is not supported")
+      raise HFDirError(f"{where}: partial_rotary_factor is not supported")
   kind = global_.get("rope_type", global_.get("type")) or "default"
   if local.get("rope_type", "default") != "default" or kind not in ("default", "linear", "llama3"):
-    raise ValueError(f"{where}: RoPE type {kind!r} is not supported; supported: default, linear, "
-                     "llama3")
+    raise HFDirError(
+      f"{where}: RoPE type {kind!r} is not supported; supported: default, linear, llama3"
+    )
   if kind == "linear":
     fields.update(rope_scaling="linear", rope_factor=float(global_["factor"]))
   elif kind == "llama3":
-    fields.update(rope_scaling="llama3", rope_factor=float(global_["factor"]),
-                  rope_low_freq_factor=float(global_["low_freq_factor"]),
-                  rope_high_freq_factor=float(global_["high_freq_factor"]),
-                  rope_original_max_len=int(global_.get(
-                      "original_max_position_embeddings", hf.get("max_position_embeddings"))))
+    fields.update(
+      rope_scaling="llama3",
+      rope_factor=float(global_["factor"]),
+      rope_low_freq_factor=float(global_["low_freq_factor"]),
+      rope_high_freq_factor=float(global_["high_freq_factor"]),
+      rope_original_max_len=int(
+        global_.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+      ),
+    )
   return fields
 
 
@@ -184,8 +239,10 @@ def _layer_types(hf, family) -> list[str]:
     period = 2 if family == "gemma2" else hf.get("sliding_window_pattern", 6)
     return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
   if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-    return ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
-            for i in range(n)]
+    return [
+      "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
+      for i in range(n)
+    ]
   return ["full_attention"] * n
 
 
@@ -198,8 +255,9 @@ def _window_fields(hf, family, where) -> dict:
   for period in range(len(local) + 1):
     if local == [not (period and (i + 1) % period == 0) for i in range(len(local))]:
       return dict(sliding_window=int(window), sliding_window_pattern=period)
-  raise ValueError(f"{where}: layer_types {hf.get('layer_types')} are not 'every P-th layer "
-                   "global'; not supported")
+  raise HFDirError(
+    f"{where}: layer_types {hf.get('layer_types')} are not 'every P-th layer global'; not supported"
+  )
 
 
 def model_config(hf_dir: str, model: Mapping) -> dict:
@@ -208,20 +266,27 @@ def model_config(hf_dir: str, model: Mapping) -> dict:
   Raises ValueError naming the fields where `model` contradicts the checkpoint in shape.
   """
   fields = config_fields(read_config(hf_dir), os.path.join(hf_dir, "config.json"))
-  bad = [f"model.{k}={model[k]} (checkpoint: {fields[k]})" for k in SHAPE_FIELDS
-         if k in model and model[k] != fields[k]]
+  bad = [
+    f"model.{k}={model[k]} (checkpoint: {fields[k]})"
+    for k in SHAPE_FIELDS
+    if k in model and model[k] != fields[k]
+  ]
   if bad:
-    raise ValueError(f"init_checkpoint {hf_dir!r} disagrees with the config: {', '.join(bad)}; "
-                     "pick the matching model preset or override these fields")
+    raise HFDirError(
+      f"init_checkpoint {hf_dir!r} disagrees with the config: {', '.join(bad)}; "
+      "pick the matching model preset or override these fields"
+    )
   return {**model, **fields}
 
 
 # ---- Parameter <-> tensor correspondence ---------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """Our parameter is M[a, b] (first `split` axes -> a) of HF tensor `name`, stored transposed
   (Linear: [out, in]) or not, starting at column `offset` (GPT-2's fused c_attn)."""
+
   name: str
   split: int
   transposed: bool = False
@@ -235,39 +300,42 @@ def _specs(cfg: ModelConfig, shapes: dict, prefix: str, lm_head: str) -> dict:
     keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
     spec = (_gpt2_spec if cfg.family == "gpt2" else _spec)(cfg, keys, prefix, lm_head)
     if spec is None:
-      raise ValueError(f"parameter {'/'.join(map(str, keys))} has no {cfg.family} counterpart")
+      raise HFDirError(f"parameter {'/'.join(map(str, keys))} has no {cfg.family} counterpart")
     specs[jax.tree_util.keystr(path)] = spec
   return specs
 
 
 def _spec(cfg, keys, prefix, lm_head) -> _Spec | None:
-  top = {"embed_VxD": _Spec(prefix + "embed_tokens.weight", 1),
-         "unembed_DxV": _Spec(lm_head, 1, True),
-         "final_norm/scale_D": _Spec(prefix + "norm.weight", 0)}
+  top = {
+    "embed_VxD": _Spec(prefix + "embed_tokens.weight", 1),
+    "unembed_DxV": _Spec(lm_head, 1, True),
+    "final_norm/scale_D": _Spec(prefix + "norm.weight", 0),
+  }
   if keys[0] != "layers":
     return top.get("/".join(map(str, keys)))
   mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
   names = {
-      "attn_norm/scale_D": ("input_layernorm.weight", 0, False),
-      "mlp_norm/scale_D": (f"{mlp_norm}.weight", 0, False),
-      "post_attn_norm/scale_D": ("post_attention_layernorm.weight", 0, False),
-      "post_mlp_norm/scale_D": ("post_feedforward_layernorm.weight", 0, False),
-      "attn/wq_DxHxK": ("self_attn.q_proj.weight", 1, True),
-      "attn/wk_DxGxK": ("self_attn.k_proj.weight", 1, True),
-      "attn/wv_DxGxK": ("self_attn.v_proj.weight", 1, True),
-      "attn/wo_HxKxD": ("self_attn.o_proj.weight", 2, True),
-      "attn/bq_HxK": ("self_attn.q_proj.bias", 0, False),
-      "attn/bk_GxK": ("self_attn.k_proj.bias", 0, False),
-      "attn/bv_GxK": ("self_attn.v_proj.bias", 0, False),
-      "attn/bo_D": ("self_attn.o_proj.bias", 0, False),
-      "attn/q_norm/scale_K": ("self_attn.q_norm.weight", 0, False),
-      "attn/k_norm/scale_K": ("self_attn.k_norm.weight", 0, False),
-      "mlp/wgate_DxF": ("mlp.gate_proj.weight", 1, True),
-      "mlp/wup_DxF": ("mlp.up_proj.weight", 1, True),
-      "mlp/wdown_FxD": ("mlp.down_proj.weight", 1, True),
-      "mlp/bgate_F": ("mlp.gate_proj.bias", 0, False),
-      "mlp/bup_F": ("mlp.up_proj.bias", 0, False),
-      "mlp/bdown_D": ("mlp.down_proj.bias", 0, False)}
+    "attn_norm/scale_D": ("input_layernorm.weight", 0, False),
+    "mlp_norm/scale_D": (f"{mlp_norm}.weight", 0, False),
+    "post_attn_norm/scale_D": ("post_attention_layernorm.weight", 0, False),
+    "post_mlp_norm/scale_D": ("post_feedforward_layernorm.weight", 0, False),
+    "attn/wq_DxHxE": ("self_attn.q_proj.weight", 1, True),
+    "attn/wk_DxGxE": ("self_attn.k_proj.weight", 1, True),
+    "attn/wv_DxGxE": ("self_attn.v_proj.weight", 1, True),
+    "attn/wo_HxExD": ("self_attn.o_proj.weight", 2, True),
+    "attn/bq_HxE": ("self_attn.q_proj.bias", 0, False),
+    "attn/bk_GxE": ("self_attn.k_proj.bias", 0, False),
+    "attn/bv_GxE": ("self_attn.v_proj.bias", 0, False),
+    "attn/bo_D": ("self_attn.o_proj.bias", 0, False),
+    "attn/q_norm/scale_E": ("self_attn.q_norm.weight", 0, False),
+    "attn/k_norm/scale_E": ("self_attn.k_norm.weight", 0, False),
+    "mlp/wgate_DxF": ("mlp.gate_proj.weight", 1, True),
+    "mlp/wup_DxF": ("mlp.up_proj.weight", 1, True),
+    "mlp/wdown_FxD": ("mlp.down_proj.weight", 1, True),
+    "mlp/bgate_F": ("mlp.gate_proj.bias", 0, False),
+    "mlp/bup_F": ("mlp.up_proj.bias", 0, False),
+    "mlp/bdown_D": ("mlp.down_proj.bias", 0, False),
+  }
   found = names.get("/".join(map(str, keys[2:])))
   if found is None:
     return None
@@ -276,26 +344,34 @@ def _spec(cfg, keys, prefix, lm_head) -> _Spec | None:
 
 
 def _gpt2_spec(cfg, keys, prefix, lm_head) -> _Spec | None:
-  top = {"embed_VxD": _Spec(prefix + "wte.weight", 1),
-         "pos_embed_LxD": _Spec(prefix + "wpe.weight", 1),
-         "unembed_DxV": _Spec(lm_head, 1, True),
-         "final_norm/scale_D": _Spec(prefix + "ln_f.weight", 0),
-         "final_norm/bias_D": _Spec(prefix + "ln_f.bias", 0)}
+  top = {
+    "embed_VxD": _Spec(prefix + "wte.weight", 1),
+    "pos_embed_LxD": _Spec(prefix + "wpe.weight", 1),
+    "unembed_DxV": _Spec(lm_head, 1, True),
+    "final_norm/scale_D": _Spec(prefix + "ln_f.weight", 0),
+    "final_norm/bias_D": _Spec(prefix + "ln_f.bias", 0),
+  }
   if keys[0] != "layers":
     return top.get("/".join(map(str, keys)))
   q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim  # c_attn = [q | k | v].
   names = {
-      "attn_norm/scale_D": ("ln_1.weight", 0, 0), "attn_norm/bias_D": ("ln_1.bias", 0, 0),
-      "mlp_norm/scale_D": ("ln_2.weight", 0, 0), "mlp_norm/bias_D": ("ln_2.bias", 0, 0),
-      "attn/wq_DxHxK": ("attn.c_attn.weight", 1, 0),
-      "attn/wk_DxGxK": ("attn.c_attn.weight", 1, q),
-      "attn/wv_DxGxK": ("attn.c_attn.weight", 1, q + kv),
-      "attn/bq_HxK": ("attn.c_attn.bias", 0, 0),
-      "attn/bk_GxK": ("attn.c_attn.bias", 0, q),
-      "attn/bv_GxK": ("attn.c_attn.bias", 0, q + kv),
-      "attn/wo_HxKxD": ("attn.c_proj.weight", 2, 0), "attn/bo_D": ("attn.c_proj.bias", 0, 0),
-      "mlp/wup_DxF": ("mlp.c_fc.weight", 1, 0), "mlp/bup_F": ("mlp.c_fc.bias", 0, 0),
-      "mlp/wdown_FxD": ("mlp.c_proj.weight", 1, 0), "mlp/bdown_D": ("mlp.c_proj.bias", 0, 0)}
+    "attn_norm/scale_D": ("ln_1.weight", 0, 0),
+    "attn_norm/bias_D": ("ln_1.bias", 0, 0),
+    "mlp_norm/scale_D": ("ln_2.weight", 0, 0),
+    "mlp_norm/bias_D": ("ln_2.bias", 0, 0),
+    "attn/wq_DxHxE": ("attn.c_attn.weight", 1, 0),
+    "attn/wk_DxGxE": ("attn.c_attn.weight", 1, q),
+    "attn/wv_DxGxE": ("attn.c_attn.weight", 1, q + kv),
+    "attn/bq_HxE": ("attn.c_attn.bias", 0, 0),
+    "attn/bk_GxE": ("attn.c_attn.bias", 0, q),
+    "attn/bv_GxE": ("attn.c_attn.bias", 0, q + kv),
+    "attn/wo_HxExD": ("attn.c_proj.weight", 2, 0),
+    "attn/bo_D": ("attn.c_proj.bias", 0, 0),
+    "mlp/wup_DxF": ("mlp.c_fc.weight", 1, 0),
+    "mlp/bup_F": ("mlp.c_fc.bias", 0, 0),
+    "mlp/wdown_FxD": ("mlp.c_proj.weight", 1, 0),
+    "mlp/bdown_D": ("mlp.c_proj.bias", 0, 0),
+  }
   found = names.get("/".join(map(str, keys[2:])))
   if found is None:
     return None
@@ -305,13 +381,14 @@ def _gpt2_spec(cfg, keys, prefix, lm_head) -> _Spec | None:
 
 def _hf_shape(spec: _Spec, shape) -> tuple[int, ...]:
   """The shape of our parameter's block of the HF tensor (as stored)."""
-  a, b = math.prod(shape[:spec.split]), math.prod(shape[spec.split:])
+  a, b = math.prod(shape[: spec.split]), math.prod(shape[spec.split :])
   if not spec.split:
     return (b,)
   return (b, a) if spec.transposed else (a, b)
 
 
 # ---- Import --------------------------------------------------------------------------------------
+
 
 def _tensor_files(hf_dir: str) -> dict[str, str]:
   """{tensor name -> safetensors file} from the index, or the single model.safetensors."""
@@ -321,8 +398,10 @@ def _tensor_files(hf_dir: str) -> dict[str, str]:
       return {k: os.path.join(hf_dir, v) for k, v in json.load(f)["weight_map"].items()}
   single = os.path.join(hf_dir, "model.safetensors")
   if not os.path.isfile(single):
-    raise FileNotFoundError(f"{hf_dir!r}: neither model.safetensors nor "
-                            "model.safetensors.index.json (only safetensors weights are read)")
+    raise MissingFileError(
+      f"{hf_dir!r}: neither model.safetensors nor "
+      "model.safetensors.index.json (only safetensors weights are read)"
+    )
   with safe_open(single, "numpy") as f:
     return {k: single for k in f.keys()}
 
@@ -330,13 +409,16 @@ def _tensor_files(hf_dir: str) -> dict[str, str]:
 def _prefixes(cfg: ModelConfig, names, hf_dir) -> tuple[str, str]:
   """(prefix of the decoder's tensors, name of lm_head) in this checkpoint's naming."""
   embed = "wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight"
-  candidates = (("transformer.", "") if cfg.family == "gpt2" else
-                ("model.", "language_model.model.", "model.language_model.", ""))
+  candidates = (
+    ("transformer.", "")
+    if cfg.family == "gpt2"
+    else ("model.", "language_model.model.", "model.language_model.", "")
+  )
   for prefix in candidates:
     if prefix + embed in names:
       heads = [h for h in ("lm_head.weight", "language_model.lm_head.weight") if h in names]
       return prefix, (heads[0] if heads else "lm_head.weight")
-  raise ValueError(f"{hf_dir!r}: no {embed} under any of the prefixes {list(candidates)}")
+  raise HFDirError(f"{hf_dir!r}: no {embed} under any of the prefixes {list(candidates)}")
 
 
 def _outer(dims, slices) -> tuple[int, int, list[slice]]:
@@ -344,7 +426,7 @@ def _outer(dims, slices) -> tuple[int, int, list[slice]]:
   sliced axis, and the slices of the other axes to take from it."""
   norm = [slice(*s.indices(d)) for s, d in zip(slices, dims)]
   if any(s.step != 1 for s in norm):
-    raise ValueError("strided shardings are not supported")
+    raise HFDirError("strided shardings are not supported")
   if not dims:
     return 0, 1, []
   inner = math.prod(dims[1:])
@@ -353,16 +435,16 @@ def _outer(dims, slices) -> tuple[int, int, list[slice]]:
 
 def _read_block(tensor, spec: _Spec, shape, index) -> np.ndarray:
   """Our parameter's block at `index` (a tuple of slices) read from the HF tensor slice object."""
-  a_dims, b_dims = shape[:spec.split], shape[spec.split:]
-  a0, a1, a_rest = _outer(a_dims, index[:spec.split])
-  b0, b1, b_rest = _outer(b_dims, index[spec.split:])
+  a_dims, b_dims = shape[: spec.split], shape[spec.split :]
+  a0, a1, a_rest = _outer(a_dims, index[: spec.split])
+  b0, b1, b_rest = _outer(b_dims, index[spec.split :])
   o = spec.offset
   if not a_dims:
-    block = tensor[b0 + o:b1 + o]
+    block = tensor[b0 + o : b1 + o]
   elif spec.transposed:
     block = np.asarray(tensor[b0:b1, a0:a1]).T
   else:
-    block = tensor[a0:a1, b0 + o:b1 + o]
+    block = tensor[a0:a1, b0 + o : b1 + o]
   a_shape = ((a1 - a0) // math.prod(a_dims[1:]), *a_dims[1:]) if a_dims else ()
   b_shape = ((b1 - b0) // math.prod(b_dims[1:]), *b_dims[1:])
   block = np.asarray(block).reshape(*a_shape, *b_shape)
@@ -389,7 +471,7 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
 
     def tensor(name):
       if name not in files:
-        raise ValueError(f"{hf_dir!r}: tensor {name!r} is missing")
+        raise HFDirError(f"{hf_dir!r}: tensor {name!r} is missing")
       if files[name] not in opened:
         opened[files[name]] = stack.enter_context(safe_open(files[name], "numpy"))
       return opened[files[name]].get_slice(name)
@@ -398,8 +480,10 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
       spec, shape = specs[jax.tree_util.keystr(path)], tuple(leaf.shape)
       t = tensor(spec.name)
       if tuple(t.get_shape()) != expected[spec.name]:
-        raise ValueError(f"{hf_dir!r}: tensor {spec.name!r} has shape {tuple(t.get_shape())}; "
-                         f"config.json implies {expected[spec.name]}")
+        raise HFDirError(
+          f"{hf_dir!r}: tensor {spec.name!r} has shape {tuple(t.get_shape())}; "
+          f"config.json implies {expected[spec.name]}"
+        )
       memo = {}  # Replicated blocks are read once.
 
       def block(index):
@@ -407,12 +491,14 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
         if key not in memo:
           memo[key] = _read_block(t, spec, shape, index).astype(dtype)
         return memo[key]
+
       return jax.make_array_from_callback(shape, sh, block)
 
     return jax.tree_util.tree_map_with_path(load, shapes, shardings)
 
 
 # ---- Export --------------------------------------------------------------------------------------
+
 
 def run_fields(cfg: ModelConfig) -> dict:
   """cfg's RUN_FIELDS (the run's choices, which no checkpoint carries)."""
@@ -441,38 +527,61 @@ def hf_config(cfg: ModelConfig, special_tokens: Mapping | None = None) -> dict:
   """config.json of `cfg` for its family (the same keys transformers writes, old and new RoPE
   layouts both). Raises ValueError if the family cannot express the config."""
   if cfg.family not in ARCHITECTURES:
-    raise ValueError(f"model.family={cfg.family!r} has no Hugging Face architecture")
+    raise HFDirError(f"model.family={cfg.family!r} has no Hugging Face architecture")
   model_type, arch = ARCHITECTURES[cfg.family]
-  out = {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
-         "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype,
-         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-         **(special_tokens or {})}
+  out = {
+    "architectures": [arch],
+    "model_type": model_type,
+    "vocab_size": cfg.vocab_size,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "dtype": cfg.param_dtype,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    **(special_tokens or {}),
+  }
   if cfg.family == "gpt2":
-    out.update(n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-               n_inner=cfg.mlp_dim, n_positions=cfg.max_positions,
-               layer_norm_epsilon=cfg.norm_eps,
-               activation_function={"gelu_tanh": "gelu_new"}.get(cfg.mlp_act, cfg.mlp_act),
-               scale_attn_weights=cfg.query_pre_attn_scalar != 1.0)
+    out.update(
+      n_embd=cfg.d_model,
+      n_layer=cfg.n_layers,
+      n_head=cfg.n_heads,
+      n_inner=cfg.mlp_dim,
+      n_positions=cfg.max_positions,
+      layer_norm_epsilon=cfg.norm_eps,
+      activation_function={"gelu_tanh": "gelu_new"}.get(cfg.mlp_act, cfg.mlp_act),
+      scale_attn_weights=cfg.query_pre_attn_scalar != 1.0,
+    )
   else:
-    types = ["sliding_attention" if cfg.is_local(i) else "full_attention"
-             for i in range(cfg.n_layers)]
+    types = [
+      "sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.n_layers)
+    ]
     act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.mlp_act, cfg.mlp_act)
-    out.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-               head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
-               max_position_embeddings=cfg.max_positions or 8192,
-               attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias,
-               **{"hidden_activation" if cfg.family in ("gemma2", "gemma3") else "hidden_act": act})
+    out.update(
+      hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      intermediate_size=cfg.mlp_dim,
+      rms_norm_eps=cfg.norm_eps,
+      max_position_embeddings=cfg.max_positions or 8192,
+      attention_bias=cfg.qkv_bias,
+      mlp_bias=cfg.mlp_bias,
+      **{"hidden_activation" if cfg.family in ("gemma2", "gemma3") else "hidden_act": act},
+    )
     if cfg.family in ("gemma2", "gemma3"):
       scalar = cfg.query_pre_attn_scalar  # An int in transformers' config class.
-      out.update(query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
-                 final_logit_softcapping=cfg.final_softcap or None,
-                 attn_logit_softcapping=cfg.attn_softcap or None)
+      out.update(
+        query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+        final_logit_softcapping=cfg.final_softcap or None,
+        attn_logit_softcapping=cfg.attn_softcap or None,
+      )
     if cfg.family in ("gemma2", "gemma3", "qwen2", "qwen3"):
       out["layer_types"] = types
     if any(t == "sliding_attention" for t in types):
-      out.update(sliding_window=cfg.sliding_window,
-                 sliding_window_pattern=cfg.sliding_window_pattern)
+      out.update(
+        sliding_window=cfg.sliding_window, sliding_window_pattern=cfg.sliding_window_pattern
+      )
       if cfg.family.startswith("qwen"):  # Else transformers drops the window.
         out.update(use_sliding_window=True, max_window_layers=0)
     out.update(_rope_config(cfg))
@@ -480,8 +589,10 @@ def hf_config(cfg: ModelConfig, special_tokens: Mapping | None = None) -> dict:
   want = _canonical(cfg)
   diff = sorted(k for k in want if have.get(k) != want[k])
   if diff:
-    raise ValueError(f"a {cfg.family} checkpoint cannot express model."
-                     f"{', model.'.join(f'{k}={want[k]!r}' for k in diff)}")
+    raise HFDirError(
+      f"a {cfg.family} checkpoint cannot express model."
+      f"{', model.'.join(f'{k}={want[k]!r}' for k in diff)}"
+    )
   return out
 
 
@@ -490,20 +601,34 @@ def _rope_config(cfg: ModelConfig) -> dict:
   if cfg.rope_scaling:
     scaling["factor"] = cfg.rope_factor
   if cfg.rope_scaling == "llama3":
-    scaling.update(low_freq_factor=cfg.rope_low_freq_factor,
-                   high_freq_factor=cfg.rope_high_freq_factor,
-                   original_max_position_embeddings=cfg.rope_original_max_len)
-  out = {"rope_theta": cfg.rope_theta, "rope_scaling": scaling if cfg.rope_scaling else None,
-         "rope_parameters": scaling}
+    scaling.update(
+      low_freq_factor=cfg.rope_low_freq_factor,
+      high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_position_embeddings=cfg.rope_original_max_len,
+    )
+  out = {
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": scaling if cfg.rope_scaling else None,
+    "rope_parameters": scaling,
+  }
   if cfg.family == "gemma3":
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
-    out.update(rope_local_base_freq=local["rope_theta"],
-               rope_parameters={"full_attention": scaling, "sliding_attention": local})
+    out.update(
+      rope_local_base_freq=local["rope_theta"],
+      rope_parameters={"full_attention": scaling, "sliding_attention": local},
+    )
   return out
 
 
-def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None = None,
-         dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save(
+  out_dir: str,
+  params: dict,
+  cfg: ModelConfig,
+  *,
+  source_dir: str | None = None,
+  dtype: str | None = None,
+  max_shard_bytes: int = 5 * 2**30,
+) -> None:
   """Writes `params` as a Hugging Face directory: config.json, generation_config.json and
   model.safetensors (or shards and an index above `max_shard_bytes`).
 
@@ -517,7 +642,7 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None
     max_shard_bytes: largest safetensors file.
   """
   if cfg.num_scores:
-    raise ValueError("a scoring model (num_scores > 0) has no causal-LM Hugging Face form")
+    raise HFDirError("a scoring model (num_scores > 0) has no causal-LM Hugging Face form")
   special = {}
   if source_dir:
     src = read_config(source_dir)
@@ -525,8 +650,9 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None
   config = hf_config(cfg, special)
   dtype = jnp.dtype(dtype or cfg.param_dtype)
   config["dtype"] = str(dtype)
-  specs = _specs(cfg, params, "transformer." if cfg.family == "gpt2" else "model.",
-                 "lm_head.weight")
+  specs = _specs(
+    cfg, params, "transformer." if cfg.family == "gpt2" else "model.", "lm_head.weight"
+  )
   pieces = {}  # HF name -> [(offset, path)]
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
     spec = specs[jax.tree_util.keystr(path)]
@@ -541,8 +667,10 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None
       blocks.append(m.T if spec.transposed else m)
     return np.ascontiguousarray(np.concatenate(blocks, axis=-1).astype(dtype))
 
-  sizes = {n: sum(flat[jax.tree_util.keystr(p)].size for _, p in v) * dtype.itemsize
-           for n, v in pieces.items()}
+  sizes = {
+    n: sum(flat[jax.tree_util.keystr(p)].size for _, p in v) * dtype.itemsize
+    for n, v in pieces.items()
+  }
   shards, current = [], []
   for name in pieces:
     if current and sum(sizes[n] for n in current) + sizes[name] > max_shard_bytes:
@@ -551,16 +679,23 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None
     current.append(name)
   shards.append(current)
   os.makedirs(out_dir, exist_ok=True)
-  files = (["model.safetensors"] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  files = (
+    ["model.safetensors"]
+    if len(shards) == 1
+    else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
   for file, names in zip(files, shards):
-    save_file({n: tensor(n) for n in names}, os.path.join(out_dir, file),
-              metadata={"format": "pt"})
+    save_file({n: tensor(n) for n in names}, os.path.join(out_dir, file), metadata={"format": "pt"})
   if len(shards) > 1:
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": {n: file for file, names in zip(files, shards) for n in names}},
-                f, indent=1)
+      json.dump(
+        {
+          "metadata": {"total_size": sum(sizes.values())},
+          "weight_map": {n: file for file, names in zip(files, shards) for n in names},
+        },
+        f,
+        indent=1,
+      )
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=1)
   for name in _CARRIED if source_dir else ():
@@ -568,5 +703,6 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, *, source_dir: str | None
       shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
   if not os.path.isfile(os.path.join(out_dir, "generation_config.json")):
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-      json.dump({k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, f,
-                indent=1)
+      json.dump(
+        {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, f, indent=1
+      )

@@ -7,12 +7,12 @@ dims) gets two adapters, A [*in, R] and B [R, *out], and the model runs on the e
 
 computed by `merge` before `apply`; the model code is unchanged. A starts normal with std
 fan_in^-1/2, B at zero, so W' = W exactly at step 0. Targets: `attn` (every attention projection,
-e.g. wq_DxHxK, whose input is D, and wo_HxKxD, whose inputs are H and K) and `mlp` (the MLP
+e.g. wq_DxHxE, whose input is D, and wo_HxExD, whose inputs are H and E) and `mlp` (the MLP
 projections); a projection is a weight of at least two dims with an `embed` axis inside an `attn`
 or `mlp` module (biases, norms, embeddings and heads are never adapted). A weight's inputs are all
 dims but the last when its last axis is `embed` (it writes the residual stream), else its first.
 
-Adapters mirror the params tree: `{"layers": {0: {"attn": {"wq_DxHxK": {"lora_a": A, "lora_b":
+Adapters mirror the params tree: `{"layers": {0: {"attn": {"wq_DxHxE": {"lora_a": A, "lora_b":
 B}}}}}`; they carry the weight's logical names on their in/out dims (the rank dim is replicated),
 so they shard like the weight. The adapters are the train state's `params`; the base weights are
 frozen inputs of the step (the reference of objectives that have one: adapters off) and are read
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from align_jax.models.transformer import wide
+from align_jax.errors import ConfigError
 
 TARGETS = ("attn", "mlp")
 
@@ -39,14 +40,14 @@ def enabled(cfg) -> bool:
 def check(cfg) -> None:
   """Raises ValueError naming the bad `lora.*` setting."""
   if cfg.rank < 0:
-    raise ValueError(f"lora.rank={cfg.rank} must be >= 0 (0 turns LoRA off)")
+    raise ConfigError(f"lora.rank={cfg.rank} must be >= 0 (0 turns LoRA off)")
   if not enabled(cfg):
     return
   if cfg.alpha <= 0:
-    raise ValueError(f"lora.alpha={cfg.alpha} must be > 0")
+    raise ConfigError(f"lora.alpha={cfg.alpha} must be > 0")
   unknown = sorted(set(cfg.targets) - set(TARGETS))
   if unknown or not cfg.targets:
-    raise ValueError(f"lora.targets {tuple(cfg.targets)}: use a non-empty subset of {TARGETS}")
+    raise ConfigError(f"lora.targets {tuple(cfg.targets)}: use a non-empty subset of {TARGETS}")
 
 
 def _plan(names: dict, cfg) -> dict:
@@ -63,7 +64,7 @@ def _plan(names: dict, cfg) -> dict:
 
   visit(names, ())
   if not plan:
-    raise ValueError(f"lora.targets {tuple(cfg.targets)} match no weight of the model")
+    raise ConfigError(f"lora.targets {tuple(cfg.targets)} match no weight of the model")
   return plan
 
 
@@ -85,9 +86,15 @@ def _get(tree: dict, path: tuple):
 
 def names(param_names: dict, cfg) -> dict:
   """The adapters' logical axis names, given the params' (leaves: tuples of names)."""
-  return _nest({path: {"lora_a": (*_get(param_names, path)[:n_in], None),
-                       "lora_b": (None, *_get(param_names, path)[n_in:])}
-                for path, n_in in _plan(param_names, cfg).items()})
+  return _nest(
+    {
+      path: {
+        "lora_a": (*_get(param_names, path)[:n_in], None),
+        "lora_b": (None, *_get(param_names, path)[n_in:]),
+      }
+      for path, n_in in _plan(param_names, cfg).items()
+    }
+  )
 
 
 def init(shapes: dict, param_names: dict, cfg, key: jax.Array) -> dict:
@@ -100,8 +107,9 @@ def init(shapes: dict, param_names: dict, cfg, key: jax.Array) -> dict:
     dtype, in_dims, out_dims = wide(w.dtype), w.shape[:n_in], w.shape[n_in:]
     std = math.prod(in_dims) ** -0.5
     flat[path] = {
-        "lora_a": std * jax.random.normal(jax.random.fold_in(key, i), (*in_dims, cfg.rank), dtype),
-        "lora_b": jnp.zeros((cfg.rank, *out_dims), dtype)}
+      "lora_a": std * jax.random.normal(jax.random.fold_in(key, i), (*in_dims, cfg.rank), dtype),
+      "lora_b": jnp.zeros((cfg.rank, *out_dims), dtype),
+    }
   return _nest(flat)
 
 

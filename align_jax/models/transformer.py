@@ -7,7 +7,7 @@ through the same modules. `Transformer.__call__` takes tokens and their position
 KV cache with the slot to write at. Parameters carry logical axis names (`embed`, `mlp`, `heads`,
 ...); activations are constrained with `act_*` names through `sharding.shard`. Shape letters: R
 rows, L tokens of this call (of `pos_embed_LxD`: the learned positions), S cache slots, D width, H
-query heads, G KV heads, K head dim, F MLP width, V vocabulary.
+query heads, G KV heads, E head dim, F MLP width, V vocabulary.
 """
 
 import dataclasses
@@ -19,25 +19,45 @@ import jax.numpy as jnp
 from flax import nnx
 
 from align_jax.sharding import shard
+from align_jax.errors import ConfigError
 
-PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "scores",
-              "positions", "bias")
-ACT_AXES = ("act_batch", "act_len", "act_embed", "act_mlp", "act_heads", "act_kv_heads",
-            "act_vocab")
+PARAM_AXES = (
+  "vocab",
+  "embed",
+  "mlp",
+  "heads",
+  "kv_heads",
+  "head_dim",
+  "norm",
+  "scores",
+  "positions",
+  "bias",
+)
+ACT_AXES = (
+  "act_batch",
+  "act_len",
+  "act_embed",
+  "act_mlp",
+  "act_heads",
+  "act_kv_heads",
+  "act_vocab",
+)
 FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "gpt2")
-ACTIVATIONS = {"silu": jax.nn.silu,
-               "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+ACTIVATIONS = {
+  "silu": jax.nn.silu,
+  "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
 
 
 # What a remat block keeps from its forward pass (the rest is recomputed in the backward pass):
 # nothing (least memory), dots (every matmul output), dots_no_batch (matmuls without batch
 # dimensions, i.e. the projections, not attention's score/value products), everything (no remat).
 REMAT_POLICIES = {
-    "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything": jax.checkpoint_policies.everything_saveable,
+  "nothing": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "everything": jax.checkpoint_policies.everything_saveable,
 }
 
 
@@ -48,6 +68,7 @@ class ModelConfig:
   `family` names the Hugging Face architecture the parameters correspond to (import / export,
   `models/hf.py`); the computation is decided by the fields alone.
   """
+
   vocab_size: int
   d_model: int
   n_layers: int
@@ -55,7 +76,7 @@ class ModelConfig:
   n_kv_heads: int
   head_dim: int
   mlp_dim: int
-  family: str = "llama"          # One of FAMILIES.
+  family: str = "llama"  # One of FAMILIES.
   rope_theta: float = 10_000.0
   # RoPE of the global (non-sliding) layers: "" (none), "linear" (Gemma 3) or "llama3" (Llama 3.1+)
   # frequency scaling by rope_factor; llama3 also uses the next three fields.
@@ -67,29 +88,29 @@ class ModelConfig:
   # Sliding-window layers' own RoPE base, unscaled (Gemma 3); 0: the global layers' RoPE.
   rope_local_theta: float = 0.0
   norm_eps: float = 1e-6
-  norm: str = "rms"              # rms | layer (LayerNorm with a bias: GPT-2).
-  norm_plus_one: bool = False    # RMSNorm scales by (1 + w) (Gemma); w is stored as HF stores it.
-  post_norms: bool = False       # Sandwich norms on the attention and MLP outputs (Gemma 2/3).
-  qk_norm: bool = False          # RMSNorm over each query / key head (Qwen3, Gemma 3).
-  qkv_bias: bool = False         # Biases on the q, k, v projections (Qwen2, GPT-2).
-  out_bias: bool = False         # Bias on the attention output projection (GPT-2).
-  mlp_bias: bool = False         # Biases in the MLP (GPT-2).
-  mlp_act: str = "silu"          # silu | gelu_tanh | gelu (erf).
-  gated_mlp: bool = True         # down(act(x W_gate) * x W_up); False: down(act(x W_up)) (GPT-2).
-  embed_scale: bool = False      # Token embeddings times sqrt(D) in the compute dtype (Gemma).
-  positions: str = "rope"        # rope | learned (GPT-2: max_positions rows added to the input).
-  max_positions: int = 0         # Longest sequence (HF max_position_embeddings; learned rows).
+  norm: str = "rms"  # rms | layer (LayerNorm with a bias: GPT-2).
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma); w is stored as HF stores it.
+  post_norms: bool = False  # Sandwich norms on the attention and MLP outputs (Gemma 2/3).
+  qk_norm: bool = False  # RMSNorm over each query / key head (Qwen3, Gemma 3).
+  qkv_bias: bool = False  # Biases on the q, k, v projections (Qwen2, GPT-2).
+  out_bias: bool = False  # Bias on the attention output projection (GPT-2).
+  mlp_bias: bool = False  # Biases in the MLP (GPT-2).
+  mlp_act: str = "silu"  # silu | gelu_tanh | gelu (erf).
+  gated_mlp: bool = True  # down(act(x W_gate) * x W_up); False: down(act(x W_up)) (GPT-2).
+  embed_scale: bool = False  # Token embeddings times sqrt(D) in the compute dtype (Gemma).
+  positions: str = "rope"  # rope | learned (GPT-2: max_positions rows added to the input).
+  max_positions: int = 0  # Longest sequence (HF max_position_embeddings; learned rows).
   query_pre_attn_scalar: float = 0.0  # Scores scaled by this ** -0.5 (Gemma 2/3); 0: head_dim.
-  attn_softcap: float = 0.0      # Scores -> c·tanh(scores / c) before masking (Gemma 2); 0: off.
-  final_softcap: float = 0.0     # Logits -> c·tanh(logits / c) (Gemma 2); 0: off.
+  attn_softcap: float = 0.0  # Scores -> c·tanh(scores / c) before masking (Gemma 2); 0: off.
+  final_softcap: float = 0.0  # Logits -> c·tanh(logits / c) (Gemma 2); 0: off.
   # Local attention to the last sliding_window tokens (0: none); with sliding_window_pattern P > 0
   # layer i is global when (i + 1) % P == 0 (Gemma 2: 2, Gemma 3: 6); P = 0: every layer is local.
   sliding_window: int = 0
   sliding_window_pattern: int = 0
   tie_embeddings: bool = False
-  dtype: str = "float32"         # Activation / matmul dtype (bfloat16 on accelerators).
-  param_dtype: str = "float32"   # Storage dtype of parameters.
-  remat: bool = False            # Recompute each block's activations in the backward pass ...
+  dtype: str = "float32"  # Activation / matmul dtype (bfloat16 on accelerators).
+  param_dtype: str = "float32"  # Storage dtype of parameters.
+  remat: bool = False  # Recompute each block's activations in the backward pass ...
   remat_policy: str = "nothing"  # ... except what the policy saves: REMAT_POLICIES.
   # Attention kernel: xla (the einsums below, every backend), cudnn (jax.nn.dot_product_attention's
   # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn on a GPU in bf16/fp16).
@@ -100,21 +121,30 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"model: n_heads={self.n_heads} is not a multiple of "
-                       f"n_kv_heads={self.n_kv_heads}")
-    choices = {"family": FAMILIES, "norm": ("rms", "layer"), "mlp_act": tuple(ACTIVATIONS),
-               "positions": ("rope", "learned"), "rope_scaling": ("", "linear", "llama3"),
-               "attention_impl": ("xla", "cudnn", "auto"), "remat_policy": tuple(REMAT_POLICIES)}
+      raise ConfigError(
+        f"model: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+      )
+    choices = {
+      "family": FAMILIES,
+      "norm": ("rms", "layer"),
+      "mlp_act": tuple(ACTIVATIONS),
+      "positions": ("rope", "learned"),
+      "rope_scaling": ("", "linear", "llama3"),
+      "attention_impl": ("xla", "cudnn", "auto"),
+      "remat_policy": tuple(REMAT_POLICIES),
+    }
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
-        raise ValueError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
+        raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
     if self.positions == "learned" and self.max_positions < 1:
-      raise ValueError("model.positions='learned' needs model.max_positions >= 1")
+      raise ConfigError("model.positions='learned' needs model.max_positions >= 1")
     if self.sliding_window < 0 or self.sliding_window_pattern < 0:
-      raise ValueError("model.sliding_window and model.sliding_window_pattern must be >= 0")
+      raise ConfigError("model.sliding_window and model.sliding_window_pattern must be >= 0")
     if self.attention_impl != "xla" and self.attn_softcap:
-      raise ValueError("model.attn_softcap needs model.attention_impl='xla' (the fused kernel "
-                       "has no score soft-capping)")
+      raise ConfigError(
+        "model.attn_softcap needs model.attention_impl='xla' (the fused kernel "
+        "has no score soft-capping)"
+      )
 
   def is_local(self, layer: int) -> bool:
     """Whether layer `layer` (0-based) attends within the sliding window."""
@@ -137,8 +167,13 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, scale: float | str = "fan_in") -
   return nnx.Param(value, out_sharding=names)
 
 
-def normalize(cfg: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None = None,
-              kind: str | None = None) -> jax.Array:
+def normalize(
+  cfg: ModelConfig,
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array | None = None,
+  kind: str | None = None,
+) -> jax.Array:
   """RMSNorm (scale w, or 1 + w for Gemma) or LayerNorm (scale and bias) over the last axis, in the
   wide dtype, cast back (Gemma's order: (x̂ · w) is rounded once)."""
   kind = kind or cfg.norm
@@ -169,19 +204,19 @@ class Norm(nnx.Module):
 
 
 class HeadNorm(nnx.Module):
-  """QK-norm: RMSNorm over each head's K features (Qwen3, Gemma 3)."""
+  """QK-norm: RMSNorm over each head's E features (Qwen3, Gemma 3)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     init = "zeros" if cfg.norm_plus_one else "ones"
-    self.scale_K = _param(rngs, (cfg.head_dim,), ("head_dim",), cfg.param_dtype, init)
+    self.scale_E = _param(rngs, (cfg.head_dim,), ("head_dim",), cfg.param_dtype, init)
     self.cfg = cfg
 
-  def __call__(self, x_RxLxNxK: jax.Array) -> jax.Array:
-    return normalize(self.cfg, x_RxLxNxK, self.scale_K[...], kind="rms")
+  def __call__(self, x_RxLxHxE: jax.Array) -> jax.Array:
+    return normalize(self.cfg, x_RxLxHxE, self.scale_E[...], kind="rms")
 
 
 def rope_frequencies(cfg: ModelConfig, local: bool, dtype) -> jax.Array:
-  """Inverse frequencies [K/2] of a layer's RoPE, with the global layers' scaling (HF's rules)."""
+  """Inverse frequencies [E/2] of a layer's RoPE, with the global layers' scaling (HF's rules)."""
   half = cfg.head_dim // 2
   if local and cfg.rope_local_theta:
     return cfg.rope_local_theta ** (-jnp.arange(half, dtype=dtype) / half)
@@ -192,8 +227,9 @@ def rope_frequencies(cfg: ModelConfig, local: bool, dtype) -> jax.Array:
     wavelen_k = 2 * math.pi / inv_freq_k
     low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
     high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
-    smooth_k = ((cfg.rope_original_max_len / wavelen_k - cfg.rope_low_freq_factor)
-                / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smooth_k = (cfg.rope_original_max_len / wavelen_k - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
     smoothed_k = (1 - smooth_k) * inv_freq_k / cfg.rope_factor + smooth_k * inv_freq_k
     scaled_k = jnp.where(wavelen_k > low_wavelen, inv_freq_k / cfg.rope_factor, inv_freq_k)
     medium_k = (wavelen_k >= high_wavelen) & (wavelen_k <= low_wavelen)
@@ -201,16 +237,16 @@ def rope_frequencies(cfg: ModelConfig, local: bool, dtype) -> jax.Array:
   return inv_freq_k
 
 
-def rope(x_RxLxNxK: jax.Array, positions_RxL: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
+def rope(x_RxLxHxE: jax.Array, positions_RxL: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
   """Rotary embedding, rotate-half convention (Llama / HF)."""
-  half = x_RxLxNxK.shape[-1] // 2
-  dt = wide(x_RxLxNxK.dtype)
+  half = x_RxLxHxE.shape[-1] // 2
+  dt = wide(x_RxLxHxE.dtype)
   angle_RxLxk = positions_RxL[..., None].astype(dt) * inv_freq_k.astype(dt)
   sin, cos = jnp.sin(angle_RxLxk)[:, :, None], jnp.cos(angle_RxLxk)[:, :, None]
-  x = x_RxLxNxK.astype(dt)
+  x = x_RxLxHxE.astype(dt)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_RxLxNxK.dtype)
+  return out.astype(x_RxLxHxE.dtype)
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:
@@ -229,15 +265,15 @@ class Attention(nnx.Module):
   """Causal grouped-query attention with an optional KV cache; `local`: in the sliding window."""
 
   def __init__(self, cfg: ModelConfig, local: bool = False, *, rngs: nnx.Rngs):
-    D, H, G, K, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
-    self.wq_DxHxK = _param(rngs, (D, H, K), ("embed", "heads", "head_dim"), pd)
-    self.wk_DxGxK = _param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
-    self.wv_DxGxK = _param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), pd)
-    self.wo_HxKxD = _param(rngs, (H, K, D), ("heads", "head_dim", "embed"), pd, (H * K) ** -0.5)
+    D, H, G, E, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+    self.wq_DxHxE = _param(rngs, (D, H, E), ("embed", "heads", "head_dim"), pd)
+    self.wk_DxGxE = _param(rngs, (D, G, E), ("embed", "kv_heads", "head_dim"), pd)
+    self.wv_DxGxE = _param(rngs, (D, G, E), ("embed", "kv_heads", "head_dim"), pd)
+    self.wo_HxExD = _param(rngs, (H, E, D), ("heads", "head_dim", "embed"), pd, (H * E) ** -0.5)
     if cfg.qkv_bias:
-      self.bq_HxK = _param(rngs, (H, K), ("heads", "head_dim"), pd, "zeros")
-      self.bk_GxK = _param(rngs, (G, K), ("kv_heads", "head_dim"), pd, "zeros")
-      self.bv_GxK = _param(rngs, (G, K), ("kv_heads", "head_dim"), pd, "zeros")
+      self.bq_HxE = _param(rngs, (H, E), ("heads", "head_dim"), pd, "zeros")
+      self.bk_GxE = _param(rngs, (G, E), ("kv_heads", "head_dim"), pd, "zeros")
+      self.bv_GxE = _param(rngs, (G, E), ("kv_heads", "head_dim"), pd, "zeros")
     if cfg.out_bias:
       self.bo_D = _param(rngs, (D,), ("bias",), pd, "zeros")
     if cfg.qk_norm:
@@ -255,29 +291,31 @@ class Attention(nnx.Module):
   def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
     cfg, dt = self.cfg, self.cfg.dtype
     bias = cfg.qkv_bias
-    q_RxLxHxK = self._project(x_RxLxD, self.wq_DxHxK, self.bq_HxK if bias else None)
-    k_RxLxGxK = self._project(x_RxLxD, self.wk_DxGxK, self.bk_GxK if bias else None)
-    v_RxLxGxK = self._project(x_RxLxD, self.wv_DxGxK, self.bv_GxK if bias else None)
+    q_RxLxHxE = self._project(x_RxLxD, self.wq_DxHxE, self.bq_HxE if bias else None)
+    k_RxLxGxE = self._project(x_RxLxD, self.wk_DxGxE, self.bk_GxE if bias else None)
+    v_RxLxGxE = self._project(x_RxLxD, self.wv_DxGxE, self.bv_GxE if bias else None)
     if cfg.qk_norm:
-      q_RxLxHxK, k_RxLxGxK = self.q_norm(q_RxLxHxK), self.k_norm(k_RxLxGxK)
+      q_RxLxHxE, k_RxLxGxE = self.q_norm(q_RxLxHxE), self.k_norm(k_RxLxGxE)
     if cfg.positions == "rope":
       inv_freq_k = rope_frequencies(cfg, self.local, wide(dt))
-      q_RxLxHxK = rope(q_RxLxHxK, positions_RxL, inv_freq_k)
-      k_RxLxGxK = rope(k_RxLxGxK, positions_RxL, inv_freq_k)
-    q_RxLxHxK = shard(q_RxLxHxK, ("act_batch", "act_len", "act_heads", None))
-    k_RxLxGxK = shard(k_RxLxGxK, ("act_batch", "act_len", "act_kv_heads", None))
-    v_RxLxGxK = shard(v_RxLxGxK, ("act_batch", "act_len", "act_kv_heads", None))
+      q_RxLxHxE = rope(q_RxLxHxE, positions_RxL, inv_freq_k)
+      k_RxLxGxE = rope(k_RxLxGxE, positions_RxL, inv_freq_k)
+    q_RxLxHxE = shard(q_RxLxHxE, ("act_batch", "act_len", "act_heads", None))
+    k_RxLxGxE = shard(k_RxLxGxE, ("act_batch", "act_len", "act_kv_heads", None))
+    v_RxLxGxE = shard(v_RxLxGxE, ("act_batch", "act_len", "act_kv_heads", None))
 
     L = x_RxLxD.shape[1]
     if cache is None:  # Training / scoring: keys are this call's tokens.
-      k_RxSxGxK, v_RxSxGxK, new_cache = k_RxLxGxK, v_RxLxGxK, None
-    else:              # Sampling: write this call's keys at `cache_index`, attend to the cache.
-      k_RxSxGxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_RxLxGxK.astype(
-          cache["k"].dtype), cache_index, axis=1)
-      v_RxSxGxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_RxLxGxK.astype(
-          cache["v"].dtype), cache_index, axis=1)
-      new_cache = {"k": k_RxSxGxK, "v": v_RxSxGxK}
-    S = k_RxSxGxK.shape[1]
+      k_RxSxGxE, v_RxSxGxE, new_cache = k_RxLxGxE, v_RxLxGxE, None
+    else:  # Sampling: write this call's keys at `cache_index`, attend to the cache.
+      k_RxSxGxE = jax.lax.dynamic_update_slice_in_dim(
+        cache["k"], k_RxLxGxE.astype(cache["k"].dtype), cache_index, axis=1
+      )
+      v_RxSxGxE = jax.lax.dynamic_update_slice_in_dim(
+        cache["v"], v_RxLxGxE.astype(cache["v"].dtype), cache_index, axis=1
+      )
+      new_cache = {"k": k_RxSxGxE, "v": v_RxSxGxE}
+    S = k_RxSxGxE.shape[1]
     q_slot_L = cache_index + jnp.arange(L)
     mask_RxLxS = (jnp.arange(S)[None, :] <= q_slot_L[:, None])[None]
     if self.window:  # Slots, like HF's cache positions (left padding is masked and contiguous).
@@ -285,24 +323,33 @@ class Attention(nnx.Module):
     if kv_mask_RxS is not None:
       mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
 
-    G, K = cfg.n_kv_heads, cfg.head_dim
-    scale = (cfg.query_pre_attn_scalar or K) ** -0.5
+    G, E = cfg.n_kv_heads, cfg.head_dim
+    scale = (cfg.query_pre_attn_scalar or E) ** -0.5
     if _fused_attention(cfg):
       # Plain causal training passes no mask, so the kernel skips the upper triangle.
       plain = cache is None and kv_mask_RxS is None and not self.window
-      out_RxLxHxK = jax.nn.dot_product_attention(
-          q_RxLxHxK, k_RxSxGxK.astype(dt), v_RxSxGxK.astype(dt),
-          mask=None if plain else mask_RxLxS[:, None], is_causal=plain, scale=scale,
-          implementation="cudnn")
+      out_RxLxHxE = jax.nn.dot_product_attention(
+        q_RxLxHxE,
+        k_RxSxGxE.astype(dt),
+        v_RxSxGxE.astype(dt),
+        mask=None if plain else mask_RxLxS[:, None],
+        is_causal=plain,
+        scale=scale,
+        implementation="cudnn",
+      )
     else:
-      q_RxLxGxNxK = q_RxLxHxK.reshape(*q_RxLxHxK.shape[:2], G, cfg.n_heads // G, K)
-      scores = jnp.einsum("rlgnk,rsgk->rgnls", q_RxLxGxNxK, k_RxSxGxK.astype(dt),
-                          preferred_element_type=wide(dt)) * scale
+      q_RxLxGxNxE = q_RxLxHxE.reshape(*q_RxLxHxE.shape[:2], G, cfg.n_heads // G, E)
+      scores = (
+        jnp.einsum(
+          "rlgnk,rsgk->rgnls", q_RxLxGxNxE, k_RxSxGxE.astype(dt), preferred_element_type=wide(dt)
+        )
+        * scale
+      )
       scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out_RxLxGxNxK = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxK.astype(dt))
-      out_RxLxHxK = out_RxLxGxNxK.reshape(q_RxLxHxK.shape)
-    out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxK, self.wo_HxKxD[...].astype(dt))
+      out_RxLxGxNxE = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxE.astype(dt))
+      out_RxLxHxE = out_RxLxGxNxE.reshape(q_RxLxHxE.shape)
+    out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxE, self.wo_HxExD[...].astype(dt))
     if cfg.out_bias:
       out_RxLxD = out_RxLxD + self.bo_D[...].astype(dt)
     return shard(out_RxLxD, ("act_batch", "act_len", "act_embed")), new_cache
@@ -332,14 +379,14 @@ class Mlp(nnx.Module):
       return out + getattr(self, b)[...].astype(dt) if cfg.mlp_bias else out
 
     up_RxLxF = linear(x_RxLxD, "wup_DxF", "bup_F")
-    h_RxLxF = (act(linear(x_RxLxD, "wgate_DxF", "bgate_F")) * up_RxLxF if cfg.gated_mlp
-               else act(up_RxLxF))
+    h_RxLxF = (
+      act(linear(x_RxLxD, "wgate_DxF", "bgate_F")) * up_RxLxF if cfg.gated_mlp else act(up_RxLxF)
+    )
     h_RxLxF = shard(h_RxLxF, ("act_batch", "act_len", "act_mlp"))
     return shard(linear(h_RxLxF, "wdown_FxD", "bdown_D"), ("act_batch", "act_len", "act_embed"))
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, local: bool = False, *, rngs: nnx.Rngs):
     self.attn_norm = Norm(cfg, rngs=rngs)
     self.attn = Attention(cfg, local, rngs=rngs)
@@ -351,8 +398,9 @@ class Block(nnx.Module):
     self.post_norms = cfg.post_norms
 
   def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
-    h_RxLxD, new_cache = self.attn(self.attn_norm(x_RxLxD), positions_RxL, cache, cache_index,
-                                   kv_mask_RxS)
+    h_RxLxD, new_cache = self.attn(
+      self.attn_norm(x_RxLxD), positions_RxL, cache, cache_index, kv_mask_RxS
+    )
     x_RxLxD = x_RxLxD + (self.post_attn_norm(h_RxLxD) if self.post_norms else h_RxLxD)
     h_RxLxD = self.mlp(self.mlp_norm(x_RxLxD))
     return x_RxLxD + (self.post_mlp_norm(h_RxLxD) if self.post_norms else h_RxLxD), new_cache
@@ -363,29 +411,39 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_VxD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                            cfg.param_dtype, 1.0)
+    self.embed_VxD = _param(
+      rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype, 1.0
+    )
     if cfg.positions == "learned":
-      self.pos_embed_LxD = _param(rngs, (cfg.max_positions, cfg.d_model), ("positions", "embed"),
-                                  cfg.param_dtype, 1.0)
+      self.pos_embed_LxD = _param(
+        rngs, (cfg.max_positions, cfg.d_model), ("positions", "embed"), cfg.param_dtype, 1.0
+      )
     self.layers = nnx.List([Block(cfg, cfg.is_local(i), rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = Norm(cfg, rngs=rngs)
     if cfg.num_scores:
-      self.score_DxO = _param(rngs, (cfg.d_model, cfg.num_scores), ("embed", "scores"),
-                              cfg.param_dtype)
+      self.score_DxO = _param(
+        rngs, (cfg.d_model, cfg.num_scores), ("embed", "scores"), cfg.param_dtype
+      )
     elif not cfg.tie_embeddings:
-      self.unembed_DxV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                                cfg.param_dtype)
+      self.unembed_DxV = _param(
+        rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
+      )
 
-  def __call__(self, tokens_RxL: jax.Array, positions_RxL: jax.Array | None = None, *,
-               cache: list[dict] | None = None, cache_index: jax.Array | int = 0,
-               kv_mask_RxS: jax.Array | None = None):
+  def __call__(
+    self,
+    tokens_RxL: jax.Array,
+    positions_RxL: jax.Array | None = None,
+    *,
+    cache: list[dict] | None = None,
+    cache_index: jax.Array | int = 0,
+    kv_mask_RxS: jax.Array | None = None,
+  ):
     """Returns (logits_RxLxV float32, new cache or None); a scoring model returns (scores_RxLxO, None).
 
     Args:
       tokens_RxL: token ids.
       positions_RxL: positions (RoPE angles or learned rows); defaults to 0..L-1.
-      cache: per-layer {"k", "v"} arrays [R, S, G, K] (see `init_cache`), or None.
+      cache: per-layer {"k", "v"} arrays [R, S, G, E] (see `init_cache`), or None.
       cache_index: the cache slot of this call's first token.
       kv_mask_RxS: False for key slots that must not be attended (padding).
     """
@@ -394,7 +452,7 @@ class Transformer(nnx.Module):
       positions_RxL = jnp.broadcast_to(jnp.arange(tokens_RxL.shape[1]), tokens_RxL.shape)
     x_RxLxD = self.embed_VxD[...].astype(cfg.dtype)[tokens_RxL]
     if cfg.embed_scale:
-      x_RxLxD = x_RxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
+      x_RxLxD = x_RxLxD * jnp.asarray(cfg.d_model**0.5, cfg.dtype)
     if cfg.positions == "learned":
       x_RxLxD = x_RxLxD + self.pos_embed_LxD[...].astype(cfg.dtype)[positions_RxL]
     x_RxLxD = shard(x_RxLxD, ("act_batch", "act_len", "act_embed"))
@@ -402,28 +460,39 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if cfg.remat:
-        call = nnx.remat(lambda b, *a: b(*a), prevent_cse=True,
-                         policy=REMAT_POLICIES[cfg.remat_policy])
+        call = nnx.remat(
+          lambda b, *a: b(*a), prevent_cse=True, policy=REMAT_POLICIES[cfg.remat_policy]
+        )
         x_RxLxD, c = call(block, x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
       else:
         x_RxLxD, c = block(x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
       new_cache.append(c)
     x_RxLxD = self.final_norm(x_RxLxD)
     if cfg.num_scores:
-      return jnp.einsum("rld,do->rlo", x_RxLxD, self.score_DxO[...].astype(cfg.dtype),
-                        preferred_element_type=wide(cfg.dtype)), None
-    w_DxV = (self.embed_VxD[...].T if cfg.tie_embeddings else self.unembed_DxV[...])
-    logits_RxLxV = softcap(jnp.einsum("rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype),
-                                      preferred_element_type=wide(cfg.dtype)), cfg.final_softcap)
+      return jnp.einsum(
+        "rld,do->rlo",
+        x_RxLxD,
+        self.score_DxO[...].astype(cfg.dtype),
+        preferred_element_type=wide(cfg.dtype),
+      ), None
+    w_DxV = self.embed_VxD[...].T if cfg.tie_embeddings else self.unembed_DxV[...]
+    logits_RxLxV = softcap(
+      jnp.einsum(
+        "rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype), preferred_element_type=wide(cfg.dtype)
+      ),
+      cfg.final_softcap,
+    )
     logits_RxLxV = shard(logits_RxLxV, ("act_batch", "act_len", "act_vocab"))
     return logits_RxLxV, (None if cache is None else new_cache)
 
 
 def init_cache(cfg: ModelConfig, rows: int, slots: int) -> list[dict]:
-  """An empty KV cache: per layer {"k", "v"} of shape [rows, slots, G, K] in the compute dtype."""
+  """An empty KV cache: per layer {"k", "v"} of shape [rows, slots, G, E] in the compute dtype."""
   shape = (rows, slots, cfg.n_kv_heads, cfg.head_dim)
-  return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
-          for _ in range(cfg.n_layers)]
+  return [
+    {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    for _ in range(cfg.n_layers)
+  ]
 
 
 def _build(cfg: ModelConfig, seed: int) -> Transformer:
@@ -437,8 +506,11 @@ def abstract(cfg: ModelConfig):
 
   def build():  # Traced by jax.eval_shape; the graph and names are static and captured.
     graphdef, state = nnx.split(_build(cfg, 0))
-    names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), state,
-                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+    names = jax.tree.map(
+      lambda v: tuple(v.get_metadata()["out_sharding"]),
+      state,
+      is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
     static.update(graphdef=graphdef, names=nnx.to_pure_dict(names))
     return nnx.to_pure_dict(state)
 

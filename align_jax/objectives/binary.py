@@ -8,6 +8,8 @@ all devices (TRL gathers across processes for the same effect), so no explicit c
 import jax
 import jax.numpy as jnp
 
+from align_jax.errors import ConfigError
+
 
 def _masked_mean(x_B: jax.Array, mask_B: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """(mean of x over mask, number of masked-in entries); the mean is 0 when the mask is empty."""
@@ -16,8 +18,9 @@ def _masked_mean(x_B: jax.Array, mask_B: jax.Array | None) -> tuple[jax.Array, j
   return jnp.sum(w_B * x_B) / jnp.where(n > 0, n, 1.0), n
 
 
-def kto_reference_point(mismatched_logp_B: jax.Array, mismatched_ref_logp_B: jax.Array,
-                        mask_B: jax.Array | None = None) -> jax.Array:
+def kto_reference_point(
+  mismatched_logp_B: jax.Array, mismatched_ref_logp_B: jax.Array, mask_B: jax.Array | None = None
+) -> jax.Array:
   r"""KTO's reference point z0: a batch estimate of KL(π‖π_ref), clamped at 0, under stop-gradient.
 
   .. math:: z_0 = \mathrm{sg}\Big(\max\big(0,\ \mathrm{mean}_j[\log\pi_\theta(y'_j|x_j) - \log\pi_{\rm ref}(y'_j|x_j)]\big)\Big)
@@ -44,8 +47,16 @@ def kto_reference_point(mismatched_logp_B: jax.Array, mismatched_ref_logp_B: jax
   return jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
 
 
-def kto(logp_B: jax.Array, ref_logp_B: jax.Array, desirable_B: jax.Array, z0: jax.Array, *,
-        beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def kto(
+  logp_B: jax.Array,
+  ref_logp_B: jax.Array,
+  desirable_B: jax.Array,
+  z0: jax.Array,
+  *,
+  beta: float,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
+):
   r"""KTO, Kahneman–Tversky optimisation (Ethayarajh et al. 2024, arXiv 2402.01306).
 
   With r = log π_θ(y|x) − log π_ref(y|x) and the reference point z0 (see `kto_reference_point`):
@@ -82,16 +93,22 @@ def kto(logp_B: jax.Array, ref_logp_B: jax.Array, desirable_B: jax.Array, z0: ja
   margin_B = jnp.where(desirable_B, 1.0, -1.0) * beta * (ratio_B - z0_B)
   weight_B = jnp.where(desirable_B, desirable_weight, undesirable_weight)
   metrics = {
-      "reward": beta * ratio_B,
-      "margin": margin_B,
-      "accuracy": (margin_B > 0).astype(jnp.float32),
-      "z0": z0_B,
+    "reward": beta * ratio_B,
+    "margin": margin_B,
+    "accuracy": (margin_B > 0).astype(jnp.float32),
+    "z0": z0_B,
   }
   return weight_B * jax.nn.sigmoid(-margin_B), metrics
 
 
-def bco_update_delta(delta: jax.Array, count: jax.Array, rewards_B: jax.Array,
-                     mask_B: jax.Array | None = None, *, momentum: float | None = None):
+def bco_update_delta(
+  delta: jax.Array,
+  count: jax.Array,
+  rewards_B: jax.Array,
+  mask_B: jax.Array | None = None,
+  *,
+  momentum: float | None = None,
+):
   r"""BCO's reward shift δ after seeing a batch of implicit rewards; call it before `bco`.
 
   Default (momentum None): δ is the running mean of every reward seen so far, desirable and undesirable
@@ -125,39 +142,20 @@ def bco_update_delta(delta: jax.Array, count: jax.Array, rewards_B: jax.Array,
     step = n / jnp.where(new_count > 0, new_count, 1.0)
     return delta + step * (batch_mean - delta), new_count
   if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"bco momentum must lie in [0, 1); got {momentum}")
+    raise ConfigError(f"bco momentum must lie in [0, 1); got {momentum}")
   ema = momentum * delta + (1.0 - momentum) * batch_mean
   return jnp.where(n > 0, ema, delta), new_count
 
 
-def bco_udm_weight(prob_desirable_B: jax.Array, *, min_ratio: float = 0.5,
-                   max_ratio: float = 10.0) -> jax.Array:
-  r"""BCO's underlying-distribution-matching weight for undesirable examples (ALGORITHMS.md §5.7, [R]).
-
-  .. math:: w = \mathrm{clip}\!\left(\frac{\hat p}{1 - \hat p},\ \text{min\_ratio},\ \text{max\_ratio}\right)
-
-  p̂ = p̂(desirable | x) comes from a class-balanced logistic-regression classifier on prompt embeddings
-  (TRL samples 1024 prompts per class), fitted outside the step; that classifier is not part of this
-  module. TRL's defaults: min 0.5, max 10. A p̂ of 1 gives the maximum weight.
-
-  Args:
-    prob_desirable_B: classifier probability that each example's prompt is from the desirable set.
-    min_ratio: lower clip of the density ratio.
-    max_ratio: upper clip of the density ratio.
-
-  Returns:
-    weight_B, under stop-gradient; pass it to `bco` as `udm_weight_B`.
-
-  Examples:
-    >>> print(bco_udm_weight(jnp.array([0.5, 0.75, 0.2, 1.0])))   # odds 1, 3, 0.25 → 0.5, ∞ → 10
-    [ 1.   3.   0.5 10. ]
-  """
-  p_B = jnp.clip(jax.lax.stop_gradient(prob_desirable_B), 0.0, 1.0)
-  return jnp.clip(p_B / (1.0 - p_B), min_ratio, max_ratio)
-
-
-def bco(logp_B: jax.Array, ref_logp_B: jax.Array, chosen_B: jax.Array, delta: jax.Array, *,
-        beta: float, udm_weight_B: jax.Array | None = None):
+def bco(
+  logp_B: jax.Array,
+  ref_logp_B: jax.Array,
+  chosen_B: jax.Array,
+  delta: jax.Array,
+  *,
+  beta: float,
+  udm_weight_B: jax.Array | None = None,
+):
   r"""BCO, binary classifier optimisation (Jung et al. 2024, arXiv 2404.04656).
 
   The implicit reward r_θ = β(log π_θ − log π_ref) is the logit of a classifier of desirable vs.
@@ -165,9 +163,9 @@ def bco(logp_B: jax.Array, ref_logp_B: jax.Array, chosen_B: jax.Array, delta: ja
 
   .. math:: \ell_D = \mathrm{softplus}(-(r_\theta - \delta)), \qquad \ell_U = \mathrm{softplus}(r_\theta - \delta)
 
-  Undesirable losses are multiplied by `udm_weight_B` when underlying-distribution matching is on (see
-  `bco_udm_weight`). Everything here follows TRL `trl/experimental/bco/bco_trainer.py` (ALGORITHMS.md
-  §5.7, all [R]; default β = 0.1 there).
+  Undesirable losses are multiplied by `udm_weight_B` when underlying-distribution matching is on
+  (computed by the data pipeline: `align_jax.data.udm.bco_udm_weight`). Everything here follows TRL
+  `trl/experimental/bco/bco_trainer.py` (ALGORITHMS.md §5.7, all [R]; default β = 0.1 there).
 
   Args:
     logp_B: sequence log-probs of the completions under the policy.
@@ -194,9 +192,73 @@ def bco(logp_B: jax.Array, ref_logp_B: jax.Array, chosen_B: jax.Array, delta: ja
   if udm_weight_B is not None:
     loss_B = jnp.where(chosen_B, 1.0, jax.lax.stop_gradient(udm_weight_B)) * loss_B
   metrics = {
-      "reward": reward_B,
-      "margin": margin_B,
-      "accuracy": (margin_B > 0).astype(jnp.float32),
-      "delta": delta_B,
+    "reward": reward_B,
+    "margin": margin_B,
+    "accuracy": (margin_B > 0).astype(jnp.float32),
+    "delta": delta_B,
   }
   return loss_B, metrics
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+# K index 0 is the labelled completion (batch["desirable_B"]); for KTO, index 1 is a mismatched
+# completion (another example's response after this prompt).
+
+
+def kto_objective(
+  logp_BxK: jax.Array,
+  batch: dict,
+  stats: dict,
+  *,
+  beta: float,
+  desirable_weight: float,
+  undesirable_weight: float,
+):
+  """`kto` on a binary batch, with z0 from its mismatched completions (`kto_reference_point`)."""
+  ref_BxK = batch["ref_logp_BxK"]
+  z0 = kto_reference_point(logp_BxK[:, 1], ref_BxK[:, 1], batch["example_mask_B"])
+  return (
+    *kto(
+      logp_BxK[:, 0],
+      ref_BxK[:, 0],
+      batch["desirable_B"],
+      z0,
+      beta=beta,
+      desirable_weight=desirable_weight,
+      undesirable_weight=undesirable_weight,
+    ),
+    stats,
+  )
+
+
+def bco_objective(
+  logp_BxK: jax.Array, batch: dict, stats: dict, *, beta: float, delta_momentum: float
+):
+  """`bco` on a binary batch: updates the running shift {"delta", "count"} in `stats` with this
+  batch's rewards first (`bco_update_delta`; `delta_momentum` < 0 is the cumulative mean, else the
+  EMA factor), and weights undesirable losses by `batch["udm_weight_B"]` when the data has it."""
+  ref_BxK = batch["ref_logp_BxK"]
+  reward_B = beta * (logp_BxK[:, 0] - ref_BxK[:, 0])
+  delta, count = bco_update_delta(
+    stats["delta"],
+    stats["count"],
+    reward_B,
+    batch["example_mask_B"],
+    momentum=None if delta_momentum < 0 else delta_momentum,
+  )
+  loss_B, metrics = bco(
+    logp_BxK[:, 0],
+    ref_BxK[:, 0],
+    batch["desirable_B"],
+    delta,
+    beta=beta,
+    udm_weight_B=batch.get("udm_weight_B"),
+  )
+  return loss_B, metrics, {"delta": delta, "count": count}
+
+
+def bco_init_stats(num_contexts: int, loss_cfg: dict) -> dict:
+  """BCO's initial running statistics: δ = 0 after 0 rewards."""
+  del num_contexts, loss_cfg
+  return {"delta": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}

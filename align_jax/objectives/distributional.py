@@ -10,11 +10,19 @@ explicit collective is needed; TRL, by contrast, sorts per device.
 import jax
 import jax.numpy as jnp
 
+from align_jax.errors import ConfigError
+
 _AOT_SURROGATES = ("logistic", "squared_hinge", "least_squares")
 
 
-def d2o(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, *, beta: float, alpha: float,
-        sample_mask_BxK: jax.Array | None = None):
+def d2o(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  *,
+  beta: float,
+  alpha: float,
+  sample_mask_BxK: jax.Array | None = None,
+):
   r"""D2O, distributional dispreference optimisation (Duan et al. 2024, arXiv 2403.03419).
 
   Layout of the K axis: index 0 is the human-annotated negative y_l, indices 1..K−1 are the
@@ -63,10 +71,10 @@ def d2o(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, *, beta: float, alpha: flo
   negative_ratio_B = ratio_BxK[:, 0]
   z_B = beta * sample_ratio_B - alpha * negative_ratio_B
   metrics = {
-      "margin": z_B,
-      "accuracy": (z_B > 0).astype(jnp.float32),
-      "sample_log_ratio": sample_ratio_B,
-      "negative_log_ratio": negative_ratio_B,
+    "margin": z_B,
+    "accuracy": (z_B > 0).astype(jnp.float32),
+    "sample_log_ratio": sample_ratio_B,
+    "negative_log_ratio": negative_ratio_B,
   }
   return jax.nn.softplus(-z_B), metrics
 
@@ -74,24 +82,35 @@ def d2o(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, *, beta: float, alpha: flo
 def _aot_surrogate(z_B: jax.Array, *, beta: float, label_smoothing: float, h: str) -> jax.Array:
   """The convex violation penalty h(z) of AOT (ALGORITHMS.md §4.2)."""
   if h == "logistic":
-    return ((1.0 - label_smoothing) * jax.nn.softplus(-beta * z_B) +
-            label_smoothing * jax.nn.softplus(beta * z_B))
+    return (1.0 - label_smoothing) * jax.nn.softplus(
+      -beta * z_B
+    ) + label_smoothing * jax.nn.softplus(beta * z_B)
   if h == "squared_hinge":
     return jnp.square(jax.nn.relu(beta - z_B))
   return jnp.square(beta - z_B)
 
 
-def _aot(u_B: jax.Array, v_B: jax.Array, example_mask_B: jax.Array | None, *, beta: float,
-         label_smoothing: float, h: str):
+def _aot(
+  u_B: jax.Array,
+  v_B: jax.Array,
+  example_mask_B: jax.Array | None,
+  *,
+  beta: float,
+  label_smoothing: float,
+  h: str,
+):
   """Rank-couples u and v over the valid entries; rank i's loss goes to the u of rank i."""
   if h not in _AOT_SURROGATES:
-    raise ValueError(f"aot h {h!r} is unknown; use one of {_AOT_SURROGATES}")
+    raise ConfigError(f"aot h {h!r} is unknown; use one of {_AOT_SURROGATES}")
   if not 0.0 <= label_smoothing <= 0.5:
-    raise ValueError(f"aot label_smoothing must lie in [0, 0.5]; got {label_smoothing}")
+    raise ConfigError(f"aot label_smoothing must lie in [0, 0.5]; got {label_smoothing}")
   if label_smoothing and h != "logistic":
-    raise ValueError(f"aot label_smoothing applies to h='logistic' only; got h={h!r}")
-  valid_B = (jnp.ones(u_B.shape, bool) if example_mask_B is None
-             else jnp.asarray(example_mask_B).astype(bool))
+    raise ConfigError(f"aot label_smoothing applies to h='logistic' only; got h={h!r}")
+  valid_B = (
+    jnp.ones(u_B.shape, bool)
+    if example_mask_B is None
+    else jnp.asarray(example_mask_B).astype(bool)
+  )
   # Padding sorts last on both sides (sort keys +inf), so the valid entries are coupled among
   # themselves exactly as if the padding were removed. The values themselves are gathered, never the
   # +inf keys, so masked rows stay finite and their zero loss has a finite (zero) gradient.
@@ -104,16 +123,23 @@ def _aot(u_B: jax.Array, v_B: jax.Array, example_mask_B: jax.Array | None, *, be
   loss_B = jnp.where(valid_B, h_B, 0.0)
   zero = jnp.zeros_like(z_B)
   metrics = {
-      "margin": jnp.where(valid_B, beta * (u_B - v_B), zero),
-      "accuracy": jnp.where(valid_B, u_B > v_B, False).astype(jnp.float32),
-      "sorted_margin": jnp.where(valid_B, beta * z_B, zero),
-      "dominance_violation": jnp.where(valid_B, z_B < 0, False).astype(jnp.float32),
+    "margin": jnp.where(valid_B, beta * (u_B - v_B), zero),
+    "accuracy": jnp.where(valid_B, u_B > v_B, False).astype(jnp.float32),
+    "sorted_margin": jnp.where(valid_B, beta * z_B, zero),
+    "dominance_violation": jnp.where(valid_B, z_B < 0, False).astype(jnp.float32),
   }
   return loss_B, metrics
 
 
-def aot(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float, label_smoothing: float = 0.0,
-        h: str = "logistic", example_mask_B: jax.Array | None = None):
+def aot(
+  logp_Bx2: jax.Array,
+  ref_logp_Bx2: jax.Array,
+  *,
+  beta: float,
+  label_smoothing: float = 0.0,
+  h: str = "logistic",
+  example_mask_B: jax.Array | None = None,
+):
   r"""AOT, paired: alignment via optimal transport (Melnyk et al. 2024, arXiv 2406.05882).
 
   Policy margins u_b = log π(y_w) − log π(y_l) must first-order dominate the reference margins
@@ -164,9 +190,15 @@ def aot(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float, label_smoo
   return _aot(u_B, v_B, example_mask_B, beta=beta, label_smoothing=label_smoothing, h=h)
 
 
-def aot_unpaired(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float,
-                 label_smoothing: float = 0.0, h: str = "logistic",
-                 example_mask_B: jax.Array | None = None):
+def aot_unpaired(
+  logp_Bx2: jax.Array,
+  ref_logp_Bx2: jax.Array,
+  *,
+  beta: float,
+  label_smoothing: float = 0.0,
+  h: str = "logistic",
+  example_mask_B: jax.Array | None = None,
+):
   r"""AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882; TRL "aot_unpaired").
 
   The implicit rewards of positives, u_b = log π(y_w) − log π_ref(y_w), must first-order dominate
@@ -198,5 +230,46 @@ def aot_unpaired(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float,
     0.674788
   """
   ratio_Bx2 = logp_Bx2 - jax.lax.stop_gradient(ref_logp_Bx2)
-  return _aot(ratio_Bx2[:, 0], ratio_Bx2[:, 1], example_mask_B, beta=beta,
-              label_smoothing=label_smoothing, h=h)
+  return _aot(
+    ratio_Bx2[:, 0],
+    ratio_Bx2[:, 1],
+    example_mask_B,
+    beta=beta,
+    label_smoothing=label_smoothing,
+    h=h,
+  )
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+
+
+def d2o_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, beta: float, alpha: float):
+  """`d2o` on a negatives batch: K index 0 is the human negative, 1.. the model's own samples
+  (`response_mask_BxK` marks the real ones); one reference serves both roles."""
+  return (
+    *d2o(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      beta=beta,
+      alpha=alpha,
+      sample_mask_BxK=batch["response_mask_BxK"],
+    ),
+    stats,
+  )
+
+
+def aot_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`aot` on a pairs batch; padding prompts (`example_mask_B` = 0) are removed from its sort."""
+  return (
+    *aot(logp_BxK, batch["ref_logp_BxK"], example_mask_B=batch["example_mask_B"], **cfg),
+    stats,
+  )
+
+
+def aot_unpaired_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`aot_unpaired` on a pairs batch; padding rows are removed from its sorts."""
+  return (
+    *aot_unpaired(logp_BxK, batch["ref_logp_BxK"], example_mask_B=batch["example_mask_B"], **cfg),
+    stats,
+  )

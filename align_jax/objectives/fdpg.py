@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from align_jax.testbed import exact
+from align_jax.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "tv", "js", "amari", "pearson", "neyman")
 OUTSIDE_SUPPORT_RULES = ("mask", "limit")
@@ -33,23 +33,31 @@ FORWARD_KL_BASELINE = 1.0
 _LOG2 = math.log(2.0)
 
 
-def _check_divergence(divergence: str, alpha: float | None):
+def check_divergence(divergence: str, alpha: float | None):
+  """Raises ConfigError unless `divergence` is one of `DIVERGENCES` with a valid Amari `alpha`."""
   if divergence not in DIVERGENCES:
-    raise ValueError(f"divergence {divergence!r} is unknown; known: {DIVERGENCES}")
+    raise ConfigError(f"divergence {divergence!r} is unknown; known: {DIVERGENCES}")
   if divergence == "amari":
     if alpha is None or alpha in (0.0, 1.0):
-      raise ValueError(f"amari needs alpha outside {{0, 1}} (the KL limits); got {alpha}")
+      raise ConfigError(f"amari needs alpha outside {{0, 1}} (the KL limits); got {alpha}")
   elif alpha is not None:
-    raise ValueError(f"alpha is only used by the amari divergence; got alpha={alpha} for "
-                     f"{divergence!r}")
+    raise ConfigError(
+      f"alpha is only used by the amari divergence; got alpha={alpha} for {divergence!r}"
+    )
 
 
 def _limit_outside_support(divergence: str, alpha: float | None) -> float:
   """lim_{ℓ→+∞} pseudo_reward(ℓ): the pseudo-reward of a sample with P = 0 (may be −inf)."""
   if divergence == "amari":
     return 1.0 / (alpha - 1.0) if alpha < 1.0 else -math.inf
-  return {"forward_kl": 0.0, "reverse_kl": -math.inf, "tv": -0.5, "js": -0.5 * _LOG2,
-          "pearson": -math.inf, "neyman": -1.0}[divergence]
+  return {
+    "forward_kl": 0.0,
+    "reverse_kl": -math.inf,
+    "tv": -0.5,
+    "js": -0.5 * _LOG2,
+    "pearson": -math.inf,
+    "neyman": -1.0,
+  }[divergence]
 
 
 def pseudo_reward(ell: jax.Array, divergence: str, *, alpha: float | None = None) -> jax.Array:
@@ -92,7 +100,7 @@ def pseudo_reward(ell: jax.Array, divergence: str, *, alpha: float | None = None
     >>> print(f'{pseudo_reward(jnp.array([jnp.inf]), "js")[0]:.6f}')   # −½ log 2 off support, §7.1
     -0.346574
   """
-  _check_divergence(divergence, alpha)
+  check_divergence(divergence, alpha)
   if divergence == "forward_kl":
     return jnp.exp(-ell)
   if divergence == "reverse_kl":
@@ -106,79 +114,6 @@ def pseudo_reward(ell: jax.Array, divergence: str, *, alpha: float | None = None
   if divergence == "pearson":
     return -2.0 * jnp.expm1(ell)
   return jnp.expm1(-2.0 * ell)  # neyman
-
-
-def _safe_log_ratio(logpi_XxY, logp_XxY):
-  """(log(π/p) where both are > 0 and 0 elsewhere, π > 0, p > 0); finite, with finite gradients."""
-  pi_pos, p_pos = jnp.exp(logpi_XxY) > 0, jnp.exp(logp_XxY) > 0
-  both = pi_pos & p_pos
-  ell_XxY = jnp.where(both, jnp.where(both, logpi_XxY, 0.0) - jnp.where(both, logp_XxY, 0.0), 0.0)
-  return ell_XxY, pi_pos, p_pos
-
-
-def f_divergence(logpi_XxY: jax.Array, logp_XxY: jax.Array, prompt_logw_X: jax.Array,
-                 divergence: str, *, alpha: float | None = None) -> jax.Array:
-  r"""Exact D_f(π‖p) = Σ_x w_x E_{p(·|x)}[f(π(y|x)/p(y|x))] by enumeration over a testbed table.
-
-  The f-divergence convention of ALGORITHMS.md §0, averaged over prompts like
-  `align_jax.testbed.exact` (whose KL, TV and JS it calls: forward KL is exact.kl(p, π), reverse KL
-  exact.kl(π, p)). The others in closed form, with 0·f(0/0) = 0 and the +∞ limits where a mass has
-  nothing to be compared with:
-
-  .. math::
-    D_\alpha = \frac{\sum_y \pi^\alpha p^{1-\alpha} - 1}{\alpha(\alpha - 1)},\qquad
-    \chi^2(\pi\|p) = E_\pi[\pi/p] - 1,\qquad \chi^2(p\|\pi) = E_p[p/\pi] - 1
-
-  Differentiable in both tables (gradients are finite wherever the value is), so that tests compare
-  `jax.grad` of it with the expected f-DPG gradient (ALGORITHMS.md §1.11).
-
-  Args:
-    logpi_XxY: log π(y|x) of the policy over all responses of every prompt (rows normalised).
-    logp_XxY: log p(y|x) of the normalised target, same layout (−inf outside its support).
-    prompt_logw_X: log prompt weights (summing to one in probability space).
-    divergence: one of `DIVERGENCES`.
-    alpha: the Amari order (only for "amari").
-
-  Returns:
-    The scalar divergence in nats; +inf where it is infinite (e.g. reverse KL with π > 0 = p).
-
-  Examples:
-    >>> logpi = jax.nn.log_softmax(jnp.array([[0., 0.5, -0.5, 1.]]))
-    >>> log_a, r = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]])), jnp.array([1., 0, 2, -1])
-    >>> logp = jax.nn.log_softmax(log_a + r)
-    >>> d = [f_divergence(logpi, logp, jnp.zeros(1), k)
-    ...      for k in ("forward_kl", "reverse_kl", "tv", "js")]
-    >>> print(jnp.stack(d).round(4))   # 0.976155 1.601807 0.615001 0.247983, ALGORITHMS.md §7.1
-    [0.9762 1.6018 0.615  0.248 ]
-    >>> print(f"{f_divergence(logpi, logp, jnp.zeros(1), 'amari', alpha=0.5):.5f}")
-    1.10915
-  """
-  _check_divergence(divergence, alpha)
-  if divergence == "forward_kl":
-    return exact.kl(logp_XxY, logpi_XxY, prompt_logw_X)
-  if divergence == "reverse_kl":
-    return exact.kl(logpi_XxY, logp_XxY, prompt_logw_X)
-  if divergence == "tv":
-    return exact.tv(logpi_XxY, logp_XxY, prompt_logw_X)
-  if divergence == "js":
-    return exact.js(logpi_XxY, logp_XxY, prompt_logw_X)
-  ell_XxY, pi_pos, p_pos = _safe_log_ratio(logpi_XxY, logp_XxY)
-  if divergence == "pearson":  # E_π[t] − 1; t = +inf where p = 0 < π.
-    t_XxY = jnp.where(p_pos, jnp.exp(ell_XxY), jnp.inf)
-    return exact.expectation(logpi_XxY, t_XxY, prompt_logw_X) - 1.0
-  if divergence == "neyman":  # E_p[1/t] − 1; 1/t = +inf where π = 0 < p.
-    inv_t_XxY = jnp.where(pi_pos, jnp.exp(-ell_XxY), jnp.inf)
-    return exact.expectation(logp_XxY, inv_t_XxY, prompt_logw_X) - 1.0
-  # Amari: Σ π^α p^{1−α} = E_π[t^{α−1}] for α > 0 (π = 0 adds 0), E_p[t^α] for α < 0 (p = 0 adds 0).
-  # A mass of the measure where the other distribution is 0 adds +inf for α > 1 or α < 0, else 0.
-  off_support = jnp.inf if (alpha > 1.0 or alpha < 0.0) else 0.0
-  if alpha > 0:
-    term_XxY = jnp.where(p_pos, jnp.exp((alpha - 1.0) * ell_XxY), off_support)
-    mass = exact.expectation(logpi_XxY, term_XxY, prompt_logw_X)
-  else:
-    term_XxY = jnp.where(pi_pos, jnp.exp(alpha * ell_XxY), off_support)
-    mass = exact.expectation(logp_XxY, term_XxY, prompt_logw_X)
-  return (mass - 1.0) / (alpha * (alpha - 1.0))
 
 
 def _masked_mean_BxK(x_BxK, mask_BxK):
@@ -195,8 +130,9 @@ def _is_estimates(lpi_BxK, lq_BxK, lP_BxK, log_z_B, real_BxK):
   p_over_q_BxK = jnp.where(in_support, jnp.exp(safe_lp_BxK - lq_BxK), 0.0)
   w_BxK = jnp.exp(lpi_BxK - lq_BxK)
   # KL(p‖π) ≈ (1/Ẑ)·mean[e^{lP−lq}(lP − lπ)] − log Ẑ; the P = 0 terms are 0 (disco's NaN → 0).
-  kl_p_pi_BxK = jnp.where(in_support, p_over_q_BxK * (safe_lp_BxK + log_z_B[:, None] - lpi_BxK),
-                          0.0)
+  kl_p_pi_BxK = jnp.where(
+    in_support, p_over_q_BxK * (safe_lp_BxK + log_z_B[:, None] - lpi_BxK), 0.0
+  )
   kl_p_pi_B = _masked_mean_BxK(kl_p_pi_BxK, real_BxK) - log_z_B
   # KL(π‖p) ≈ mean[w (lπ − lP + log Ẑ)]: +inf as soon as one sample has P = 0.
   kl_pi_p_B = _masked_mean_BxK(w_BxK * (lpi_BxK - lp_BxK), real_BxK)
@@ -205,8 +141,12 @@ def _is_estimates(lpi_BxK, lq_BxK, lP_BxK, log_z_B, real_BxK):
   lm_BxK = jnp.logaddexp(lp_BxK, lpi_BxK) - _LOG2
   kl_p_m_BxK = jnp.where(in_support, p_over_q_BxK * (safe_lp_BxK - lm_BxK), 0.0)
   js_BxK = 0.5 * kl_p_m_BxK + 0.5 * w_BxK * (lpi_BxK - lm_BxK)
-  return {"kl_target_policy": kl_p_pi_B, "kl_policy_target": kl_pi_p_B, "tv": tv_B,
-          "js": _masked_mean_BxK(js_BxK, real_BxK)}
+  return {
+    "kl_target_policy": kl_p_pi_B,
+    "kl_policy_target": kl_pi_p_B,
+    "tv": tv_B,
+    "js": _masked_mean_BxK(js_BxK, real_BxK),
+  }
 
 
 def _real_mask(mask_BxK, shape):
@@ -215,10 +155,19 @@ def _real_mask(mask_BxK, shape):
   return jnp.asarray(jax.lax.stop_gradient(mask_BxK)) > 0
 
 
-def fdpg(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array, target_logp_BxK: jax.Array,
-         log_z_B: jax.Array, baseline_B: jax.Array, *, divergence: str, alpha: float | None = None,
-         sample_mask_BxK: jax.Array | None = None, outside_support: str = "mask",
-         clip_log_ratio: float | None = None):
+def fdpg(
+  logp_BxK: jax.Array,
+  proposal_logp_BxK: jax.Array,
+  target_logp_BxK: jax.Array,
+  log_z_B: jax.Array,
+  baseline_B: jax.Array,
+  *,
+  divergence: str,
+  alpha: float | None = None,
+  sample_mask_BxK: jax.Array | None = None,
+  outside_support: str = "mask",
+  clip_log_ratio: float | None = None,
+):
   r"""The f-DPG per-batch surrogate loss (Go et al. 2023; ALGORITHMS.md §1.5).
 
   .. math::
@@ -242,7 +191,7 @@ def fdpg(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array, target_logp_BxK: jax
     x ∉ S. The only rule under which reverse KL, Pearson and Amari α > 1 are finite (their
     divergence is +∞).
   * "limit": they get the table's limit pseudo-reward (forward KL 0, TV −½, JS −½ log 2, Neyman −1,
-    Amari 1/(α−1) for α < 1): the unbiased estimator. A ValueError for divergences whose limit is
+    Amari 1/(α−1) for α < 1): the unbiased estimator. A ConfigError for divergences whose limit is
     −∞.
 
   Alternatively smooth the constraint upstream — `targets.pointwise(..., epsilon=ε)` gives P > 0
@@ -283,13 +232,16 @@ def fdpg(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array, target_logp_BxK: jax
     >>> print(f"{loss[0]:.5f}")   # exact Z, B = batch mean pseudo-reward; ALGORITHMS.md §7.1
     -1.19944
   """
-  _check_divergence(divergence, alpha)
+  check_divergence(divergence, alpha)
   if outside_support not in OUTSIDE_SUPPORT_RULES:
-    raise ValueError(f"outside_support must be one of {OUTSIDE_SUPPORT_RULES}; got "
-                     f"{outside_support!r}")
+    raise ConfigError(
+      f"outside_support must be one of {OUTSIDE_SUPPORT_RULES}; got {outside_support!r}"
+    )
   if outside_support == "limit" and _limit_outside_support(divergence, alpha) == -math.inf:
-    raise ValueError(f"{divergence} has pseudo-reward −inf outside the target's support: use "
-                     "outside_support='mask' or an ε-smoothed target (targets.pointwise epsilon)")
+    raise ConfigError(
+      f"{divergence} has pseudo-reward −inf outside the target's support: use "
+      "outside_support='mask' or an ε-smoothed target (targets.pointwise epsilon)"
+    )
   sg = jax.lax.stop_gradient
   lpi_BxK = sg(logp_BxK)
   lq_BxK, lP_BxK = sg(proposal_logp_BxK), sg(target_logp_BxK)
@@ -309,8 +261,9 @@ def fdpg(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array, target_logp_BxK: jax
   ell_BxK = safe_lpi_BxK - (lP_BxK - safe_log_z_B[:, None])  # +inf outside the support.
   ell_BxK = jnp.where(used_BxK, ell_BxK, 0.0)
   if clip_log_ratio is not None:
-    ell_BxK = jnp.where(jnp.isfinite(ell_BxK), jnp.clip(ell_BxK, -clip_log_ratio, clip_log_ratio),
-                        ell_BxK)
+    ell_BxK = jnp.where(
+      jnp.isfinite(ell_BxK), jnp.clip(ell_BxK, -clip_log_ratio, clip_log_ratio), ell_BxK
+    )
   reward_BxK = pseudo_reward(ell_BxK, divergence, alpha=alpha)
   if divergence == "forward_kl":
     weighted_reward_BxK = jnp.exp(log_w_BxK - ell_BxK)  # w·p/π = p̂/q, 0 outside the support.
@@ -325,24 +278,32 @@ def fdpg(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array, target_logp_BxK: jax
   w_BxK = jnp.exp(log_w_BxK)
   n_real_B = jnp.sum(real_BxK, axis=-1)
   masked_log_w_BxK = jnp.where(real_BxK, log_w_BxK, -jnp.inf)
-  log_ess_B = (2.0 * jax.nn.logsumexp(masked_log_w_BxK, axis=-1) -
-               jax.nn.logsumexp(2.0 * masked_log_w_BxK, axis=-1) -
-               jnp.log(jnp.maximum(n_real_B, 1)))
-  estimates = _is_estimates(safe_lpi_BxK, jnp.where(real_BxK, lq_BxK, 0.0), lP_BxK, safe_log_z_B,
-                            real_BxK)
+  log_ess_B = (
+    2.0 * jax.nn.logsumexp(masked_log_w_BxK, axis=-1)
+    - jax.nn.logsumexp(2.0 * masked_log_w_BxK, axis=-1)
+    - jnp.log(jnp.maximum(n_real_B, 1))
+  )
+  estimates = _is_estimates(
+    safe_lpi_BxK, jnp.where(real_BxK, lq_BxK, 0.0), lP_BxK, safe_log_z_B, real_BxK
+  )
   metrics = {
-      "pseudo_reward": _masked_mean_BxK(reward_BxK, used_BxK),
-      "importance_weight": _masked_mean_BxK(w_BxK, real_BxK),
-      "ess_fraction": jnp.where(n_real_B > 0, jnp.exp(log_ess_B), 0.0),
-      "support_fraction": _masked_mean_BxK(in_support_BxK.astype(lpi_BxK.dtype), real_BxK),
-      "z_valid": z_valid_B.astype(lpi_BxK.dtype),
-      **{k: jnp.where(z_valid_B, v, 0.0) for k, v in estimates.items()},
+    "pseudo_reward": _masked_mean_BxK(reward_BxK, used_BxK),
+    "importance_weight": _masked_mean_BxK(w_BxK, real_BxK),
+    "ess_fraction": jnp.where(n_real_B > 0, jnp.exp(log_ess_B), 0.0),
+    "support_fraction": _masked_mean_BxK(in_support_BxK.astype(lpi_BxK.dtype), real_BxK),
+    "z_valid": z_valid_B.astype(lpi_BxK.dtype),
+    **{k: jnp.where(z_valid_B, v, 0.0) for k, v in estimates.items()},
   }
   return loss_B, metrics, {"pseudo_reward_BxK": reward_BxK, "used_BxK": used_BxK}
 
 
-def update_log_z(log_z_X: jax.Array, count_X: jax.Array, prompt_B: jax.Array,
-                 log_ratio_BxK: jax.Array, sample_mask_BxK: jax.Array | None = None):
+def update_log_z(
+  log_z_X: jax.Array,
+  count_X: jax.Array,
+  prompt_B: jax.Array,
+  log_ratio_BxK: jax.Array,
+  sample_mask_BxK: jax.Array | None = None,
+):
   r"""Per-context running estimate of the partition function Z_x = E_q[P/q] (ALGORITHMS.md §1.3).
 
   Ẑ_x is the count-weighted mean of exp(log P − log q) over every sample of context x seen so far
@@ -385,13 +346,15 @@ def update_log_z(log_z_X: jax.Array, count_X: jax.Array, prompt_B: jax.Array,
   max_X = jax.ops.segment_max(row_lse_B, prompt_B, num_x)
   safe_max_X = jnp.where(jnp.isfinite(max_X), max_X, 0.0)
   sum_X = jax.ops.segment_sum(jnp.exp(row_lse_B - safe_max_X[prompt_B]), prompt_B, num_x)
-  batch_lse_X = jnp.where(sum_X > 0, safe_max_X + jnp.log(jnp.where(sum_X > 0, sum_X, 1.0)),
-                          -jnp.inf)
+  batch_lse_X = jnp.where(
+    sum_X > 0, safe_max_X + jnp.log(jnp.where(sum_X > 0, sum_X, 1.0)), -jnp.inf
+  )
   new_count_X = count_X + n_X
   old_X = jnp.where(count_X > 0, log_z_X + jnp.log(jnp.where(count_X > 0, count_X, 1.0)), -jnp.inf)
   total_X = jnp.logaddexp(old_X, batch_lse_X)
-  new_log_z_X = jnp.where(new_count_X > 0,
-                          total_X - jnp.log(jnp.where(new_count_X > 0, new_count_X, 1.0)), log_z_X)
+  new_log_z_X = jnp.where(
+    new_count_X > 0, total_X - jnp.log(jnp.where(new_count_X > 0, new_count_X, 1.0)), log_z_X
+  )
   return new_log_z_X.astype(log_z_X.dtype), new_count_X
 
 
@@ -402,7 +365,7 @@ def baseline_window_init(size: int, dtype=jnp.float32) -> dict:
   in the jitted train state and is checkpointed with it.
   """
   if size < 1:
-    raise ValueError(f"baseline window size must be >= 1; got {size}")
+    raise ConfigError(f"baseline window size must be >= 1; got {size}")
   return {"values_W": jnp.zeros((size,), dtype), "count": jnp.zeros((), jnp.int32)}
 
 
@@ -432,8 +395,9 @@ def baseline_window_mean(window: dict):
   return total / jnp.maximum(filled, 1).astype(values_W.dtype), window["count"] > 0
 
 
-def baseline_window_push(window: dict, values_BxK: jax.Array,
-                         mask_BxK: jax.Array | None = None) -> dict:
+def baseline_window_push(
+  window: dict, values_BxK: jax.Array, mask_BxK: jax.Array | None = None
+) -> dict:
   """Appends the masked-in values (row-major order) to the ring, dropping the oldest beyond W.
 
   Call it after `fdpg` with its `pseudo_reward_BxK` and `used_BxK`. If one push holds more than W
@@ -450,8 +414,9 @@ def baseline_window_push(window: dict, values_BxK: jax.Array,
   values_W = window["values_W"]
   size = values_W.shape[0]
   values_N = jax.lax.stop_gradient(jnp.ravel(values_BxK)).astype(values_W.dtype)
-  mask_N = (jnp.ones(values_N.shape, bool) if mask_BxK is None else
-            jnp.ravel(jnp.asarray(mask_BxK)) > 0)
+  mask_N = (
+    jnp.ones(values_N.shape, bool) if mask_BxK is None else jnp.ravel(jnp.asarray(mask_BxK)) > 0
+  )
   rank_N = jnp.cumsum(mask_N) - 1  # Position among this push's values.
   n = jnp.sum(mask_N)
   keep_N = mask_N & (rank_N >= n - size)  # Only the last W of this push survive.
@@ -460,10 +425,16 @@ def baseline_window_push(window: dict, values_BxK: jax.Array,
   return {"values_W": values_W, "count": window["count"] + n.astype(jnp.int32)}
 
 
-def proposal_should_update(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array,
-                           target_logp_BxK: jax.Array, log_z_B: jax.Array, *,
-                           criterion: str = "kl", sample_mask_BxK: jax.Array | None = None,
-                           prompt_mask_B: jax.Array | None = None) -> jax.Array:
+def proposal_should_update(
+  logp_BxK: jax.Array,
+  proposal_logp_BxK: jax.Array,
+  target_logp_BxK: jax.Array,
+  log_z_B: jax.Array,
+  *,
+  criterion: str = "kl",
+  sample_mask_BxK: jax.Array | None = None,
+  prompt_mask_B: jax.Array | None = None,
+) -> jax.Array:
   r"""The offline proposal update q ← π_θ of ALGORITHMS.md §1.6: is the policy closer to p than q?
 
   From samples of the proposal q, compares the IS estimates (§1.8, each prompt with its own Ẑ,
@@ -498,7 +469,7 @@ def proposal_should_update(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array,
     True
   """
   if criterion not in PROPOSAL_CRITERIA:
-    raise ValueError(f"criterion must be one of {PROPOSAL_CRITERIA}; got {criterion!r}")
+    raise ConfigError(f"criterion must be one of {PROPOSAL_CRITERIA}; got {criterion!r}")
   sg = jax.lax.stop_gradient
   lpi_BxK, lq_BxK, lP_BxK = sg(logp_BxK), sg(proposal_logp_BxK), sg(target_logp_BxK)
   log_z_B = jnp.broadcast_to(sg(jnp.asarray(log_z_B, lpi_BxK.dtype)), lpi_BxK.shape[:1])
@@ -509,10 +480,86 @@ def proposal_should_update(logp_BxK: jax.Array, proposal_logp_BxK: jax.Array,
   safe_log_z_B = jnp.where(valid_B, log_z_B, 0.0)
   lq_BxK = jnp.where(real_BxK, lq_BxK, 0.0)
   key = "kl_target_policy" if criterion == "kl" else "tv"
-  policy_B = _is_estimates(jnp.where(real_BxK, lpi_BxK, 0.0), lq_BxK, lP_BxK, safe_log_z_B,
-                           real_BxK)[key]
+  policy_B = _is_estimates(
+    jnp.where(real_BxK, lpi_BxK, 0.0), lq_BxK, lP_BxK, safe_log_z_B, real_BxK
+  )[key]
   proposal_B = _is_estimates(lq_BxK, lq_BxK, lP_BxK, safe_log_z_B, real_BxK)[key]
   num_valid = jnp.maximum(jnp.sum(valid_B), 1)
   policy = jnp.sum(jnp.where(valid_B, policy_B, 0.0)) / num_valid
   proposal = jnp.sum(jnp.where(valid_B, proposal_B, 0.0)) / num_valid
   return policy < proposal
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+# The batch comes from `align_jax.rollout`: samples of the proposal the rollout used, with
+# sample_logp_BxK (log q), target_logp_BxK (log P) and prompt_index_B (each row's context).
+
+
+def _baseline(stats: dict, baseline: str, divergence: str):
+  """The baseline B of this step: the window's mean, forward KL's exact 1, or 0."""
+  if baseline == "window":
+    return baseline_window_mean(stats["window"])[0]
+  if baseline == "exact":
+    if divergence != "forward_kl":
+      raise ConfigError(f"loss.baseline=exact (B = 1) is forward KL's; divergence is {divergence}")
+    return FORWARD_KL_BASELINE
+  if baseline == "none":
+    return 0.0
+  raise ConfigError(f"loss.baseline {baseline!r} is unknown; use window, exact or none")
+
+
+def fdpg_objective(
+  logp_BxK: jax.Array,
+  batch: dict,
+  stats: dict,
+  *,
+  divergence: str,
+  alpha: float,
+  outside_support: str,
+  baseline: str,
+  clip_log_ratio: float,
+  baseline_window: int,
+  proposal_criterion: str,
+):
+  """`fdpg` on a rollout batch, in the order of the module docstring: a per-prompt running Ẑ
+  (`update_log_z`), a baseline (`baseline`: "window" of past pseudo-rewards, "exact" forward-KL
+  one, or "none"), the loss, then the window push; all kept in `stats`. `alpha` is used by
+  "amari" only and `clip_log_ratio` = 0 means no clipping. `stats["q_update"]` says whether π is
+  now closer to p than the offline proposal q (`proposal_should_update`, §1.6; the anchor update
+  acts on it every rollout.anchor_every steps when rollout.anchor = proposal)."""
+  del baseline_window  # Its size is fixed when the statistics are created.
+  lq_BxK, lP_BxK, x_B = batch["sample_logp_BxK"], batch["target_logp_BxK"], batch["prompt_index_B"]
+  log_z_X, count_X = update_log_z(stats["log_z_X"], stats["count_X"], x_B, lP_BxK - lq_BxK)
+  b = _baseline(stats, baseline, divergence)
+  loss_B, metrics, used = fdpg(
+    logp_BxK,
+    lq_BxK,
+    lP_BxK,
+    log_z_X[x_B],
+    b,
+    divergence=divergence,
+    alpha=alpha if divergence == "amari" else None,
+    outside_support=outside_support,
+    clip_log_ratio=clip_log_ratio or None,
+  )
+  window = baseline_window_push(stats["window"], used["pseudo_reward_BxK"], used["used_BxK"])
+  q_update = proposal_should_update(
+    logp_BxK, lq_BxK, lP_BxK, log_z_X[x_B], criterion=proposal_criterion
+  )
+  return (
+    loss_B,
+    metrics,
+    {"log_z_X": log_z_X, "count_X": count_X, "window": window, "q_update": q_update},
+  )
+
+
+def fdpg_init_stats(num_contexts: int, loss_cfg: dict) -> dict:
+  """f-DPG's initial statistics: log Ẑ = −inf and no count for each context, an empty baseline
+  window of `loss_cfg["baseline_window"]` values, and no proposal update."""
+  return {
+    "log_z_X": jnp.full((num_contexts,), -jnp.inf, jnp.float32),
+    "count_X": jnp.zeros((num_contexts,), jnp.float32),
+    "window": baseline_window_init(loss_cfg["baseline_window"]),
+    "q_update": jnp.zeros((), bool),
+  }

@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.errors import ConfigError, DataError
+from align_jax.objectives.likelihood import num_tokens
+
 _DISCOUNTS = {"log2": jnp.log2, "ln": jnp.log}
 
 
@@ -73,10 +76,10 @@ def _ranking_metrics(s_BxK, logp_BxK, pairs_BxKxK) -> dict[str, jax.Array]:
   ds_BxKxK = _differences(s_BxK)
   correct = lambda d: (d > 0).astype(s_BxK.dtype)
   return {
-      "num_pairs": jnp.sum(pairs_BxKxK, axis=(1, 2)).astype(s_BxK.dtype),
-      "accuracy": _pair_mean(correct(ds_BxKxK), pairs_BxKxK),
-      "ranking_accuracy_likelihood": _pair_mean(correct(_differences(logp_BxK)), pairs_BxKxK),
-      "margin": _pair_mean(ds_BxKxK, pairs_BxKxK),
+    "num_pairs": jnp.sum(pairs_BxKxK, axis=(1, 2)).astype(s_BxK.dtype),
+    "accuracy": _pair_mean(correct(ds_BxKxK), pairs_BxKxK),
+    "ranking_accuracy_likelihood": _pair_mean(correct(_differences(logp_BxK)), pairs_BxKxK),
+    "margin": _pair_mean(ds_BxKxK, pairs_BxKxK),
   }
 
 
@@ -106,8 +109,9 @@ def _contrasts(x_BxKxK: jax.Array, own_BxK: jax.Array) -> jax.Array:
   return jnp.where(eye_KxK[None], 0.0, x_BxKxK - own_BxK[:, :, None])
 
 
-def _pairwise_loss(loss_of_difference, logp_BxK, ref_logp_BxK, score_BxK, beta, mask_BxK,
-                   weight_fn=None):
+def _pairwise_loss(
+  loss_of_difference, logp_BxK, ref_logp_BxK, score_BxK, beta, mask_BxK, weight_fn=None
+):
   """Σ over labelled pairs ψ_i > ψ_j of w_ij · f(s_i − s_j), with the common metrics."""
   valid_BxK = _valid(mask_BxK, logp_BxK)
   psi_BxK = jax.lax.stop_gradient(_clean(score_BxK, valid_BxK))
@@ -123,8 +127,13 @@ def _pairwise_loss(loss_of_difference, logp_BxK, ref_logp_BxK, score_BxK, beta, 
   return loss_B, metrics
 
 
-def lambda_weights(s_BxK: jax.Array, score_BxK: jax.Array, *, mask_BxK: jax.Array | None = None,
-                   discount: str = "log2") -> jax.Array:
+def lambda_weights(
+  s_BxK: jax.Array,
+  score_BxK: jax.Array,
+  *,
+  mask_BxK: jax.Array | None = None,
+  discount: str = "log2",
+) -> jax.Array:
   r"""LiPO-λ's Lambda weights Δ_ij (LambdaLoss / |ΔNDCG| without the ideal-DCG normaliser).
 
   .. math:: \Delta_{ij} = |G_i - G_j|\,\left|\frac{1}{D(\tau_i)} - \frac{1}{D(\tau_j)}\right|,\quad
@@ -151,7 +160,7 @@ def lambda_weights(s_BxK: jax.Array, score_BxK: jax.Array, *, mask_BxK: jax.Arra
     0.369070 0.000000
   """
   if discount not in _DISCOUNTS:
-    raise ValueError(f"discount must be one of {sorted(_DISCOUNTS)}; got {discount!r}")
+    raise ConfigError(f"discount must be one of {sorted(_DISCOUNTS)}; got {discount!r}")
   valid_BxK = _valid(mask_BxK, s_BxK)
   s_BxK = jax.lax.stop_gradient(_clean(s_BxK, valid_BxK))
   psi_BxK = jax.lax.stop_gradient(_clean(score_BxK, valid_BxK))
@@ -166,8 +175,15 @@ def lambda_weights(s_BxK: jax.Array, score_BxK: jax.Array, *, mask_BxK: jax.Arra
   return jnp.where(_labelled_pairs(psi_BxK, valid_BxK), weight_BxKxK, 0.0)
 
 
-def lipo_lambda(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Array, *,
-                beta: float, mask_BxK: jax.Array | None = None, discount: str = "log2"):
+def lipo_lambda(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  score_BxK: jax.Array,
+  *,
+  beta: float,
+  mask_BxK: jax.Array | None = None,
+  discount: str = "log2",
+):
   r"""LiPO-λ: Lambda-weighted pairwise logistic loss over a ranked list (Liu et al. 2024, arXiv 2402.01878).
 
   .. math:: \ell = \sum_{\psi_i > \psi_j} \Delta_{ij}\,\mathrm{softplus}(-(s_i - s_j)),\quad
@@ -198,14 +214,21 @@ def lipo_lambda(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Arr
     0.404671 6
   """
   if discount not in _DISCOUNTS:
-    raise ValueError(f"discount must be one of {sorted(_DISCOUNTS)}; got {discount!r}")
+    raise ConfigError(f"discount must be one of {sorted(_DISCOUNTS)}; got {discount!r}")
   weight_fn = lambda s, psi, valid: lambda_weights(s, psi, mask_BxK=valid, discount=discount)
-  return _pairwise_loss(lambda d: jax.nn.softplus(-d), logp_BxK, ref_logp_BxK, score_BxK, beta,
-                        mask_BxK, weight_fn)
+  return _pairwise_loss(
+    lambda d: jax.nn.softplus(-d), logp_BxK, ref_logp_BxK, score_BxK, beta, mask_BxK, weight_fn
+  )
 
 
-def list_pair_logistic(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Array, *,
-                       beta: float, mask_BxK: jax.Array | None = None):
+def list_pair_logistic(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  score_BxK: jax.Array,
+  *,
+  beta: float,
+  mask_BxK: jax.Array | None = None,
+):
   r"""LiPO pair-logistic loss: DPO summed over every labelled pair of the list (Liu et al. 2024).
 
   .. math:: \ell = \sum_{\psi_i > \psi_j} \mathrm{softplus}(-(s_i - s_j)),\quad
@@ -230,12 +253,20 @@ def list_pair_logistic(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: 
     >>> print(f"{loss[0]:.6f}")   # ALGORITHMS.md §7.3
     2.895464
   """
-  return _pairwise_loss(lambda d: jax.nn.softplus(-d), logp_BxK, ref_logp_BxK, score_BxK, beta,
-                        mask_BxK)
+  return _pairwise_loss(
+    lambda d: jax.nn.softplus(-d), logp_BxK, ref_logp_BxK, score_BxK, beta, mask_BxK
+  )
 
 
-def list_pair_hinge(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Array, *,
-                    beta: float, delta: float = 1.0, mask_BxK: jax.Array | None = None):
+def list_pair_hinge(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  score_BxK: jax.Array,
+  *,
+  beta: float,
+  delta: float = 1.0,
+  mask_BxK: jax.Array | None = None,
+):
   r"""LiPO pair-hinge loss: the reference-normalised SLiC hinge over every labelled pair (Liu et al. 2024).
 
   .. math:: \ell = \sum_{\psi_i > \psi_j} \max(0,\ \delta - (s_i - s_j)),\quad
@@ -262,12 +293,19 @@ def list_pair_hinge(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax
     >>> print(f"{loss[0]:.5f}")   # 2.9, ALGORITHMS.md §7.3 (float32 here: 2.899999)
     2.90000
   """
-  return _pairwise_loss(lambda d: jax.nn.relu(delta - d), logp_BxK, ref_logp_BxK, score_BxK, beta,
-                        mask_BxK)
+  return _pairwise_loss(
+    lambda d: jax.nn.relu(delta - d), logp_BxK, ref_logp_BxK, score_BxK, beta, mask_BxK
+  )
 
 
-def listmle(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Array, *, beta: float,
-            mask_BxK: jax.Array | None = None):
+def listmle(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  score_BxK: jax.Array,
+  *,
+  beta: float,
+  mask_BxK: jax.Array | None = None,
+):
   r"""ListMLE: Plackett–Luce negative log-likelihood of the label order ("DPO_PL"; Liu et al. 2024).
 
   .. math:: \ell = \sum_{i} \Big[\log\!\sum_{j \in C_i} e^{s_j} - s_i\Big],\quad
@@ -318,17 +356,23 @@ def _check_nonnegative(name: str, score_BxK: jax.Array, valid_BxK: jax.Array):
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return
   if np.any(labels < 0):
-    raise ValueError(f"{name} needs labels ψ ≥ 0 (the target is ψ/Σψ); got min {labels.min()}")
+    raise DataError(f"{name} needs labels ψ ≥ 0 (the target is ψ/Σψ); got min {labels.min()}")
 
 
-def list_softmax(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Array, *,
-                 beta: float, mask_BxK: jax.Array | None = None):
+def list_softmax(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  score_BxK: jax.Array,
+  *,
+  beta: float,
+  mask_BxK: jax.Array | None = None,
+):
   r"""ListNet softmax cross-entropy against the normalised labels (Liu et al. 2024, LiPO "softmax").
 
   .. math:: \ell = -\sum_i \frac{\psi_i}{\sum_j \psi_j}\,\log\mathrm{softmax}(s)_i,\quad
             s = \beta\,(\log\pi - \mathrm{sg}(\log\pi_{ref}))
 
-  Requires ψ ≥ 0 (ALGORITHMS.md §3.2): called eagerly, a negative real label raises ValueError; under
+  Requires ψ ≥ 0 (ALGORITHMS.md §3.2): called eagerly, a negative real label raises DataError; under
   `jit` the labels are not inspected and ψ/Σψ is used as written. A list without a labelled pair
   (one real response, or all labels equal, including all 0 where ψ/Σψ is undefined) carries no
   ranking information and contributes loss 0 and gradient 0, like the other losses of this module;
@@ -360,15 +404,23 @@ def list_softmax(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, score_BxK: jax.Ar
   used_B = jnp.any(pairs_BxKxK, axis=(1, 2)) & (total_B > 0)
   target_BxK = psi_BxK / jnp.where(used_B, total_B, 1.0)[:, None]
   s_rows_BxKxK = jnp.broadcast_to(s_BxK[:, None, :], pairs_BxKxK.shape)
-  log_softmax_BxK = -_masked_logsumexp(_contrasts(s_rows_BxKxK, s_BxK),
-                                       jnp.broadcast_to(valid_BxK[:, None, :], pairs_BxKxK.shape))
+  log_softmax_BxK = -_masked_logsumexp(
+    _contrasts(s_rows_BxKxK, s_BxK), jnp.broadcast_to(valid_BxK[:, None, :], pairs_BxKxK.shape)
+  )
   cross_entropy_B = -jnp.sum(jnp.where(valid_BxK, target_BxK * log_softmax_BxK, 0.0), axis=-1)
   loss_B = jnp.where(used_B, cross_entropy_B, 0.0)
   return loss_B, _ranking_metrics(s_BxK, _clean(logp_BxK, valid_BxK), pairs_BxKxK)
 
 
-def pro(logp_BxK: jax.Array, score_BxK: jax.Array, num_tokens_BxK: jax.Array, *,
-        sft_weight: float = 0.05, temperature: bool = True, mask_BxK: jax.Array | None = None):
+def pro(
+  logp_BxK: jax.Array,
+  score_BxK: jax.Array,
+  num_tokens_BxK: jax.Array,
+  *,
+  sft_weight: float = 0.05,
+  temperature: bool = True,
+  mask_BxK: jax.Array | None = None,
+):
   r"""PRO, Preference Ranking Optimization (Song et al. 2023, arXiv 2306.17492; AAAI 2024).
 
   Reference-free. Scores are length-averaged log-likelihoods s_k = log π(y_k)/|y_k|; with the
@@ -422,13 +474,16 @@ def pro(logp_BxK: jax.Array, score_BxK: jax.Array, num_tokens_BxK: jax.Array, *,
   temperature_BxKxK = jnp.where(eye_KxK[None], own_temperature_BxK[:, :, None], gap_BxKxK)
   logits_BxKxK = s_BxK[:, None, :] * temperature_BxKxK  # row k: s_k T_k on the diagonal, s_i T_i^k
   own_logit_BxK = s_BxK * own_temperature_BxK
-  stage_BxK = _masked_logsumexp(_contrasts(logits_BxKxK, own_logit_BxK), worse_BxKxK | eye_KxK[None])
+  stage_BxK = _masked_logsumexp(
+    _contrasts(logits_BxKxK, own_logit_BxK), worse_BxKxK | eye_KxK[None]
+  )
   ranking_B = jnp.sum(jnp.where(jnp.any(worse_BxKxK, axis=-1), stage_BxK, 0.0), axis=-1)
 
   best_r_B = jnp.max(jnp.where(valid_BxK, r_BxK, -jnp.inf), axis=-1)
   top_BxK = valid_BxK & (r_BxK == best_r_B[:, None])
   sft_nll_B = -jnp.sum(jnp.where(top_BxK, logp_BxK, 0.0), axis=-1) / jnp.maximum(
-      jnp.sum(top_BxK, axis=-1), 1)
+    jnp.sum(top_BxK, axis=-1), 1
+  )
   n_B = jnp.sum(valid_BxK, axis=-1).astype(s_BxK.dtype)
   loss_B = ranking_B + sft_weight * jnp.square(jnp.maximum(n_B - 1.0, 0.0)) * sft_nll_B
 
@@ -436,3 +491,96 @@ def pro(logp_BxK: jax.Array, score_BxK: jax.Array, num_tokens_BxK: jax.Array, *,
   metrics["ranking_loss"] = ranking_B
   metrics["sft_nll"] = sft_nll_B
   return loss_B, metrics
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+# K = list size; batch["score_BxK"] holds the labels ψ and batch["response_mask_BxK"] the real
+# entries of each list. `cfg` is the loss's keyword arguments (beta, and discount / delta).
+
+
+def lipo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`lipo_lambda` on a lists batch."""
+  return (
+    *lipo_lambda(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      batch["score_BxK"],
+      mask_BxK=batch["response_mask_BxK"],
+      **cfg,
+    ),
+    stats,
+  )
+
+
+def listmle_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`listmle` on a lists batch."""
+  return (
+    *listmle(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      batch["score_BxK"],
+      mask_BxK=batch["response_mask_BxK"],
+      **cfg,
+    ),
+    stats,
+  )
+
+
+def list_softmax_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`list_softmax` on a lists batch."""
+  return (
+    *list_softmax(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      batch["score_BxK"],
+      mask_BxK=batch["response_mask_BxK"],
+      **cfg,
+    ),
+    stats,
+  )
+
+
+def list_pair_logistic_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`list_pair_logistic` on a lists batch."""
+  return (
+    *list_pair_logistic(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      batch["score_BxK"],
+      mask_BxK=batch["response_mask_BxK"],
+      **cfg,
+    ),
+    stats,
+  )
+
+
+def list_pair_hinge_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`list_pair_hinge` on a lists batch."""
+  return (
+    *list_pair_hinge(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      batch["score_BxK"],
+      mask_BxK=batch["response_mask_BxK"],
+      **cfg,
+    ),
+    stats,
+  )
+
+
+def pro_objective(
+  logp_BxK: jax.Array, batch: dict, stats: dict, *, sft_weight: float, temperature: bool
+):
+  """`pro` on a lists batch (no reference), lengths from its loss mask."""
+  return (
+    *pro(
+      logp_BxK,
+      batch["score_BxK"],
+      num_tokens(batch),
+      sft_weight=sft_weight,
+      temperature=temperature,
+      mask_BxK=batch["response_mask_BxK"],
+    ),
+    stats,
+  )

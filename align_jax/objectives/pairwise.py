@@ -1,7 +1,12 @@
 """Pairwise preference objectives on [B, 2] log-probs: index 0 = chosen, 1 = rejected."""
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from align_jax.errors import ConfigError
+from align_jax.objectives.likelihood import num_tokens
 
 
 def log_ratio_margin(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array) -> jax.Array:
@@ -32,16 +37,17 @@ def dpo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float):
   margin_B = beta * h_B
   reward_Bx2 = beta * (logp_Bx2 - ref_logp_Bx2)
   metrics = {
-      "margin": margin_B,
-      "accuracy": (h_B > 0).astype(jnp.float32),
-      "reward_chosen": reward_Bx2[:, 0],
-      "reward_rejected": reward_Bx2[:, 1],
+    "margin": margin_B,
+    "accuracy": (h_B > 0).astype(jnp.float32),
+    "reward_chosen": reward_Bx2[:, 0],
+    "reward_rejected": reward_Bx2[:, 1],
   }
   return jax.nn.softplus(-margin_B), metrics
 
 
-def _log_ratios(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array,
-                num_tokens_Bx2: jax.Array | None = None) -> jax.Array:
+def _log_ratios(
+  logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, num_tokens_Bx2: jax.Array | None = None
+) -> jax.Array:
   """ρ = log π − sg(log π_ref) per response; per token (÷ length, clamped ≥ 1) when lengths are given."""
   ratio_Bx2 = logp_Bx2 - jax.lax.stop_gradient(ref_logp_Bx2)
   if num_tokens_Bx2 is None:
@@ -52,10 +58,10 @@ def _log_ratios(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array,
 def _pair_metrics(margin_B: jax.Array, reward_Bx2: jax.Array) -> dict:
   """Per-prompt margin, accuracy 1[margin > 0] and the chosen / rejected implicit rewards."""
   return {
-      "margin": margin_B,
-      "accuracy": (margin_B > 0).astype(jnp.float32),
-      "reward_chosen": reward_Bx2[:, 0],
-      "reward_rejected": reward_Bx2[:, 1],
+    "margin": margin_B,
+    "accuracy": (margin_B > 0).astype(jnp.float32),
+    "reward_chosen": reward_Bx2[:, 0],
+    "reward_rejected": reward_Bx2[:, 1],
   }
 
 
@@ -63,7 +69,7 @@ def _check_flip_rate(name: str, value: float, *, upper: float, closed: bool):
   ok = 0.0 <= value <= upper if closed else 0.0 <= value < upper
   if not ok:
     interval = f"[0, {upper}]" if closed else f"[0, {upper})"
-    raise ValueError(f"{name} must lie in {interval}; got {value}")
+    raise ConfigError(f"{name} must lie in {interval}; got {value}")
 
 
 def cdpo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float, label_smoothing: float):
@@ -93,8 +99,9 @@ def cdpo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float, label_smo
   _check_flip_rate("cdpo label_smoothing", label_smoothing, upper=0.5, closed=True)
   ratio_Bx2 = _log_ratios(logp_Bx2, ref_logp_Bx2)
   margin_B = beta * (ratio_Bx2[:, 0] - ratio_Bx2[:, 1])
-  loss_B = ((1.0 - label_smoothing) * jax.nn.softplus(-margin_B) +
-            label_smoothing * jax.nn.softplus(margin_B))
+  loss_B = (1.0 - label_smoothing) * jax.nn.softplus(-margin_B) + label_smoothing * jax.nn.softplus(
+    margin_B
+  )
   return loss_B, _pair_metrics(margin_B, beta * ratio_Bx2)
 
 
@@ -127,13 +134,20 @@ def rdpo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, beta: float, label_smo
   _check_flip_rate("rdpo label_smoothing", label_smoothing, upper=0.5, closed=False)
   ratio_Bx2 = _log_ratios(logp_Bx2, ref_logp_Bx2)
   margin_B = beta * (ratio_Bx2[:, 0] - ratio_Bx2[:, 1])
-  loss_B = ((1.0 - label_smoothing) * jax.nn.softplus(-margin_B) -
-            label_smoothing * jax.nn.softplus(margin_B)) / (1.0 - 2.0 * label_smoothing)
+  loss_B = (
+    (1.0 - label_smoothing) * jax.nn.softplus(-margin_B)
+    - label_smoothing * jax.nn.softplus(margin_B)
+  ) / (1.0 - 2.0 * label_smoothing)
   return loss_B, _pair_metrics(margin_B, beta * ratio_Bx2)
 
 
-def ipo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, tau: float,
-        num_tokens_Bx2: jax.Array | None = None):
+def ipo(
+  logp_Bx2: jax.Array,
+  ref_logp_Bx2: jax.Array,
+  *,
+  tau: float,
+  num_tokens_Bx2: jax.Array | None = None,
+):
   r"""IPO, the identity-preference squared loss (Azar et al. 2023, arXiv 2310.12036, eq. 17).
 
   .. math:: \ell = \left(h - \tfrac{1}{2\tau}\right)^2
@@ -162,7 +176,7 @@ def ipo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, *, tau: float,
     24.2556
   """
   if not tau > 0:
-    raise ValueError(f"ipo tau must be > 0; got {tau}")
+    raise ConfigError(f"ipo tau must be > 0; got {tau}")
   ratio_Bx2 = _log_ratios(logp_Bx2, ref_logp_Bx2, num_tokens_Bx2)
   h_B = ratio_Bx2[:, 0] - ratio_Bx2[:, 1]
   loss_B = jnp.square(h_B - 1.0 / (2.0 * tau))
@@ -226,10 +240,10 @@ def slic_hf(logp_Bx2: jax.Array, target_logp_B: jax.Array, *, delta: float, lam:
   margin_B = logp_Bx2[:, 0] - logp_Bx2[:, 1]
   calibration_B = jax.nn.relu(delta - margin_B)
   metrics = {
-      "margin": margin_B,
-      "accuracy": (margin_B > 0).astype(jnp.float32),
-      "calibration": calibration_B,
-      "target_nll": -target_logp_B,
+    "margin": margin_B,
+    "accuracy": (margin_B > 0).astype(jnp.float32),
+    "calibration": calibration_B,
+    "target_nll": -target_logp_B,
   }
   return calibration_B - lam * target_logp_B, metrics
 
@@ -263,8 +277,9 @@ def ln_dpo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, num_tokens_Bx2: jax.Arr
   return jax.nn.softplus(-margin_B), _pair_metrics(margin_B, beta * ratio_Bx2)
 
 
-def todo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, is_tie_B: jax.Array, *, beta: float,
-         alpha: float):
+def todo(
+  logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, is_tie_B: jax.Array, *, beta: float, alpha: float
+):
   r"""Tie-rank oriented DPO, registry `todo` (Guo et al., ICLR 2025, arXiv 2411.02442).
 
   A Rao–Kupper Bradley–Terry model with tie parameter α > 0 on ℓ = βh:
@@ -305,7 +320,7 @@ def todo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, is_tie_B: jax.Array, *, b
     0.401312 0.354344 0.244344
   """
   if not alpha > 0:
-    raise ValueError(f"todo alpha must be > 0; got {alpha}")
+    raise ConfigError(f"todo alpha must be > 0; got {alpha}")
   ratio_Bx2 = _log_ratios(logp_Bx2, ref_logp_Bx2)
   margin_B = beta * (ratio_Bx2[:, 0] - ratio_Bx2[:, 1])
   log_p_win_B = jax.nn.log_sigmoid(margin_B - alpha)
@@ -316,12 +331,156 @@ def todo(logp_Bx2: jax.Array, ref_logp_Bx2: jax.Array, is_tie_B: jax.Array, *, b
   log_p_Bx3 = jnp.stack([log_p_win_B, log_p_lose_B, log_p_tie_B], axis=-1)
   predicted_B = jnp.argmax(log_p_Bx3, axis=-1)
   metrics = {
-      "margin": margin_B,
-      "accuracy": (predicted_B == jnp.where(is_tie_B, 2, 0)).astype(jnp.float32),
-      "p_win": jnp.exp(log_p_win_B),
-      "p_lose": jnp.exp(log_p_lose_B),
-      "p_tie": jnp.exp(log_p_tie_B),
-      "reward_chosen": beta * ratio_Bx2[:, 0],
-      "reward_rejected": beta * ratio_Bx2[:, 1],
+    "margin": margin_B,
+    "accuracy": (predicted_B == jnp.where(is_tie_B, 2, 0)).astype(jnp.float32),
+    "p_win": jnp.exp(log_p_win_B),
+    "p_lose": jnp.exp(log_p_lose_B),
+    "p_tie": jnp.exp(log_p_tie_B),
+    "reward_chosen": beta * ratio_Bx2[:, 0],
+    "reward_rejected": beta * ratio_Bx2[:, 1],
   }
   return loss_B, metrics
+
+
+def _per_token(logp_Bx2: jax.Array, num_tokens_Bx2: jax.Array) -> jax.Array:
+  """ℓ = log π(y)/|y|: length-averaged log-probs (lengths clamped ≥ 1, no gradient into them)."""
+  return logp_Bx2 / jnp.maximum(jax.lax.stop_gradient(num_tokens_Bx2), 1.0)
+
+
+def simpo(logp_Bx2: jax.Array, num_tokens_Bx2: jax.Array, *, beta: float, gamma: float):
+  r"""SimPO, simple preference optimisation (Meng et al. 2024, arXiv 2405.14734, eq. 6).
+
+  .. math::
+    \ell = -\log\sigma\!\left(\frac{\beta}{|y_w|}\log\pi(y_w) - \frac{\beta}{|y_l|}\log\pi(y_l)
+                              - \gamma\right)
+
+  Reference-free: the implicit reward is the length-averaged log-likelihood β·log π(y)/|y| (|y| the
+  number of scored tokens), and γ is a target reward margin. TRL's `CPOTrainer` with
+  `loss_type="simpo"` and `cpo_alpha=0` is this loss with `beta` = β and `simpo_gamma` = γ (it
+  subtracts simpo_gamma/β from the log-prob gap, then scales by β); the authors' code takes
+  `gamma_beta_ratio` = γ/β instead, so γ = gamma_beta_ratio·β.
+
+  Args:
+    logp_Bx2: sequence log-probs of [chosen, rejected] under the policy.
+    num_tokens_Bx2: completion lengths |y_w|, |y_l| (clamped to ≥ 1; no gradient).
+    beta: scale β of the length-averaged reward.
+    gamma: target reward margin γ.
+
+  Returns:
+    loss_B and per-prompt metrics: margin β(ℓ_w − ℓ_l) (without γ), accuracy 1[margin > 0], and
+    the rewards β·ℓ of chosen and rejected (TRL's `rewards/*`).
+
+  Examples:
+    >>> loss, m = simpo(jnp.array([[-10., -12.]]), jnp.array([[20., 10.]]), beta=2.0, gamma=1.0)
+    >>> print(f"{loss[0]:.6f} {m['margin'][0]:.6f}")   # softplus(−(2·(−0.5 + 1.2) − 1))
+    0.513015 1.400000
+  """
+  ell_Bx2 = _per_token(logp_Bx2, num_tokens_Bx2)
+  margin_B = beta * (ell_Bx2[:, 0] - ell_Bx2[:, 1])
+  return jax.nn.softplus(gamma - margin_B), _pair_metrics(margin_B, beta * ell_Bx2)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+  """log(1 − eˣ) for x < 0, accurate at both ends (Mächler 2012); finite gradients for x < 0."""
+  near_zero = x > -math.log(2.0)
+  small_x = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
+  large_x = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
+  return jnp.where(near_zero, small_x, large_x)
+
+
+def orpo(logp_Bx2: jax.Array, num_tokens_Bx2: jax.Array, *, lam: float):
+  r"""ORPO, odds-ratio preference optimisation (Hong et al. 2024, arXiv 2403.07691, eqs. 6–7).
+
+  .. math::
+    \ell = -\ell_w - \lambda\log\sigma\big(\mathrm{odds}(\ell_w) - \mathrm{odds}(\ell_l)\big),
+    \qquad \mathrm{odds}(\ell) = \ell - \log(1 - e^{\ell}), \qquad \ell = \log\pi(y)/|y|
+
+  Reference-free: the length-averaged NLL of the chosen response (the SFT term) plus λ times the
+  log-odds-ratio loss, both on the length-averaged log-likelihood ℓ. log(1 − e^ℓ) is computed in
+  log space (log1p(−e^ℓ) or log(−expm1(ℓ)), whichever is accurate), on ℓ clamped to at most −ε
+  (the dtype's machine epsilon): an empty or certain response, ℓ = 0, gets a large finite log-odds
+  instead of +∞ (TRL's log1p(−exp) gives inf or NaN there). TRL's `ORPOTrainer` calls λ `beta`
+  (default 0.1) and logs the same log σ(·) as `log_odds_ratio`; its NLL is the cross-entropy
+  averaged over all chosen tokens of the batch, ours the per-token NLL of each chosen response
+  averaged over the batch (the same when the chosen responses have one length).
+
+  Args:
+    logp_Bx2: sequence log-probs of [chosen, rejected] under the policy.
+    num_tokens_Bx2: completion lengths |y_w|, |y_l| (clamped to ≥ 1; no gradient).
+    lam: weight λ of the odds-ratio term.
+
+  Returns:
+    loss_B and per-prompt metrics: margin odds(ℓ_w) − odds(ℓ_l) (TRL's `log_odds_chosen`), accuracy
+    1[margin > 0], `log_odds_ratio` log σ(margin), `nll` −ℓ_w, and the rewards λ·ℓ.
+
+  Examples:
+    >>> loss, m = orpo(jnp.array([[-10., -12.]]), jnp.array([[20., 10.]]), lam=0.1)
+    >>> print(f"{loss[0]:.6f} {m['margin'][0]:.6f}")   # 0.5 + 0.1·softplus(−1.274370)
+    0.524655 1.274370
+  """
+  ell_Bx2 = _per_token(logp_Bx2, num_tokens_Bx2)
+  below_one_Bx2 = jnp.minimum(ell_Bx2, -jnp.finfo(ell_Bx2.dtype).eps)
+  log_odds_Bx2 = below_one_Bx2 - _log1mexp(below_one_Bx2)
+  margin_B = log_odds_Bx2[:, 0] - log_odds_Bx2[:, 1]
+  log_odds_ratio_B = jax.nn.log_sigmoid(margin_B)
+  nll_B = -ell_Bx2[:, 0]
+  metrics = {
+    **_pair_metrics(margin_B, lam * ell_Bx2),
+    "log_odds_ratio": log_odds_ratio_B,
+    "nll": nll_B,
+  }
+  return nll_B - lam * log_odds_ratio_B, metrics
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+# K = 2 ([chosen, rejected]); batch["ref_logp_BxK"] is the frozen reference where one is needed,
+# batch["is_tie_B"] marks ternary ties, batch["loss_mask_BxKxL"] gives the lengths.
+
+
+def dpo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`dpo` on a pairs batch; `cfg` is its keyword arguments (beta)."""
+  return (*dpo(logp_BxK, batch["ref_logp_BxK"], **cfg), stats)
+
+
+def cdpo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`cdpo` on a pairs batch; `cfg` is its keyword arguments (beta, label_smoothing)."""
+  return (*cdpo(logp_BxK, batch["ref_logp_BxK"], **cfg), stats)
+
+
+def rdpo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`rdpo` on a pairs batch; `cfg` is its keyword arguments (beta, label_smoothing)."""
+  return (*rdpo(logp_BxK, batch["ref_logp_BxK"], **cfg), stats)
+
+
+def ipo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, tau: float, per_token: bool):
+  """`ipo` on a pairs batch: per-token log-ratios when `per_token`, else sequence sums."""
+  lengths_BxK = num_tokens(batch) if per_token else None
+  return (*ipo(logp_BxK, batch["ref_logp_BxK"], tau=tau, num_tokens_Bx2=lengths_BxK), stats)
+
+
+def slic_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, delta: float, lam: float):
+  """`slic_hf` on a pairs batch; the cross-entropy regulariser targets the chosen response (an SFT
+  target per prompt)."""
+  del batch
+  return (*slic_hf(logp_BxK, logp_BxK[:, 0], delta=delta, lam=lam), stats)
+
+
+def ln_dpo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, beta: float):
+  """`ln_dpo` on a pairs batch, lengths from its loss mask."""
+  return (*ln_dpo(logp_BxK, batch["ref_logp_BxK"], num_tokens(batch), beta=beta), stats)
+
+
+def todo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, beta: float, alpha: float):
+  """`todo` on a ternary batch (pairs with `is_tie_B`)."""
+  return (*todo(logp_BxK, batch["ref_logp_BxK"], batch["is_tie_B"], beta=beta, alpha=alpha), stats)
+
+
+def simpo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, beta: float, gamma: float):
+  """`simpo` on a pairs batch (no reference), lengths from its loss mask."""
+  return (*simpo(logp_BxK, num_tokens(batch), beta=beta, gamma=gamma), stats)
+
+
+def orpo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, lam: float):
+  """`orpo` on a pairs batch (no reference), lengths from its loss mask."""
+  return (*orpo(logp_BxK, num_tokens(batch), lam=lam), stats)

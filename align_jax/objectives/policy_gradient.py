@@ -10,6 +10,8 @@ their value is not the objective, their gradient is.
 import jax
 import jax.numpy as jnp
 
+from align_jax.errors import ConfigError
+
 _BASELINES = ("loo", "none")
 
 
@@ -17,12 +19,13 @@ def leave_one_out_mean(x_BxK: jax.Array) -> jax.Array:
   """b_k = mean of the other K − 1 entries of a row, (Σ_i x_i − x_k)/(K − 1); needs K ≥ 2."""
   num = x_BxK.shape[-1]
   if num < 2:
-    raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt; got {num}")
+    raise ConfigError(f"a leave-one-out baseline needs at least 2 samples per prompt; got {num}")
   return (jnp.sum(x_BxK, axis=-1, keepdims=True) - x_BxK) / (num - 1)
 
 
-def penalised_reward(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Array, *,
-                     beta: float) -> tuple[jax.Array, jax.Array]:
+def penalised_reward(
+  logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Array, *, beta: float
+) -> tuple[jax.Array, jax.Array]:
   """(r − β·ρ, ρ) with ρ = log π − log π_ref, everything detached."""
   log_ratio_BxK = jax.lax.stop_gradient(logp_BxK - ref_logp_BxK)
   reward_BxK = jax.lax.stop_gradient(reward_BxK).astype(log_ratio_BxK.dtype)
@@ -36,15 +39,21 @@ def _surrogate(logp_BxK, advantage_BxK):
 
 def _metrics(reward_BxK, log_ratio_BxK, advantage_BxK, beta):
   return {
-      "reward": jnp.mean(reward_BxK, axis=-1),
-      "kl": jnp.mean(log_ratio_BxK, axis=-1),
-      "kl_penalty": beta * jnp.mean(log_ratio_BxK, axis=-1),
-      "advantage": jnp.mean(advantage_BxK, axis=-1),
+    "reward": jnp.mean(reward_BxK, axis=-1),
+    "kl": jnp.mean(log_ratio_BxK, axis=-1),
+    "kl_penalty": beta * jnp.mean(log_ratio_BxK, axis=-1),
+    "advantage": jnp.mean(advantage_BxK, axis=-1),
   }
 
 
-def reinforce(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Array, *,
-              beta: float, baseline: str = "loo"):
+def reinforce(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  reward_BxK: jax.Array,
+  *,
+  beta: float,
+  baseline: str = "loo",
+):
   r"""REINFORCE on the KL-penalised reward; with the leave-one-out baseline this is RLOO.
 
   .. math::
@@ -75,7 +84,7 @@ def reinforce(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Arra
     -0.500000
   """
   if baseline not in _BASELINES:
-    raise ValueError(f"reinforce baseline must be one of {_BASELINES}; got {baseline!r}")
+    raise ConfigError(f"reinforce baseline must be one of {_BASELINES}; got {baseline!r}")
   shaped_BxK, log_ratio_BxK = penalised_reward(logp_BxK, ref_logp_BxK, reward_BxK, beta=beta)
   advantage_BxK = shaped_BxK
   if baseline == "loo":
@@ -89,8 +98,15 @@ def rloo(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Array, *,
   return reinforce(logp_BxK, ref_logp_BxK, reward_BxK, beta=beta, baseline="loo")
 
 
-def remax(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Array,
-          greedy_reward_B: jax.Array, *, beta: float, greedy_log_ratio_B: jax.Array | None = None):
+def remax(
+  logp_BxK: jax.Array,
+  ref_logp_BxK: jax.Array,
+  reward_BxK: jax.Array,
+  greedy_reward_B: jax.Array,
+  *,
+  beta: float,
+  greedy_log_ratio_B: jax.Array | None = None,
+):
   r"""ReMax: REINFORCE with the greedy decode's reward as baseline (Li et al. 2023, 2310.10505).
 
   .. math::
@@ -130,3 +146,34 @@ def remax(logp_BxK: jax.Array, ref_logp_BxK: jax.Array, reward_BxK: jax.Array,
   metrics = _metrics(jax.lax.stop_gradient(reward_BxK), log_ratio_BxK, advantage_BxK, beta)
   metrics["baseline"] = baseline_B
   return _surrogate(logp_BxK, advantage_BxK), metrics
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(logp_BxK, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+# The batch comes from `align_jax.rollout`: K on-policy samples per prompt with reward_BxK and the
+# reference's ref_logp_BxK (ReMax: also the greedy decode's greedy_reward_B, greedy_log_ratio_B).
+
+
+def reinforce_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`reinforce` on a rollout batch; `cfg` is its keyword arguments (beta, baseline)."""
+  return (*reinforce(logp_BxK, batch["ref_logp_BxK"], batch["reward_BxK"], **cfg), stats)
+
+
+def rloo_objective(logp_BxK: jax.Array, batch: dict, stats: dict, **cfg):
+  """`rloo` on a rollout batch; `cfg` is its keyword arguments (beta)."""
+  return (*rloo(logp_BxK, batch["ref_logp_BxK"], batch["reward_BxK"], **cfg), stats)
+
+
+def remax_objective(logp_BxK: jax.Array, batch: dict, stats: dict, *, beta: float):
+  """`remax` on a rollout batch with the greedy decode's reward and log-ratio as baseline."""
+  return (
+    *remax(
+      logp_BxK,
+      batch["ref_logp_BxK"],
+      batch["reward_BxK"],
+      batch["greedy_reward_B"],
+      beta=beta,
+      greedy_log_ratio_B=batch["greedy_log_ratio_B"],
+    ),
+    stats,
+  )

@@ -8,9 +8,12 @@ numbers refer to ALGORITHMS.md.
 import jax
 import jax.numpy as jnp
 
+from align_jax.errors import ConfigError
 
-def bt_reward(reward_Bx2: jax.Array, *, margin: float | jax.Array = 0.0,
-              center_weight: float = 0.0):
+
+def bt_reward(
+  reward_Bx2: jax.Array, *, margin: float | jax.Array = 0.0, center_weight: float = 0.0
+):
   r"""Bradley–Terry reward-model loss on a [chosen, rejected] pair (Ouyang et al. 2022, eq. 1).
 
   .. math:: \ell = \mathrm{softplus}\big(-(r_w - r_l - m)\big) + c\,(r_w + r_l)^2
@@ -44,10 +47,10 @@ def bt_reward(reward_Bx2: jax.Array, *, margin: float | jax.Array = 0.0,
   if center_weight:
     loss_B = loss_B + center_weight * jnp.square(reward_Bx2[:, 0] + reward_Bx2[:, 1])
   metrics = {
-      "margin": diff_B,
-      "accuracy": (diff_B > 0).astype(jnp.float32),
-      "reward_chosen": reward_Bx2[:, 0],
-      "reward_rejected": reward_Bx2[:, 1],
+    "margin": diff_B,
+    "accuracy": (diff_B > 0).astype(jnp.float32),
+    "reward_chosen": reward_Bx2[:, 0],
+    "reward_rejected": reward_Bx2[:, 1],
   }
   return loss_B, metrics
 
@@ -61,11 +64,12 @@ def _cost_matrix(cost, num_categories: int) -> jax.Array:
       return d_CxC
     if cost == "squared":
       return jnp.square(d_CxC)
-    raise ValueError(f"dprm cost {cost!r} is unknown; use 'abs', 'squared' or a [C, C] matrix")
+    raise ConfigError(f"dprm cost {cost!r} is unknown; use 'abs', 'squared' or a [C, C] matrix")
   cost_CxC = jnp.asarray(cost)
   if cost_CxC.shape != (num_categories, num_categories):
-    raise ValueError(f"dprm cost matrix must be [{num_categories}, {num_categories}]; "
-                     f"got {cost_CxC.shape}")
+    raise ConfigError(
+      f"dprm cost matrix must be [{num_categories}, {num_categories}]; got {cost_CxC.shape}"
+    )
   return cost_CxC
 
 
@@ -79,13 +83,22 @@ def _monotone_ot(p_BxC: jax.Array, q_BxC: jax.Array, cost_CxC: jax.Array) -> jax
   # Which category each quantile function takes on a piece; constant there, so no gradient is lost.
   mid_BxT = jax.lax.stop_gradient(0.5 * (knots_BxT[:, 1:] + knots_BxT[:, :-1]))
   j_BxT, k_BxT = (
-      jnp.minimum(jnp.sum(jax.lax.stop_gradient(cdf_BxC)[:, None, :] < mid_BxT[..., None], -1),
-                  num_categories - 1) for cdf_BxC in (cdf_p_BxC, cdf_q_BxC))
+    jnp.minimum(
+      jnp.sum(jax.lax.stop_gradient(cdf_BxC)[:, None, :] < mid_BxT[..., None], -1),
+      num_categories - 1,
+    )
+    for cdf_BxC in (cdf_p_BxC, cdf_q_BxC)
+  )
   return jnp.sum(length_BxT * cost_CxC.astype(length_BxT.dtype)[j_BxT, k_BxT], -1)
 
 
-def dprm_ot_loss(logits_BxC: jax.Array, target_BxC: jax.Array, *, cost="abs",
-                 category_scores_C: jax.Array | None = None):
+def dprm_ot_loss(
+  logits_BxC: jax.Array,
+  target_BxC: jax.Array,
+  *,
+  cost="abs",
+  category_scores_C: jax.Array | None = None,
+):
   r"""DPRM's optimal-transport loss (Li et al. 2024, arXiv 2402.09764; ALGORITHMS.md §4.3).
 
   The reward head predicts q = softmax(logits) over C ordered categories; the label p is a
@@ -133,10 +146,10 @@ def dprm_ot_loss(logits_BxC: jax.Array, target_BxC: jax.Array, *, cost="abs",
     category_scores_C = jnp.linspace(0.0, 1.0, num_categories)
   scores_C = jnp.asarray(category_scores_C, q_BxC.dtype)
   metrics = {
-      "ot": ot_B,
-      "expected_reward": q_BxC @ scores_C,
-      "target_expected_reward": p_BxC @ scores_C,
-      "accuracy": (jnp.argmax(q_BxC, -1) == jnp.argmax(p_BxC, -1)).astype(jnp.float32),
+    "ot": ot_B,
+    "expected_reward": q_BxC @ scores_C,
+    "target_expected_reward": p_BxC @ scores_C,
+    "accuracy": (jnp.argmax(q_BxC, -1) == jnp.argmax(p_BxC, -1)).astype(jnp.float32),
   }
   return ot_B, metrics
 
@@ -185,3 +198,31 @@ def expected_reward(logits_BxC: jax.Array, category_scores_C: jax.Array) -> jax.
     0.4600
   """
   return jax.nn.softmax(logits_BxC, axis=-1) @ jnp.asarray(category_scores_C, logits_BxC.dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Objectives on a batch: fn(scores_BxKxO, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
+# A reward model's outputs at each response's last token, O = model.num_scores; `*_reward` maps
+# them to the scalar reward [B, K] the trained model gives other objectives.
+
+
+def bt_reward_objective(scores_BxKxO: jax.Array, batch: dict, stats: dict, *, center_weight: float):
+  """`bt_reward` on a pairs batch, the scalar head's output (O = 1) as the reward."""
+  del batch
+  return (*bt_reward(scores_BxKxO[..., 0], center_weight=center_weight), stats)
+
+
+def bt_model_reward(scores_BxKxO: jax.Array) -> jax.Array:
+  """A Bradley–Terry reward model's reward: its scalar output."""
+  return scores_BxKxO[..., 0]
+
+
+def dprm_objective(scores_BxKxO: jax.Array, batch: dict, stats: dict, *, cost):
+  """`dprm_ot_loss` on a distribution batch: logits over O = C categories of the one response
+  against its label distribution `label_dist_BxC`."""
+  return (*dprm_ot_loss(scores_BxKxO[:, 0], batch["label_dist_BxC"], cost=cost), stats)
+
+
+def dprm_model_reward(scores_BxKxO: jax.Array) -> jax.Array:
+  """A DPRM's reward: the expected category score, categories evenly spaced on [0, 1] (worst 0)."""
+  return expected_reward(scores_BxKxO, jnp.linspace(0.0, 1.0, scores_BxKxO.shape[-1]))

@@ -3,6 +3,7 @@
 `language` defines the synthetic Markov-chain language, its sampler, exact
 enumeration and the rule features/rewards (numpy, float64). `exact` computes
 divergences, entropies and expectations between conditional policies given as
-full log-prob tables over all responses, and builds those tables from any
-autoregressive model with one prefix-sharing forward pass (jax.numpy).
+full log-prob tables over all responses (f-divergences included), and builds
+those tables from any autoregressive model with one prefix-sharing forward pass
+(jax.numpy). `bon` is the exact Best-of-N of such tables (BOND's evaluation).
 """

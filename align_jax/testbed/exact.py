@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.objectives import fdpg
+from align_jax.errors import ConfigError
+
 Array = jax.Array
 
 
@@ -41,8 +44,7 @@ def _plog_ratio(logp, logq):
 def _prompt_mean(values_X, prompt_logw_X):
   """Σ_x w_x v_x, ignoring prompts of zero weight (so 0·inf = 0)."""
   w_X, support = _safe_prob(prompt_logw_X)
-  return jnp.sum(jnp.where(support, w_X * jnp.where(support, values_X, 0.0),
-                           0.0))
+  return jnp.sum(jnp.where(support, w_X * jnp.where(support, values_X, 0.0), 0.0))
 
 
 def _kl_X(logp_XxY, logq_XxY):
@@ -86,14 +88,100 @@ def js(logp_XxY: Array, logq_XxY: Array, prompt_logw_X: Array) -> Array:
   return _prompt_mean(js_X, prompt_logw_X)
 
 
+def _safe_log_ratio(logpi_XxY, logp_XxY):
+  """(log(π/p) where both are > 0 and 0 elsewhere, π > 0, p > 0); finite, with finite gradients."""
+  pi_pos, p_pos = jnp.exp(logpi_XxY) > 0, jnp.exp(logp_XxY) > 0
+  both = pi_pos & p_pos
+  ell_XxY = jnp.where(both, jnp.where(both, logpi_XxY, 0.0) - jnp.where(both, logp_XxY, 0.0), 0.0)
+  return ell_XxY, pi_pos, p_pos
+
+
+def f_divergence(
+  logpi_XxY: Array,
+  logp_XxY: Array,
+  prompt_logw_X: Array,
+  divergence: str,
+  *,
+  alpha: float | None = None,
+) -> Array:
+  r"""Exact D_f(π‖p) = Σ_x w_x E_{p(·|x)}[f(π(y|x)/p(y|x))] by enumeration over a testbed table.
+
+  The f-divergence convention of ALGORITHMS.md §0 for the divergences f-DPG trains on
+  (`objectives.fdpg.DIVERGENCES`), averaged over prompts like the rest of this module, whose KL, TV
+  and JS it calls (forward KL is kl(p, π), reverse KL kl(π, p)). The others in closed form, with
+  0·f(0/0) = 0 and the +∞ limits where a mass has nothing to be compared with:
+
+  .. math::
+    D_\alpha = \frac{\sum_y \pi^\alpha p^{1-\alpha} - 1}{\alpha(\alpha - 1)},\qquad
+    \chi^2(\pi\|p) = E_\pi[\pi/p] - 1,\qquad \chi^2(p\|\pi) = E_p[p/\pi] - 1
+
+  Differentiable in both tables (gradients are finite wherever the value is), so that tests compare
+  `jax.grad` of it with the expected f-DPG gradient (ALGORITHMS.md §1.11).
+
+  Args:
+    logpi_XxY: log π(y|x) of the policy over all responses of every prompt (rows normalised).
+    logp_XxY: log p(y|x) of the normalised target, same layout (−inf outside its support).
+    prompt_logw_X: log prompt weights (summing to one in probability space).
+    divergence: one of `objectives.fdpg.DIVERGENCES`.
+    alpha: the Amari order (only for "amari").
+
+  Returns:
+    The scalar divergence in nats; +inf where it is infinite (e.g. reverse KL with π > 0 = p).
+
+  Examples:
+    >>> logpi = jax.nn.log_softmax(jnp.array([[0., 0.5, -0.5, 1.]]))
+    >>> log_a, r = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]])), jnp.array([1., 0, 2, -1])
+    >>> logp = jax.nn.log_softmax(log_a + r)
+    >>> d = [f_divergence(logpi, logp, jnp.zeros(1), k)
+    ...      for k in ("forward_kl", "reverse_kl", "tv", "js")]
+    >>> print(jnp.stack(d).round(4))   # 0.976155 1.601807 0.615001 0.247983, ALGORITHMS.md §7.1
+    [0.9762 1.6018 0.615  0.248 ]
+    >>> print(f"{f_divergence(logpi, logp, jnp.zeros(1), 'amari', alpha=0.5):.5f}")
+    1.10915
+  """
+  fdpg.check_divergence(divergence, alpha)
+  if divergence == "forward_kl":
+    return kl(logp_XxY, logpi_XxY, prompt_logw_X)
+  if divergence == "reverse_kl":
+    return kl(logpi_XxY, logp_XxY, prompt_logw_X)
+  if divergence == "tv":
+    return tv(logpi_XxY, logp_XxY, prompt_logw_X)
+  if divergence == "js":
+    return js(logpi_XxY, logp_XxY, prompt_logw_X)
+  ell_XxY, pi_pos, p_pos = _safe_log_ratio(logpi_XxY, logp_XxY)
+  if divergence == "pearson":  # E_π[t] − 1; t = +inf where p = 0 < π.
+    t_XxY = jnp.where(p_pos, jnp.exp(ell_XxY), jnp.inf)
+    return expectation(logpi_XxY, t_XxY, prompt_logw_X) - 1.0
+  if divergence == "neyman":  # E_p[1/t] − 1; 1/t = +inf where π = 0 < p.
+    inv_t_XxY = jnp.where(pi_pos, jnp.exp(-ell_XxY), jnp.inf)
+    return expectation(logp_XxY, inv_t_XxY, prompt_logw_X) - 1.0
+  # Amari: Σ π^α p^{1−α} = E_π[t^{α−1}] for α > 0 (π = 0 adds 0), E_p[t^α] for α < 0 (p = 0 adds 0).
+  # A mass of the measure where the other distribution is 0 adds +inf for α > 1 or α < 0, else 0.
+  off_support = jnp.inf if (alpha > 1.0 or alpha < 0.0) else 0.0
+  if alpha > 0:
+    term_XxY = jnp.where(p_pos, jnp.exp((alpha - 1.0) * ell_XxY), off_support)
+    mass = expectation(logpi_XxY, term_XxY, prompt_logw_X)
+  else:
+    term_XxY = jnp.where(pi_pos, jnp.exp(alpha * ell_XxY), off_support)
+    mass = expectation(logp_XxY, term_XxY, prompt_logw_X)
+  return (mass - 1.0) / (alpha * (alpha - 1.0))
+
+
 def entropy(logp_XxY: Array, prompt_logw_X: Array) -> Array:
   """Mean conditional entropy Σ_x w_x (−Σ_y p(y|x) log p(y|x))."""
   ent_X = -jnp.sum(_plog_ratio(logp_XxY, jnp.zeros_like(logp_XxY)), axis=-1)
   return _prompt_mean(ent_X, prompt_logw_X)
 
 
-def expected_distinct(logp_XxY: Array, responses_YxT: np.ndarray, prompt_logw_X: Array, *,
-                      num_samples: int, vocab: int, orders=(1, 2)) -> dict[str, Array]:
+def expected_distinct(
+  logp_XxY: Array,
+  responses_YxT: np.ndarray,
+  prompt_logw_X: Array,
+  *,
+  num_samples: int,
+  vocab: int,
+  orders=(1, 2),
+) -> dict[str, Array]:
   """Expected Distinct-n of `num_samples` i.i.d. responses per prompt, exactly (no sampling).
 
   Distinct-n = #distinct n-grams / #n-grams in the M = num_samples responses of a prompt; the
@@ -118,22 +206,24 @@ def expected_distinct(logp_XxY: Array, responses_YxT: np.ndarray, prompt_logw_X:
   out = {}
   for n in orders:
     if not 1 <= n <= length:
-      raise ValueError(f"expected_distinct: order {n} is not in 1..{length}")
-    gram_YxW = sum(responses_YxT[:, i:i + length - n + 1].astype(np.int64) * vocab**(n - 1 - i)
-                   for i in range(n))  # Each window's n-gram as one integer id.
+      raise ConfigError(f"expected_distinct: order {n} is not in 1..{length}")
+    gram_YxW = sum(
+      responses_YxT[:, i : i + length - n + 1].astype(np.int64) * vocab ** (n - 1 - i)
+      for i in range(n)
+    )  # Each window's n-gram as one integer id.
     occurs_YxG = np.zeros((num_y, vocab**n), np.float32)
     occurs_YxG[np.arange(num_y)[:, None], gram_YxW] = 1.0
     hit_XxG = jnp.clip(p_XxY @ occurs_YxG.astype(p_XxY.dtype), 0.0, 1.0)
     count_X = jnp.sum(-jnp.expm1(num_samples * jnp.log1p(-hit_XxG)), axis=-1)
     out[f"exact/distinct_{n}"] = _prompt_mean(count_X, prompt_logw_X) / (
-        num_samples * (length - n + 1))
+      num_samples * (length - n + 1)
+    )
   seq_X = jnp.sum(-jnp.expm1(num_samples * jnp.log1p(-jnp.clip(p_XxY, 0.0, 1.0))), axis=-1)
   out["exact/distinct_seq"] = _prompt_mean(seq_X, prompt_logw_X) / num_samples
   return out
 
 
-def expectation(logp_XxY: Array, values_XxY: Array,
-                prompt_logw_X: Array) -> Array:
+def expectation(logp_XxY: Array, values_XxY: Array, prompt_logw_X: Array) -> Array:
   """E[v] = Σ_x w_x Σ_y p(y|x) v(x, y); values where p = 0 are ignored."""
   p_XxY, support = _safe_prob(logp_XxY)
   values_XxY = jnp.broadcast_to(values_XxY, p_XxY.shape).astype(p_XxY.dtype)
@@ -147,16 +237,9 @@ def normalize(logits_XxY: Array) -> Array:
   return logits_XxY - jax.nn.logsumexp(logits_XxY, axis=-1, keepdims=True)
 
 
-def rlhf_target(logp_ref_XxY: Array, reward_XxY: Array, beta) -> Array:
-  """The KL-regularised RLHF optimum p(y|x) ∝ π_ref(y|x) exp(r(x, y)/β).
-
-  It maximises E_π[r] − β KL(π‖π_ref), with maximum β Σ_x w_x log Z_x.
-  """
-  return normalize(logp_ref_XxY + reward_XxY / beta)
-
-
-def win_rate(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
-             prompt_logw_X: Array) -> Array:
+def win_rate(
+  logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array, prompt_logw_X: Array
+) -> Array:
   """P(r(x, y) > r(x, y')) + ½ P(r(x, y) = r(x, y')), x ∼ w, y ∼ π(·|x), y' ∼ ρ(·|x) independent.
 
   The exact win rate of π against ρ (the reference) under the reward, ties counted ½: per prompt
@@ -190,13 +273,20 @@ def dominance(u_N: Array, v_N: Array, num_quantiles: int = 99) -> dict[str, Arra
   t_T = jnp.arange(1, num_quantiles + 1, dtype=u_N.dtype) / (num_quantiles + 1)
   diff_T = jnp.quantile(u_N, t_T) - jnp.quantile(v_N, t_T)
   low = jnp.quantile(u_N, 0.05) - jnp.quantile(v_N, 0.05)
-  return {"violation": jnp.mean((diff_T < 0).astype(u_N.dtype)), "margin": jnp.mean(diff_T),
-          "margin_q05": low}
+  return {
+    "violation": jnp.mean((diff_T < 0).astype(u_N.dtype)),
+    "margin": jnp.mean(diff_T),
+    "margin_q05": low,
+  }
 
 
-def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
-                   prompt_logw_X: Array,
-                   target_logp_XxY: Array | None = None) -> dict[str, Array]:
+def policy_metrics(
+  logp_XxY: Array,
+  ref_logp_XxY: Array,
+  reward_XxY: Array,
+  prompt_logw_X: Array,
+  target_logp_XxY: Array | None = None,
+) -> dict[str, Array]:
   """The exact testbed metrics of a policy π against its reference and target.
 
   Args:
@@ -212,10 +302,10 @@ def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
     "exact/kl_policy_target" (KL(π‖p)), "exact/tv", "exact/js".
   """
   metrics = {
-      "exact/kl_policy_ref": kl(logp_XxY, ref_logp_XxY, prompt_logw_X),
-      "exact/reward": expectation(logp_XxY, reward_XxY, prompt_logw_X),
-      "exact/win_rate": win_rate(logp_XxY, ref_logp_XxY, reward_XxY, prompt_logw_X),
-      "exact/entropy": entropy(logp_XxY, prompt_logw_X),
+    "exact/kl_policy_ref": kl(logp_XxY, ref_logp_XxY, prompt_logw_X),
+    "exact/reward": expectation(logp_XxY, reward_XxY, prompt_logw_X),
+    "exact/win_rate": win_rate(logp_XxY, ref_logp_XxY, reward_XxY, prompt_logw_X),
+    "exact/entropy": entropy(logp_XxY, prompt_logw_X),
   }
   if target_logp_XxY is not None:
     p_XxY, pi_XxY, w_X = target_logp_XxY, logp_XxY, prompt_logw_X
@@ -226,8 +316,7 @@ def policy_metrics(logp_XxY: Array, ref_logp_XxY: Array, reward_XxY: Array,
   return metrics
 
 
-def ranking_accuracy(logp_XxY: Array, prompt_N: Array, chosen_N: Array,
-                     rejected_N: Array) -> Array:
+def ranking_accuracy(logp_XxY: Array, prompt_N: Array, chosen_N: Array, rejected_N: Array) -> Array:
   """Share of labelled pairs whose chosen response the policy finds more likely (ties count ½).
 
   The ranking accuracy of Chen et al. 2024 ("Preference Learning Algorithms Do Not Learn
@@ -254,9 +343,14 @@ def _chunked(fn, tokens_RxS, chunk):
   return chunks_out.reshape(rows + pad, *chunks_out.shape[2:])[:rows]
 
 
-def prefix_logps(next_logprobs_fn: Callable[[Array], Array],
-                 prompts_XxP: Array, response_len: int, vocab: int,
-                 bos: int | None = None, chunk: int | None = None) -> Array:
+def prefix_logps(
+  next_logprobs_fn: Callable[[Array], Array],
+  prompts_XxP: Array,
+  response_len: int,
+  vocab: int,
+  bos: int | None = None,
+  chunk: int | None = None,
+) -> Array:
   """log π(y|x) of every response y of every prompt x, in one forward pass.
 
   Runs the model on the V**(T−1)·X prefixes [BOS?, x, y_0 … y_{T−2}] only:
@@ -285,17 +379,19 @@ def prefix_logps(next_logprobs_fn: Callable[[Array], Array],
   num_z = prefix_ZxS.shape[0]
   start = prompt_len + (bos is not None)  # Index of y_0 in a row.
   if start < 1:
-    raise ValueError("prefix_logps needs a BOS token or a prompt of at least one token")
+    raise ConfigError("prefix_logps needs a BOS token or a prompt of at least one token")
   parts = [jnp.full((num_x * num_z, 1), bos, jnp.int32)] if bos is not None else []
-  tokens_RxS = jnp.concatenate([
+  tokens_RxS = jnp.concatenate(
+    [
       *parts,
       jnp.repeat(prompts_XxP, num_z, axis=0),  # Row r = x * Z + z.
       jnp.tile(prefix_ZxS, (num_x, 1)),
-  ], axis=1)
+    ],
+    axis=1,
+  )
   logprobs_RxSxV = _chunked(next_logprobs_fn, tokens_RxS, chunk)
-  resp_RxTxV = logprobs_RxSxV[:, start - 1:start - 1 + response_len, :vocab]
-  taken_RxT1 = jnp.take_along_axis(
-      resp_RxTxV[:, :-1, :], tokens_RxS[:, start:, None], axis=-1)
+  resp_RxTxV = logprobs_RxSxV[:, start - 1 : start - 1 + response_len, :vocab]
+  taken_RxT1 = jnp.take_along_axis(resp_RxTxV[:, :-1, :], tokens_RxS[:, start:, None], axis=-1)
   prefix_logp_R = jnp.sum(taken_RxT1[..., 0], axis=-1)
   logp_RxV = prefix_logp_R[:, None] + resp_RxTxV[:, -1, :]
   return logp_RxV.reshape(num_x, num_z * vocab)  # y = z * vocab + y_last.

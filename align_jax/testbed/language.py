@@ -49,8 +49,7 @@ def _categorical(cdf_NxV: np.ndarray, u_N: np.ndarray) -> np.ndarray:
   return np.minimum(k_N, cdf_NxV.shape[1] - 1)  # Guards rounding of cdf[-1].
 
 
-def sample_sequences(rng: np.random.Generator, n: int,
-                     length: int) -> np.ndarray:
+def sample_sequences(rng: np.random.Generator, n: int, length: int) -> np.ndarray:
   """Ancestral samples from the chain, one vectorised draw per position.
 
   Args:

@@ -1,31 +1,29 @@
-"""The testbed as a task: prompts × responses, its datasets, the cached base LM, exact evaluation.
+"""The testbed as a task: prompts × responses, its datasets, the rollout scorer, the enumeration pass.
+
+The cached base LM is in `testbed/base.py`, the run's exact evaluation in `testbed/evaluate.py`.
 
 Tokens: ToyLang ids 0..7, no BOS: a sequence is [prompt (P ≥ 1 tokens), response (T tokens)], and
 π(y|x) is the model's conditional of the response given the prompt. Without an input-only token the
 model's next-token distribution lives on the language's tokens, so Σ_y π(y|x) = 1 exactly.
 """
 
-import copy
 import dataclasses
-import hashlib
-import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from align_jax.testbed import exact, language
+from align_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Testbed:
-  prompts_XxP: np.ndarray        # Every prompt, lexicographic.
-  responses_YxT: np.ndarray      # Every response, lexicographic.
-  prompt_logw_X: np.ndarray      # log of the prompt distribution (the chain's marginal).
-  reward_XxY: np.ndarray         # The gold rule reward r(x, y).
-  chain_logp_XxY: np.ndarray     # The oracle conditional of the chain.
+  prompts_XxP: np.ndarray  # Every prompt, lexicographic.
+  responses_YxT: np.ndarray  # Every response, lexicographic.
+  prompt_logw_X: np.ndarray  # log of the prompt distribution (the chain's marginal).
+  reward_XxY: np.ndarray  # The gold rule reward r(x, y).
+  chain_logp_XxY: np.ndarray  # The oracle conditional of the chain.
 
   @property
   def seq_len(self) -> int:
@@ -35,14 +33,16 @@ class Testbed:
 def make(tb_cfg) -> Testbed:
   P, T = tb_cfg.prompt_len, tb_cfg.response_len
   if P < 1 or T < 1:
-    raise ValueError(f"testbed: prompt_len={P} and response_len={T} must both be >= 1")
+    raise ConfigError(f"testbed: prompt_len={P} and response_len={T} must both be >= 1")
   prompts, responses = language.all_sequences(P), language.all_sequences(T)
   reward_Y = language.response_reward(responses)
   return Testbed(
-      prompts_XxP=prompts, responses_YxT=responses,
-      prompt_logw_X=language.prompt_log_weights(P),
-      reward_XxY=np.broadcast_to(reward_Y, (len(prompts), len(responses))).astype(np.float32),
-      chain_logp_XxY=language.chain_conditional_logp(P, T))
+    prompts_XxP=prompts,
+    responses_YxT=responses,
+    prompt_logw_X=language.prompt_log_weights(P),
+    reward_XxY=np.broadcast_to(reward_Y, (len(prompts), len(responses))).astype(np.float32),
+    chain_logp_XxY=language.chain_conditional_logp(P, T),
+  )
 
 
 def corpus(tb: Testbed, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -53,14 +53,16 @@ def corpus(tb: Testbed, n: int, seed: int) -> dict[str, np.ndarray]:
   return {"tokens_KxL": tokens[:, None], "loss_mask_KxL": mask[:, None]}
 
 
-def sample_responses(rng: np.random.Generator, logp_XxY: np.ndarray, prompt_idx_N: np.ndarray,
-                     k: int) -> np.ndarray:
+def sample_responses(
+  rng: np.random.Generator, logp_XxY: np.ndarray, prompt_idx_N: np.ndarray, k: int
+) -> np.ndarray:
   """k independent response indices per drawn prompt from the exact conditional: int [N, k]."""
   cdf_XxY = np.cumsum(np.exp(logp_XxY.astype(np.float64)), axis=1)
   cdf_NxY = cdf_XxY[prompt_idx_N]
   u_Nxk = rng.random((len(prompt_idx_N), k)) * cdf_NxY[:, -1:]
-  idx = np.stack([np.searchsorted(cdf_NxY[n], u_Nxk[n], side="right")
-                  for n in range(len(prompt_idx_N))])
+  idx = np.stack(
+    [np.searchsorted(cdf_NxY[n], u_Nxk[n], side="right") for n in range(len(prompt_idx_N))]
+  )
   return np.minimum(idx, logp_XxY.shape[1] - 1)
 
 
@@ -69,8 +71,9 @@ def _prompt_draws(tb: Testbed, rng: np.random.Generator, n: int) -> np.ndarray:
   return rng.choice(len(tb.prompts_XxP), size=n, p=np.exp(tb.prompt_logw_X))
 
 
-def _records(tb: Testbed, x_NxK: np.ndarray, y_NxK: np.ndarray, score_NxK: np.ndarray,
-             **extra: np.ndarray) -> dict[str, np.ndarray]:
+def _records(
+  tb: Testbed, x_NxK: np.ndarray, y_NxK: np.ndarray, score_NxK: np.ndarray, **extra: np.ndarray
+) -> dict[str, np.ndarray]:
   """The shared record layout: [prompt, response] per list entry, responses scored.
 
   Fields: tokens_KxL, loss_mask_KxL, score_K (higher = preferred), response_mask_K (all 1 here),
@@ -78,12 +81,16 @@ def _records(tb: Testbed, x_NxK: np.ndarray, y_NxK: np.ndarray, score_NxK: np.nd
   """
   tokens = np.concatenate([tb.prompts_XxP[x_NxK], tb.responses_YxT[y_NxK]], axis=2)
   mask = np.zeros(tokens.shape, np.float32)
-  mask[:, :, tb.prompts_XxP.shape[1]:] = 1.0
-  return {"tokens_KxL": tokens.astype(np.int32), "loss_mask_KxL": mask,
-          "score_K": score_NxK.astype(np.float32),
-          "response_mask_K": np.ones(x_NxK.shape, np.float32),
-          "prompt_index_K": x_NxK.astype(np.int32), "response_index_K": y_NxK.astype(np.int32),
-          **{k: v.astype(np.float32) for k, v in extra.items()}}
+  mask[:, :, tb.prompts_XxP.shape[1] :] = 1.0
+  return {
+    "tokens_KxL": tokens.astype(np.int32),
+    "loss_mask_KxL": mask,
+    "score_K": score_NxK.astype(np.float32),
+    "response_mask_K": np.ones(x_NxK.shape, np.float32),
+    "prompt_index_K": x_NxK.astype(np.int32),
+    "response_index_K": y_NxK.astype(np.int32),
+    **{k: v.astype(np.float32) for k, v in extra.items()},
+  }
 
 
 def _bt_prob(r_a, r_b, temperature: float):
@@ -91,8 +98,9 @@ def _bt_prob(r_a, r_b, temperature: float):
   return 1.0 / (1.0 + np.exp(-(np.asarray(r_a, np.float64) - r_b) / temperature))
 
 
-def pairs(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
-          bt_temperature: float) -> dict[str, np.ndarray]:
+def pairs(
+  tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float
+) -> dict[str, np.ndarray]:
   """Preference pairs: prompts from the prompt distribution, two base samples, BT-noisy labels.
 
   P(a ≻ b) = σ((r_a − r_b) / bt_temperature); K index 0 is the chosen response (score 1).
@@ -103,12 +111,14 @@ def pairs(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
   r_Nx2 = tb.reward_XxY[x_N[:, None], ab_Nx2]
   a_wins = rng.random(n) < _bt_prob(r_Nx2[:, 0], r_Nx2[:, 1], bt_temperature)
   chosen_Nx2 = np.where(a_wins[:, None], ab_Nx2, ab_Nx2[:, ::-1])
-  return _records(tb, np.repeat(x_N[:, None], 2, 1), chosen_Nx2,
-                  np.broadcast_to(np.array([1.0, 0.0]), (n, 2)))
+  return _records(
+    tb, np.repeat(x_N[:, None], 2, 1), chosen_Nx2, np.broadcast_to(np.array([1.0, 0.0]), (n, 2))
+  )
 
 
-def lists(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
-          k: int) -> dict[str, np.ndarray]:
+def lists(
+  tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float, k: int
+) -> dict[str, np.ndarray]:
   """Ranked lists (LiPO, ListMLE, PRO): k base samples per prompt, labelled by BT win rates.
 
   Every ordered pair (i, j) of a list is compared once by a Bradley–Terry draw on the gold reward;
@@ -116,21 +126,23 @@ def lists(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperat
   win-probability aggregation of LiPO, made noisy by the draws).
   """
   if k < 2:
-    raise ValueError(f"testbed lists need k >= 2 responses; got {k}")
+    raise ConfigError(f"testbed lists need k >= 2 responses; got {k}")
   rng = np.random.default_rng(seed)
   x_N = _prompt_draws(tb, rng, n)
   y_NxK = sample_responses(rng, base_logp_XxY, x_N, k)
   r_NxK = tb.reward_XxY[x_N[:, None], y_NxK]
-  i_wins_NxKxK = rng.random((n, k, k)) < _bt_prob(r_NxK[:, :, None], r_NxK[:, None, :],
-                                                  bt_temperature)
+  i_wins_NxKxK = rng.random((n, k, k)) < _bt_prob(
+    r_NxK[:, :, None], r_NxK[:, None, :], bt_temperature
+  )
   upper = np.triu(np.ones((k, k), bool), 1)  # One draw per unordered pair, i < j.
   wins_NxKxK = np.where(upper, i_wins_NxKxK, ~np.swapaxes(i_wins_NxKxK, 1, 2) & upper.T)
   score_NxK = wins_NxKxK.sum(-1) / (k - 1)
   return _records(tb, np.repeat(x_N[:, None], k, 1), y_NxK, score_NxK)
 
 
-def binary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
-           bt_temperature: float) -> dict[str, np.ndarray]:
+def binary(
+  tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float
+) -> dict[str, np.ndarray]:
   """Thumbs up/down (KTO, BCO): one base sample per record, desirable by a BT draw.
 
   P(desirable) = σ((r(x, y) − E_base[r | x]) / T): the response is compared with the base policy's
@@ -143,12 +155,18 @@ def binary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
   base_mean_X = np.sum(np.exp(base_logp_XxY.astype(np.float64)) * tb.reward_XxY, axis=1)
   desirable = rng.random(n) < _bt_prob(tb.reward_XxY[x_N, y_N], base_mean_X[x_N], bt_temperature)
   y_Nx2 = np.stack([y_N, np.roll(y_N, 1)], axis=1)
-  return _records(tb, np.repeat(x_N[:, None], 2, 1), y_Nx2,
-                  np.stack([desirable, np.zeros(n, bool)], 1), desirable=desirable)
+  return _records(
+    tb,
+    np.repeat(x_N[:, None], 2, 1),
+    y_Nx2,
+    np.stack([desirable, np.zeros(n, bool)], 1),
+    desirable=desirable,
+  )
 
 
-def ternary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
-            tie_alpha: float) -> dict[str, np.ndarray]:
+def ternary(
+  tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float, tie_alpha: float
+) -> dict[str, np.ndarray]:
   """Pairs with ties (objective `todo`): labels from the Rao–Kupper model with tie parameter α.
 
   With d = (r_a − r_b)/T: P(a ≻ b) = σ(d − α), P(b ≻ a) = σ(−d − α), P(tie) = the rest. The winner
@@ -168,8 +186,15 @@ def ternary(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temper
   return _records(tb, np.repeat(x_N[:, None], 2, 1), ordered_Nx2, score_Nx2, is_tie=tie)
 
 
-def distribution(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_temperature: float,
-                 categories: int, voters: int) -> dict[str, np.ndarray]:
+def distribution(
+  tb: Testbed,
+  base_logp_XxY: np.ndarray,
+  n: int,
+  seed: int,
+  bt_temperature: float,
+  categories: int,
+  voters: int,
+) -> dict[str, np.ndarray]:
   """Distributional labels (DPRM): one base sample per record, rated by a simulated population.
 
   Each of `voters` annotators sees the response's advantage d = r(x, y) − E_base[r | x] plus
@@ -179,8 +204,10 @@ def distribution(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_t
   (ALGORITHMS.md §4.3, §7.6); score_K is the label's mean category / (C − 1).
   """
   if categories < 2 or voters < 1:
-    raise ValueError(f"testbed distribution labels need categories >= 2 and voters >= 1; got "
-                     f"{categories} and {voters}")
+    raise ConfigError(
+      f"testbed distribution labels need categories >= 2 and voters >= 1; got "
+      f"{categories} and {voters}"
+    )
   rng = np.random.default_rng(seed)
   x_N = _prompt_draws(tb, rng, n)
   y_N = sample_responses(rng, base_logp_XxY, x_N, 1)[:, 0]
@@ -191,15 +218,17 @@ def distribution(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, bt_t
   cdf = np.cumsum(mass[order])
   cuts_C1 = d_XxY.ravel()[order][np.searchsorted(cdf, np.arange(1, categories) / categories)]
   seen_NxV = d_XxY[x_N, y_N][:, None] + bt_temperature * rng.logistic(size=(n, voters))
-  votes_NxC = np.stack([np.sum(np.searchsorted(cuts_C1, seen_NxV) == c, axis=1)
-                        for c in range(categories)], axis=1)
+  votes_NxC = np.stack(
+    [np.sum(np.searchsorted(cuts_C1, seen_NxV) == c, axis=1) for c in range(categories)], axis=1
+  )
   label_NxC = (1.0 + votes_NxC) / (categories + voters)
   mean_N = label_NxC @ np.arange(categories) / (categories - 1)
   return _records(tb, x_N[:, None], y_N[:, None], mean_N[:, None], label_dist_C=label_NxC)
 
 
-def negatives(tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int,
-              num_samples: int) -> dict[str, np.ndarray]:
+def negatives(
+  tb: Testbed, base_logp_XxY: np.ndarray, n: int, seed: int, num_samples: int
+) -> dict[str, np.ndarray]:
   """Negatives only (D2O): K index 0 a harmful response, 1..num_samples the model's own samples.
 
   The negative is a base sample conditioned on harm (the response contains token h, ABLATIONS.md
@@ -232,8 +261,12 @@ def response_index(tokens_BxKxL: jax.Array, prompt_len: int) -> jax.Array:
   return jnp.sum(response_BxKxT * language.V ** jnp.arange(T - 1, -1, -1, dtype=jnp.int32), -1)
 
 
-def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None, reward_fn=None,
-           reward_XxY: jax.Array | None = None):
+def scorer(
+  tb: Testbed,
+  extra_logp_XxY: np.ndarray | None = None,
+  reward_fn=None,
+  reward_XxY: jax.Array | None = None,
+):
   """score_fn of `rollout.rollout` on the testbed: the reward, and the target log P.
 
   The reward is `reward_XxY` (default: the gold rule reward) looked up by response, or
@@ -248,9 +281,13 @@ def scorer(tb: Testbed, extra_logp_XxY: np.ndarray | None = None, reward_fn=None
     y_BxK = response_index(tokens_BxKxL, prompt_len)
     x_Bx1 = prompt_index_B[:, None]
     target = ref_logp_BxK if extra_XxY is None else ref_logp_BxK + extra_XxY[x_Bx1, y_BxK]
-    reward = (reward_XxY[x_Bx1, y_BxK] if reward_fn is None
-              else reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL))
+    reward = (
+      reward_XxY[x_Bx1, y_BxK]
+      if reward_fn is None
+      else reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL)
+    )
     return {"reward_BxK": reward, "target_logp_BxK": target}
+
   return score
 
 
@@ -260,68 +297,8 @@ def exact_logp_fn(graphdef, tb: Testbed, chunk: int):
 
   def logp_XxY(params):
     fn = lambda tokens: logps.next_token_logprobs(graphdef, params, tokens)
-    return exact.prefix_logps(fn, jnp.asarray(tb.prompts_XxP), tb.responses_YxT.shape[1],
-                              language.V, chunk=chunk)
+    return exact.prefix_logps(
+      fn, jnp.asarray(tb.prompts_XxP), tb.responses_YxT.shape[1], language.V, chunk=chunk
+    )
+
   return logp_XxY
-
-
-# --- The cached base LM -------------------------------------------------------------------------
-
-def cache_root() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "align_jax")
-
-
-def base_key(tb_cfg, model_cfg) -> str:
-  """Identifies a base LM by everything that determines it."""
-  fields = ("prompt_len", "response_len", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-            "pretrain_examples")
-  blob = json.dumps({"testbed": {k: tb_cfg[k] for k in fields}, "model": model_cfg.to_dict(),
-                     "chain": "toylang-v1"}, sort_keys=True)
-  return "testbed-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def base_dir(tb_cfg, model_cfg) -> str:
-  return os.path.join(cache_root(), base_key(tb_cfg, model_cfg))
-
-
-def pretrain_config(tb_cfg, model_cfg, seed: int = 0):
-  """The config that trains the base LM for these settings (configs/pretrain_testbed.py)."""
-  from align_jax import config_lib
-  tb_cfg, model_cfg = copy.deepcopy(tb_cfg), copy.deepcopy(model_cfg)
-  c = config_lib.base()
-  c.name = "pretrain_testbed"
-  c.objective = "sft"
-  c.seed = seed
-  c.model = model_cfg
-  c.testbed = tb_cfg
-  c.total_steps = tb_cfg.pretrain_steps
-  c.log_every = max(tb_cfg.pretrain_steps // 10, 1)
-  c.eval_every = 0
-  c.checkpoint_every = tb_cfg.pretrain_steps
-  c.keep_checkpoints = 1
-  c.data.source = "testbed"
-  c.data.batch_size = tb_cfg.pretrain_batch
-  c.data.num_examples = tb_cfg.pretrain_examples
-  c.testbed.target = "chain"
-  c.optim.lr = tb_cfg.pretrain_lr
-  c.optim.schedule = "cosine"
-  c.optim.warmup_steps = min(50, tb_cfg.pretrain_steps // 10)
-  return c
-
-
-def staging_dir(tb_cfg, model_cfg) -> str:
-  """Where every process writes a fresh base before `publish_base` moves it into place."""
-  return base_dir(tb_cfg, model_cfg) + ".staging"
-
-
-def publish_base(tb_cfg, model_cfg, info: dict) -> str:
-  """Moves the staged base into the cache atomically (process 0 only); returns its directory."""
-  final, staging = base_dir(tb_cfg, model_cfg), staging_dir(tb_cfg, model_cfg)
-  with open(os.path.join(staging, "info.json"), "w") as f:
-    json.dump(info, f, indent=1)
-  if os.path.isdir(final):  # Another run finished first; keep theirs.
-    shutil.rmtree(staging)
-  else:
-    os.replace(staging, final)
-  return final

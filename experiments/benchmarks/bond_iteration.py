@@ -35,8 +35,9 @@ def main(argv=None):
   cfg = harness.run_config("bond")
   cfg.sampling.max_new_tokens = args.new_tokens
   cfg.data.batch_size = args.batch
-  model_cfg = harness.model_config(args.preset, remat=args.remat or None,
-                                   attention_impl=args.attention_impl)
+  model_cfg = harness.model_config(
+    args.preset, remat=args.remat or None, attention_impl=args.attention_impl
+  )
   env = report.environment()
   s = harness.build_step(cfg, model_cfg)
   make_batch = harness.build_rollout(s, args.batch, args.prompt_len)
@@ -66,34 +67,46 @@ def main(argv=None):
   update_flops = roofline.train_step_flops(model_cfg, B * K, L, frozen_forwards=0)
   # The rollout's model FLOPs: prefill + N decode steps of every sample, and one reference
   # forward over all samples (anchor = reference: its log-probs are the reference's).
-  sample_flops = (roofline.forward_flops(model_cfg, B * K, P, P + N)
-                  + sum(roofline.forward_flops(model_cfg, B * K, 1, P + N) for _ in range(N))
-                  + roofline.forward_flops(model_cfg, B * K, L))
+  sample_flops = (
+    roofline.forward_flops(model_cfg, B * K, P, P + N)
+    + sum(roofline.forward_flops(model_cfg, B * K, 1, P + N) for _ in range(N))
+    + roofline.forward_flops(model_cfg, B * K, L)
+  )
   peak = peaks["peak_flops_per_s"]
   rows = [
-      {"part": "sampling (rollout)", "ms (median)": 1e3 * roll_s,
-       "share %": 100 * roll_s / (roll_s + step_s), "tokens/s": B * K * N / roll_s,
-       "model GFLOP": sample_flops / 1e9, "MFU %": 100 * sample_flops / roll_s / peak,
-       "compile_s": compile_roll},
-      {"part": "training (update)", "ms (median)": 1e3 * step_s,
-       "share %": 100 * step_s / (roll_s + step_s), "tokens/s": B * K * L / step_s,
-       "model GFLOP": update_flops / 1e9, "MFU %": 100 * update_flops / step_s / peak,
-       "compile_s": compile_step},
+    {
+      "part": "sampling (rollout)",
+      "ms (median)": 1e3 * roll_s,
+      "share %": 100 * roll_s / (roll_s + step_s),
+      "tokens/s": B * K * N / roll_s,
+      "model GFLOP": sample_flops / 1e9,
+      "MFU %": 100 * sample_flops / roll_s / peak,
+      "compile_s": compile_roll,
+    },
+    {
+      "part": "training (update)",
+      "ms (median)": 1e3 * step_s,
+      "share %": 100 * step_s / (roll_s + step_s),
+      "tokens/s": B * K * L / step_s,
+      "model GFLOP": update_flops / 1e9,
+      "MFU %": 100 * update_flops / step_s / peak,
+      "compile_s": compile_step,
+    },
   ]
   notes = [
-      f"model {args.preset} ({model_cfg.dtype}, remat {model_cfg.remat}, attention "
-      f"{model_cfg.attention_impl}); {B} prompts x K = "
-      f"{K} samples ({cfg.rollout.num_policy} policy + {cfg.rollout.num_anchor} anchor) of "
-      f"{P} prompt + {N} new tokens; sampling tokens/s counts generated tokens, training "
-      "tokens/s all B·K·L tokens of the update.",
-      "Update FLOPs: 3·rows·[2·N·L + 4·n_layers·H·K·L²] (no frozen forward in the update: the "
-      "rollout already computed the reference log-probs). Rollout FLOPs: prefill (P queries "
-      "over P+N cache slots) + N one-token decode steps over P+N slots + one reference forward.",
-      f"MFU denominator {peak / 1e12:.3f} TFLOP/s: {peaks['peak_source']}.",
-      f"peak memory {mem_gib:.2f} GiB ({mem_kind}).",
-      f"{args.reps} iterations after one warm-up (compilation) iteration, each followed on a "
-      "CPU by the matmul / bandwidth probe; medians. CPU shared with other work: absolute "
-      "times are noisy.",
+    f"model {args.preset} ({model_cfg.dtype}, remat {model_cfg.remat}, attention "
+    f"{model_cfg.attention_impl}); {B} prompts x K = "
+    f"{K} samples ({cfg.rollout.num_policy} policy + {cfg.rollout.num_anchor} anchor) of "
+    f"{P} prompt + {N} new tokens; sampling tokens/s counts generated tokens, training "
+    "tokens/s all B·K·L tokens of the update.",
+    "Update FLOPs: 3·rows·[2·N·L + 4·n_layers·H·K·L²] (no frozen forward in the update: the "
+    "rollout already computed the reference log-probs). Rollout FLOPs: prefill (P queries "
+    "over P+N cache slots) + N one-token decode steps over P+N slots + one reference forward.",
+    f"MFU denominator {peak / 1e12:.3f} TFLOP/s: {peaks['peak_source']}.",
+    f"peak memory {mem_gib:.2f} GiB ({mem_kind}).",
+    f"{args.reps} iterations after one warm-up (compilation) iteration, each followed on a "
+    "CPU by the matmul / bandwidth probe; medians. CPU shared with other work: absolute "
+    "times are noisy.",
   ]
   print(report.write(args.out, env, rows, notes, {"peaks": peaks, "iteration_times_s": times}))
 

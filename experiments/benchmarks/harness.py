@@ -23,28 +23,42 @@ from experiments.benchmarks.report import ROOT
 
 # The CPU benchmark model: a 2-layer Llama (GQA, SwiGLU, RoPE, untied embeddings), 2.5M
 # parameters; peers.py builds the same shape in Tunix and TRL.
-TINY_LLAMA = dict(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
-                  mlp_dim=1024, rope_theta=10_000.0, norm_eps=1e-6)
+TINY_LLAMA = dict(
+  vocab_size=1024,
+  d_model=256,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  head_dim=64,
+  mlp_dim=1024,
+  rope_theta=10_000.0,
+  norm_eps=1e-6,
+)
 
 
 def model_config(preset: str, **overrides) -> models.ModelConfig:
   """`tiny_llama` (TINY_LLAMA) or any align_jax preset (e.g. llama_1b), with field overrides."""
-  base = (models.preset("tiny").to_dict() | TINY_LLAMA if preset == "tiny_llama"
-          else models.preset(preset).to_dict())
+  base = (
+    models.preset("tiny").to_dict() | TINY_LLAMA
+    if preset == "tiny_llama"
+    else models.preset(preset).to_dict()
+  )
   return models.ModelConfig(**(base | {k: v for k, v in overrides.items() if v is not None}))
 
 
 def run_config(name: str, arg: str | None = None):
   """configs/<name>.py's get_config(arg), as the CLI builds it."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(
+    f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def records(rng: np.random.Generator, rows: int, k: int, prompt_len: int, response_len: int,
-            vocab: int) -> dict[str, np.ndarray]:
+def records(
+  rng: np.random.Generator, rows: int, k: int, prompt_len: int, response_len: int, vocab: int
+) -> dict[str, np.ndarray]:
   """`rows` host records of k responses each: random tokens, the response tokens scored, random
   distinct scores (ranked lists; pairs ignore them)."""
   L = prompt_len + response_len
@@ -52,9 +66,12 @@ def records(rng: np.random.Generator, rows: int, k: int, prompt_len: int, respon
   tokens[:, :, :prompt_len] = tokens[:, :1, :prompt_len]  # One prompt per record.
   mask = np.zeros((rows, k, L), np.float32)
   mask[:, :, prompt_len:] = 1.0
-  return {"tokens_KxL": tokens, "loss_mask_KxL": mask,
-          "score_K": rng.permutation(np.tile(np.arange(k, dtype=np.float32), (rows, 1)).T).T,
-          "response_mask_K": np.ones((rows, k), np.float32)}
+  return {
+    "tokens_KxL": tokens,
+    "loss_mask_KxL": mask,
+    "score_K": rng.permutation(np.tile(np.arange(k, dtype=np.float32), (rows, 1)).T).T,
+    "response_mask_K": np.ones((rows, k), np.float32),
+  }
 
 
 def _batch_shardings(keys, mesh) -> dict:
@@ -65,6 +82,7 @@ def _batch_shardings(keys, mesh) -> dict:
 @dataclasses.dataclass
 class Step:
   """A jitted align_jax update on one mesh, its state and frozen reference."""
+
   cfg: object
   model_cfg: models.ModelConfig
   mesh: jax.sharding.Mesh
@@ -74,8 +92,8 @@ class Step:
   ref_params: dict | None
   param_shardings: dict
   state_shardings: object
-  update_fn: object   # step.train_step with its static arguments bound (not jitted).
-  fields: tuple       # Record fields of offline batches.
+  update_fn: object  # step.train_step with its static arguments bound (not jitted).
+  fields: tuple  # Record fields of offline batches.
   _jitted: dict = dataclasses.field(default_factory=dict)
 
   def jitted(self, batch_keys):
@@ -83,11 +101,15 @@ class Step:
     keys = tuple(sorted(batch_keys))
     if keys not in self._jitted:
       self._jitted[keys] = jax.jit(
-          self.update_fn,
-          in_shardings=(self.state_shardings, _batch_shardings(keys, self.mesh),
-                        self.param_shardings if self.ref_params is not None else None),
-          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-          donate_argnums=0)
+        self.update_fn,
+        in_shardings=(
+          self.state_shardings,
+          _batch_shardings(keys, self.mesh),
+          self.param_shardings if self.ref_params is not None else None,
+        ),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+        donate_argnums=0,
+      )
     return self._jitted[keys]
 
   def device_batch(self, host_batch: dict) -> dict:
@@ -112,35 +134,59 @@ def update(cfg, model_cfg: models.ModelConfig):
   graphdef, _, _ = models.abstract(model_cfg)
   optim = types.SimpleNamespace(**cfg.optim.to_dict(), total_steps=cfg.total_steps)
   tx = step.optimizer(optim)
-  return graphdef, tx, functools.partial(
-      step.train_step, graphdef=graphdef, objective=objectives.get(cfg.objective),
-      loss_cfg=cfg.loss.to_dict(), tx=tx, lr_fn=step.learning_rate(optim))
+  return (
+    graphdef,
+    tx,
+    functools.partial(
+      step.train_step,
+      graphdef=graphdef,
+      objective=objectives.get(cfg.objective),
+      loss_cfg=cfg.loss.to_dict(),
+      tx=tx,
+      lr_fn=step.learning_rate(optim),
+    ),
+  )
 
 
 def build_step(cfg, model_cfg: models.ModelConfig) -> Step:
   """train.py's model, state and `train_step` for `cfg` with the model `model_cfg`."""
   objective = objectives.get(cfg.objective)
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
-  table = sharding.check_rules(cfg.rules, mesh, set(models.transformer.PARAM_AXES)
-                               | set(models.transformer.ACT_AXES))
+  table = sharding.check_rules(
+    cfg.rules, mesh, set(models.transformer.PARAM_AXES) | set(models.transformer.ACT_AXES)
+  )
   fields = ("tokens_KxL", "loss_mask_KxL") + (
-      ("score_K", "response_mask_K") if objective.data == "lists" else ())
+    ("score_K", "response_mask_K") if objective.data == "lists" else ()
+  )
   graphdef, tx, update_fn = update(cfg, model_cfg)
   with jax.set_mesh(mesh), sharding.use_rules(table):
     replicated = sharding.replicated(mesh)
     _, _, names = models.abstract(model_cfg)
     param_shardings = sharding.tree_shardings(names, mesh, table)
-    init_fn = jax.jit(functools.partial(models.init_params, model_cfg),
-                      out_shardings=param_shardings)
+    init_fn = jax.jit(
+      functools.partial(models.init_params, model_cfg), out_shardings=param_shardings
+    )
     params = init_fn(jax.random.key(cfg.seed))
     ref_params = init_fn(jax.random.key(cfg.seed)) if objective.needs_ref else None
     state = jax.jit(lambda p: step.init_state(p, tx, cfg.seed))(params)
     state_shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-        else replicated, state)
+      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated,
+      state,
+    )
     state = jax.device_put(state, state_shardings)
-  return Step(cfg, model_cfg, mesh, table, graphdef, state, ref_params, param_shardings,
-              state_shardings, update_fn, fields)
+  return Step(
+    cfg,
+    model_cfg,
+    mesh,
+    table,
+    graphdef,
+    state,
+    ref_params,
+    param_shardings,
+    state_shardings,
+    update_fn,
+    fields,
+  )
 
 
 def _rule_score(tokens_BxKxL, loss_mask_BxKxL, prompt_index_B, ref_logp_BxK, reward_params):
@@ -157,17 +203,33 @@ def build_rollout(s: Step, batch_size: int, prompt_len: int):
   (state, prompts_BxP, prompt_index_B, ref_params) -> the step's batch."""
   cfg = s.cfg
   roll = functools.partial(
-      rollout.rollout, graphdef=s.graphdef,
-      sampling_cfg=sampling.SamplingConfig(**cfg.sampling), num_policy=cfg.rollout.num_policy,
-      num_anchor=cfg.rollout.num_anchor, anchor_is_ref=True, score_fn=_rule_score)
+    rollout.rollout,
+    graphdef=s.graphdef,
+    sampling_cfg=sampling.SamplingConfig(**cfg.sampling),
+    num_policy=cfg.rollout.num_policy,
+    num_anchor=cfg.rollout.num_anchor,
+    anchor_is_ref=True,
+    score_fn=_rule_score,
+  )
   with jax.set_mesh(s.mesh), sharding.use_rules(s.table):
-    shapes = jax.eval_shape(roll, s.state, jax.ShapeDtypeStruct((batch_size, prompt_len),
-                                                                jnp.int32),
-                            jax.ShapeDtypeStruct((batch_size,), jnp.int32), s.ref_params)
+    shapes = jax.eval_shape(
+      roll,
+      s.state,
+      jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
+      jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      s.ref_params,
+    )
     prompt_shardings = _batch_shardings(("prompt_BxP", "prompt_index_B"), s.mesh)
-    return jax.jit(roll, in_shardings=(s.state_shardings, prompt_shardings["prompt_BxP"],
-                                       prompt_shardings["prompt_index_B"], s.param_shardings),
-                   out_shardings=_batch_shardings(shapes, s.mesh))
+    return jax.jit(
+      roll,
+      in_shardings=(
+        s.state_shardings,
+        prompt_shardings["prompt_BxP"],
+        prompt_shardings["prompt_index_B"],
+        s.param_shardings,
+      ),
+      out_shardings=_batch_shardings(shapes, s.mesh),
+    )
 
 
 def step_jaxpr(s: Step, batch: dict):

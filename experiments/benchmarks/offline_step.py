@@ -23,8 +23,10 @@ import numpy as np
 
 from experiments.benchmarks import harness, report, roofline
 
-FORMULA = ("model FLOPs/step = (3 + 1)·rows·[2·N·L + 4·n_layers·H·K·L²]: policy forward+backward "
-           "(3 forwards) + one frozen reference forward, N = matmul params (roofline.py)")
+FORMULA = (
+  "model FLOPs/step = (3 + 1)·rows·[2·N·L + 4·n_layers·H·K·L²]: policy forward+backward "
+  "(3 forwards) + one frozen reference forward, N = matmul params (roofline.py)"
+)
 
 
 def main(argv=None):
@@ -43,8 +45,9 @@ def main(argv=None):
   p.add_argument("--out", default="offline_step")
   args = p.parse_args(argv)
 
-  model_cfg = harness.model_config(args.preset, remat=args.remat or None, dtype=args.dtype,
-                                   attention_impl=args.attention_impl)
+  model_cfg = harness.model_config(
+    args.preset, remat=args.remat or None, dtype=args.dtype, attention_impl=args.attention_impl
+  )
   env = report.environment()
   on_cpu = jax.devices()[0].platform == "cpu"
   L = args.prompt_len + args.response_len
@@ -54,14 +57,16 @@ def main(argv=None):
     cfg = harness.run_config({"dpo": "dpo", "lipo": "lipo"}[name])
     k = 2 if name == "dpo" else args.list_size
     s = harness.build_step(cfg, model_cfg)
-    batch = harness.records(rng, args.batch, k, args.prompt_len, args.response_len,
-                            model_cfg.vocab_size)
+    batch = harness.records(
+      rng, args.batch, k, args.prompt_len, args.response_len, model_cfg.vocab_size
+    )
     t0 = time.perf_counter()
     jax.block_until_ready(s(batch))  # Compiles.
     compile_s = time.perf_counter() - t0
     jaxpr_flops = roofline.jaxpr_matmul_flops(harness.step_jaxpr(s, s.device_batch(batch)))
-    runs[name] = dict(step=s, batch=batch, k=k, times=[], compile_s=compile_s,
-                      jaxpr_flops=jaxpr_flops)
+    runs[name] = dict(
+      step=s, batch=batch, k=k, times=[], compile_s=compile_s, jaxpr_flops=jaxpr_flops
+    )
 
   probes = []
   for _ in range(args.reps):
@@ -82,9 +87,15 @@ def main(argv=None):
     rows_per_step = args.batch * run["k"]
     step_s = float(np.median(run["times"]))
     flops = roofline.train_step_flops(model_cfg, rows_per_step, L)
-    rows.append({
-        "objective": name, "model": args.preset, "B": args.batch, "K": run["k"], "L": L,
-        "dtype": model_cfg.dtype, "remat": model_cfg.remat,
+    rows.append(
+      {
+        "objective": name,
+        "model": args.preset,
+        "B": args.batch,
+        "K": run["k"],
+        "L": L,
+        "dtype": model_cfg.dtype,
+        "remat": model_cfg.remat,
         "attention": model_cfg.attention_impl,
         "step_ms (median)": 1e3 * step_s,
         "step_ms (min..max)": f"{1e3 * min(run['times']):.1f}..{1e3 * max(run['times']):.1f}",
@@ -94,20 +105,31 @@ def main(argv=None):
         "achieved TFLOP/s": flops / step_s / 1e12,
         "MFU %": 100 * flops / step_s / peak,
         "compile_s": run["compile_s"],
-    })
+      }
+    )
   notes = [
-      FORMULA + "; the jaxpr column counts every dot_general of the traced step exactly (it "
-      "exceeds the formula only with remat, whose recomputed forward is not model FLOPs).",
-      f"MFU denominator: {peak / 1e12:.3f} TFLOP/s, {peaks['peak_source']}"
-      + (" (on a CPU: MFU relative to achieved matmul throughput, not a hardware peak)."
-         if on_cpu else "."),
-      f"peak memory {mem_gib:.2f} GiB ({mem_kind}) for the whole process (all objectives).",
-      f"{args.reps} repetitions of {args.steps} updates per objective, objectives alternating; "
-      "warm-up (compilation) excluded; the 2 CPU cores are shared with other work, so the "
-      "spread (min..max) is reported.",
+    FORMULA + "; the jaxpr column counts every dot_general of the traced step exactly (it "
+    "exceeds the formula only with remat, whose recomputed forward is not model FLOPs).",
+    f"MFU denominator: {peak / 1e12:.3f} TFLOP/s, {peaks['peak_source']}"
+    + (
+      " (on a CPU: MFU relative to achieved matmul throughput, not a hardware peak)."
+      if on_cpu
+      else "."
+    ),
+    f"peak memory {mem_gib:.2f} GiB ({mem_kind}) for the whole process (all objectives).",
+    f"{args.reps} repetitions of {args.steps} updates per objective, objectives alternating; "
+    "warm-up (compilation) excluded; the 2 CPU cores are shared with other work, so the "
+    "spread (min..max) is reported.",
   ]
-  print(report.write(args.out, env, rows, notes, {
-      "peaks": peaks, "step_times_s": {n: r["times"] for n, r in runs.items()}}))
+  print(
+    report.write(
+      args.out,
+      env,
+      rows,
+      notes,
+      {"peaks": peaks, "step_times_s": {n: r["times"] for n, r in runs.items()}},
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ from experiments.benchmarks.peer_workers import protocol
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_workers")
 PEERS = {  # venv name -> pip requirements (installed with torch pinned to 2.13.0).
-    "tunix": ["google-tunix"],
-    "trl": ["torch==2.13.0", "trl"],
+  "tunix": ["google-tunix"],
+  "trl": ["torch==2.13.0", "trl"],
 }
-VERSIONS = {"tunix": ["google-tunix", "jax", "jaxlib", "flax", "optax"],
-            "trl": ["trl", "torch", "transformers", "accelerate"]}
+VERSIONS = {
+  "tunix": ["google-tunix", "jax", "jaxlib", "flax", "optax"],
+  "trl": ["trl", "torch", "transformers", "accelerate"],
+}
 
 
 def _venv_python(venv_dir: str, name: str, fresh: bool) -> str:
@@ -49,18 +51,25 @@ def _venv_python(venv_dir: str, name: str, fresh: bool) -> str:
     with open(constraints, "w") as f:
       f.write("torch==2.13.0\n")
     with open(path + ".log", "w") as log:
-      subprocess.run([python, "-m", "pip", "install", "-c", constraints, *PEERS[name]],
-                     check=True, stdout=log, stderr=subprocess.STDOUT)
+      subprocess.run(
+        [python, "-m", "pip", "install", "-c", constraints, *PEERS[name]],
+        check=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
     with open(marker, "w") as f:
       json.dump(_versions(python, name), f)
   return python
 
 
 def _versions(python: str, name: str) -> dict:
-  code = ("import importlib.metadata as m, json, sys; print(json.dumps({p: m.version(p) "
-          "for p in sys.argv[1:]}))")
-  out = subprocess.run([python, "-c", code, *VERSIONS[name]], capture_output=True, text=True,
-                       check=True)
+  code = (
+    "import importlib.metadata as m, json, sys; print(json.dumps({p: m.version(p) "
+    "for p in sys.argv[1:]}))"
+  )
+  out = subprocess.run(
+    [python, "-c", code, *VERSIONS[name]], capture_output=True, text=True, check=True
+  )
   return json.loads(out.stdout)
 
 
@@ -68,20 +77,33 @@ class Worker:
   """One framework's process: started, warmed up, then driven chunk by chunk."""
 
   def __init__(self, name: str, python: str, script: str, spec: dict, log_dir: str):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONPATH=report.ROOT, PYTHONUNBUFFERED="1")
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      HF_HUB_OFFLINE="1",
+      HF_DATASETS_OFFLINE="1",
+      TRANSFORMERS_OFFLINE="1",
+      PYTHONPATH=report.ROOT,
+      PYTHONUNBUFFERED="1",
+    )
     env.pop("XLA_FLAGS", None)  # One CPU device for every JAX framework.
     self.name, self.log = name, os.path.join(log_dir, f"{name}.log")
-    self.proc = subprocess.Popen([python, os.path.join(WORKERS, script), json.dumps(spec)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=open(self.log, "w"), text=True, env=env, cwd=report.ROOT)
+    self.proc = subprocess.Popen(
+      [python, os.path.join(WORKERS, script), json.dumps(spec)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=open(self.log, "w"),
+      text=True,
+      env=env,
+      cwd=report.ROOT,
+    )
     self.info = self._read()
     self.seconds, self.cpu_seconds = [], []
 
   def _read(self) -> dict:
     for line in self.proc.stdout:
       if line.startswith(protocol.MARK):
-        return json.loads(line[len(protocol.MARK):])
+        return json.loads(line[len(protocol.MARK) :])
     raise RuntimeError(f"{self.name} worker exited (code {self.proc.wait()}); see {self.log}")
 
   def chunk(self) -> None:
@@ -105,9 +127,12 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=3, help="updates per timed chunk")
   p.add_argument("--reps", type=int, default=9, help="timed chunks per framework")
   p.add_argument("--warmup", type=int, default=3, help="untimed updates first")
-  p.add_argument("--venv_dir", default=os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "align_jax",
-      "peer_venvs"))
+  p.add_argument(
+    "--venv_dir",
+    default=os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "align_jax", "peer_venvs"
+    ),
+  )
   p.add_argument("--fresh_venvs", action="store_true", help="reinstall the peers' venvs")
   p.add_argument("--out", default="peers_dpo_cpu")
   args = p.parse_args(argv)
@@ -117,62 +142,103 @@ def main(argv=None):
   versions = {name: _versions(pythons[name], name) for name in PEERS}
   if versions["trl"]["torch"].split("+")[0] != "2.13.0":
     raise RuntimeError(f"the trl venv has torch {versions['trl']['torch']}, not 2.13.0")
-  model = {k: harness.TINY_LLAMA[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads",
-                                              "n_kv_heads", "head_dim", "mlp_dim", "rope_theta",
-                                              "norm_eps")}
-  spec = dict(seed=0, batch=args.batch, prompt_len=args.prompt_len,
-              response_len=args.response_len, steps=args.steps, reps=args.reps,
-              warmup=args.warmup, lr=1e-3, model=model)
+  model = {
+    k: harness.TINY_LLAMA[k]
+    for k in (
+      "vocab_size",
+      "d_model",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "rope_theta",
+      "norm_eps",
+    )
+  }
+  spec = dict(
+    seed=0,
+    batch=args.batch,
+    prompt_len=args.prompt_len,
+    response_len=args.response_len,
+    steps=args.steps,
+    reps=args.reps,
+    warmup=args.warmup,
+    lr=1e-3,
+    model=model,
+  )
   env = report.environment()
   log_dir = tempfile.mkdtemp(prefix="align_jax_peers_")
-  plan = [("align_jax", sys.executable, "align_jax_dpo.py"),
-          ("tunix", pythons["tunix"], "tunix_dpo.py"),
-          ("trl", pythons["trl"], "trl_dpo.py")]
+  plan = [
+    ("align_jax", sys.executable, "align_jax_dpo.py"),
+    ("tunix", pythons["tunix"], "tunix_dpo.py"),
+    ("trl", pythons["trl"], "trl_dpo.py"),
+  ]
   workers = []
   for name, python, script in plan:  # Set up and warm up one at a time.
     print(f"starting {name} (log: {log_dir}/{name}.log)", flush=True)
     workers.append(Worker(name, python, script, spec, log_dir))
   for rep in range(args.reps):
-    for w in workers[rep % 3:] + workers[:rep % 3]:
+    for w in workers[rep % 3 :] + workers[: rep % 3]:
       w.chunk()
-    print(f"repetition {rep + 1}/{args.reps}: " + ", ".join(
-        f"{w.name} {w.seconds[-1] / args.steps:.3f} s/step" for w in workers), flush=True)
+    print(
+      f"repetition {rep + 1}/{args.reps}: "
+      + ", ".join(f"{w.name} {w.seconds[-1] / args.steps:.3f} s/step" for w in workers),
+      flush=True,
+    )
   for w in workers:
     w.close()
 
   L = args.prompt_len + args.response_len
   tokens_per_chunk = args.batch * 2 * L * args.steps
   tps = {w.name: tokens_per_chunk / float(np.median(w.seconds)) for w in workers}
-  label = {"align_jax": f"align_jax (jax {env['jax']})",
-           "tunix": f"tunix {versions['tunix']['google-tunix']} (jax {versions['tunix']['jax']})",
-           "trl": f"trl {versions['trl']['trl']} (torch {versions['trl']['torch']})"}
-  rows = [{"framework": label[w.name],
-           "step_s (median)": float(np.median(w.seconds)) / args.steps,
-           "step_s (min..max)": f"{min(w.seconds) / args.steps:.3f}.."
-                                f"{max(w.seconds) / args.steps:.3f}",
-           "tokens/s": tps[w.name], "align_jax / this": tps["align_jax"] / tps[w.name],
-           "CPU s/step (median)": float(np.median(w.cpu_seconds)) / args.steps,
-           "first loss": w.info.get("first_loss", "")} for w in workers]
-  notes = [
-      f"Model: Llama, vocab {model['vocab_size']}, d {model['d_model']}, {model['n_layers']} "
-      f"layers, {model['n_heads']} heads ({model['n_kv_heads']} KV) of {model['head_dim']}, "
-      f"SwiGLU {model['mlp_dim']}, untied embeddings, fp32. Batch {args.batch} pairs, prompt "
-      f"{args.prompt_len} + response {args.response_len} = {L} tokens, all response tokens "
-      "scored; DPO β = 0.1 with the reference forward every step; AdamW lr 1e-3, clip 1.0.",
-      f"{args.warmup} warm-up updates untimed, then {args.reps} chunks of {args.steps} updates "
-      "per framework, frameworks taking turns (rotating order) in one run; medians. "
-      "tokens/s = batch·2·L·steps / chunk time.",
-      "Each framework through its own trainer loop: align_jax's jitted train_step with "
-      "train.py's per-step host batch and one-step-late metric fetch; Tunix's DPOTrainer.train; "
-      "TRL's DPOTrainer.train (gradient checkpointing off, as in the others; TRL defaults it on).",
-      "First loss: log 2 = 0.6931 for a policy equal to its reference (TRL logs none here).",
-      f"CPU shared with other engineers' jobs (load average {env['load_average_at_start']:.1f} "
-      "at start on 2 cores): absolute times are noisy; the interleaving makes the ratios fair.",
+  label = {
+    "align_jax": f"align_jax (jax {env['jax']})",
+    "tunix": f"tunix {versions['tunix']['google-tunix']} (jax {versions['tunix']['jax']})",
+    "trl": f"trl {versions['trl']['trl']} (torch {versions['trl']['torch']})",
+  }
+  rows = [
+    {
+      "framework": label[w.name],
+      "step_s (median)": float(np.median(w.seconds)) / args.steps,
+      "step_s (min..max)": f"{min(w.seconds) / args.steps:.3f}..{max(w.seconds) / args.steps:.3f}",
+      "tokens/s": tps[w.name],
+      "align_jax / this": tps["align_jax"] / tps[w.name],
+      "CPU s/step (median)": float(np.median(w.cpu_seconds)) / args.steps,
+      "first loss": w.info.get("first_loss", ""),
+    }
+    for w in workers
   ]
-  print(report.write(args.out, env, rows, notes, {
-      "peer_versions": versions, "spec": spec,
-      "chunk_seconds": {w.name: w.seconds for w in workers},
-      "chunk_cpu_seconds": {w.name: w.cpu_seconds for w in workers}}))
+  notes = [
+    f"Model: Llama, vocab {model['vocab_size']}, d {model['d_model']}, {model['n_layers']} "
+    f"layers, {model['n_heads']} heads ({model['n_kv_heads']} KV) of {model['head_dim']}, "
+    f"SwiGLU {model['mlp_dim']}, untied embeddings, fp32. Batch {args.batch} pairs, prompt "
+    f"{args.prompt_len} + response {args.response_len} = {L} tokens, all response tokens "
+    "scored; DPO β = 0.1 with the reference forward every step; AdamW lr 1e-3, clip 1.0.",
+    f"{args.warmup} warm-up updates untimed, then {args.reps} chunks of {args.steps} updates "
+    "per framework, frameworks taking turns (rotating order) in one run; medians. "
+    "tokens/s = batch·2·L·steps / chunk time.",
+    "Each framework through its own trainer loop: align_jax's jitted train_step with "
+    "train.py's per-step host batch and one-step-late metric fetch; Tunix's DPOTrainer.train; "
+    "TRL's DPOTrainer.train (gradient checkpointing off, as in the others; TRL defaults it on).",
+    "First loss: log 2 = 0.6931 for a policy equal to its reference (TRL logs none here).",
+    f"CPU shared with other engineers' jobs (load average {env['load_average_at_start']:.1f} "
+    "at start on 2 cores): absolute times are noisy; the interleaving makes the ratios fair.",
+  ]
+  print(
+    report.write(
+      args.out,
+      env,
+      rows,
+      notes,
+      {
+        "peer_versions": versions,
+        "spec": spec,
+        "chunk_seconds": {w.name: w.seconds for w in workers},
+        "chunk_cpu_seconds": {w.name: w.cpu_seconds for w in workers},
+      },
+    )
+  )
 
 
 if __name__ == "__main__":

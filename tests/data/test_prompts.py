@@ -32,7 +32,7 @@ def _ids(text: str) -> list[int]:
   while text:
     special = next((s for s in SPECIALS if text.startswith(s)), None)
     out.append(len(CHARS) + SPECIALS.index(special) if special else CHARS.index(text[0]))
-    text = text[len(special or text[0]):]
+    text = text[len(special or text[0]) :]
   return out
 
 
@@ -40,6 +40,7 @@ def _ids(text: str) -> list[int]:
 def tokenizer_dir(tmp_path_factory):
   import tokenizers
   from tokenizers import models as tok_models
+
   tok = tokenizers.Tokenizer(tok_models.BPE({c: i for i, c in enumerate(CHARS)}, []))
   tok.add_special_tokens(SPECIALS)
   directory = tmp_path_factory.mktemp("chars")
@@ -52,47 +53,60 @@ def _expected(text: str, prompt_len: int, tail: int) -> list[int] | None:
   ids = _ids(text)
   if len(ids) < prompt_len:
     return None
-  return ids[:prompt_len - tail] + ids[len(ids) - tail:] if len(ids) > prompt_len else ids
+  return ids[: prompt_len - tail] + ids[len(ids) - tail :] if len(ids) > prompt_len else ids
 
 
-@pytest.mark.parametrize("name, field", [("xsum", "document"), ("cnn_dailymail", "article"),
-                                         ("reddit_tifu/short", "documents"),
-                                         ("imdb_reviews", "text")])
+@pytest.mark.parametrize(
+  "name, field",
+  [
+    ("xsum", "document"),
+    ("cnn_dailymail", "article"),
+    ("reddit_tifu/short", "documents"),
+    ("imdb_reviews", "text"),
+  ],
+)
 def test_tfds_text_datasets_give_their_prompt_field(tokenizer_dir, name, field):
   text = tokenize.Text(tokenize.load(tokenizer_dir))
   with tfds.testing.mock_data(num_examples=24):
-    arrays, counts = prompts.read(f"tfds:{name}/train", prompt_len=6, text=text,
-                                  vocab_size=VOCAB)
+    arrays, counts = prompts.read(f"tfds:{name}/train", prompt_len=6, text=text, vocab_size=VOCAB)
     import tensorflow_datasets.summarization  # noqa: F401  (registers xsum, cnn_dailymail)
+
     raw = tfds.data_source(name, split="train")
     documents = [raw[i][field] for i in range(len(raw))]
   want = [w for w in (_expected(d, 6, 0) for d in documents) if w is not None]
   assert len(want) > 12  # Most mock documents are longer than 6 characters.
   np.testing.assert_array_equal(arrays["prompt_P"], want)
   np.testing.assert_array_equal(arrays["prompt_index"], np.arange(len(want)))
-  assert counts == {"records": len(want), "skipped_short_prompts": 24 - len(want),
-                    "truncated_prompts": sum(len(_ids(d)) > 6 for d in documents)}
+  assert counts == {
+    "records": len(want),
+    "skipped_short_prompts": 24 - len(want),
+    "truncated_prompts": sum(len(_ids(d)) > 6 for d in documents),
+  }
 
 
 def test_jsonl_text_messages_and_token_ids_with_a_chat_template(tokenizer_dir, tmp_path):
   path = tmp_path / "prompts.jsonl"
-  records = [{"prompt": "summarise the article. it was a long day."},
-             {"messages": [{"role": "system", "content": "be brief."},
-                           {"role": "user", "content": "hi"}]},
-             {"prompt": "ok"},  # Shorter than P with its template: skipped.
-             {"prompt": [i % VOCAB for i in range(45)], "chosen": "ignored"}]
+  records = [
+    {"prompt": "summarise the article. it was a long day."},
+    {"messages": [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"}]},
+    {"prompt": "ok"},  # Shorter than P with its template: skipped.
+    {"prompt": [i % VOCAB for i in range(45)], "chosen": "ignored"},
+  ]
   path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
   text = tokenize.Text(tokenize.load(tokenizer_dir), "chatml")
   assert text.tail == len(_ids(CHATML_TAIL)) and text.stop_id == _ids("<|im_end|>")[0]
   P = 40
   arrays, counts = prompts.read(f"jsonl:{path}", prompt_len=P, text=text, vocab_size=VOCAB)
-  chatml = [f"<|im_start|>user\n{records[0]['prompt']}" + CHATML_TAIL,
-            "<|im_start|>system\nbe brief.<|im_end|>\n<|im_start|>user\nhi" + CHATML_TAIL]
+  chatml = [
+    f"<|im_start|>user\n{records[0]['prompt']}" + CHATML_TAIL,
+    "<|im_start|>system\nbe brief.<|im_end|>\n<|im_start|>user\nhi" + CHATML_TAIL,
+  ]
   first, second = _ids(chatml[0]), _ids(chatml[1])
   assert len(first) > P and len(second) == P  # One cut, one exactly P tokens.
   tail = len(_ids(CHATML_TAIL))
-  np.testing.assert_array_equal(arrays["prompt_P"], [first[:P - tail] + first[-tail:], second,
-                                                     [i % VOCAB for i in range(P)]])
+  np.testing.assert_array_equal(
+    arrays["prompt_P"], [first[: P - tail] + first[-tail:], second, [i % VOCAB for i in range(P)]]
+  )
   assert counts == {"records": 3, "truncated_prompts": 2, "skipped_short_prompts": 1}
   # Only the first `limit` records are read.
   arrays, counts = prompts.read(f"jsonl:{path}", prompt_len=P, text=text, limit=1)
@@ -105,8 +119,12 @@ def test_bad_prompt_sources_name_the_record(tokenizer_dir, tmp_path):
   path.write_text(json.dumps({"prompt": "abc"}) + "\n" + json.dumps({"text": "abc"}) + "\n")
   with pytest.raises(DataError, match=f"^{path}:2: record has no field 'prompt' or 'messages'$"):
     prompts.read(str(path), prompt_len=20, text=text)
-  path.write_text(json.dumps({"messages": [{"role": "user", "content": "abc"},
-                                           {"role": "assistant", "content": "x"}]}) + "\n")
+  path.write_text(
+    json.dumps(
+      {"messages": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "x"}]}
+    )
+    + "\n"
+  )
   with pytest.raises(DataError, match=":1: field 'messages': the last message is the assistant's"):
     prompts.read(str(path), prompt_len=20, text=text)
   path.write_text(json.dumps({"prompt": "abc"}) + "\n")
@@ -120,6 +138,7 @@ def test_bad_prompt_sources_name_the_record(tokenizer_dir, tmp_path):
 
 
 # ---- On-policy runs from text prompts, resumed mid-epoch ----------------------------------------
+
 
 def _reward_model(workdir) -> str:
   """A reward-model run's workdir (config.json + params) holding a random scalar head."""
@@ -151,8 +170,9 @@ def _run_recording(monkeypatch, cfg, workdir):
 
 
 @pytest.mark.parametrize("kind", ["tfds", "jsonl"])
-def test_on_policy_run_on_text_prompts_resumes_at_the_same_record(tokenizer_dir, tmp_path,
-                                                                   monkeypatch, kind):
+def test_on_policy_run_on_text_prompts_resumes_at_the_same_record(
+  tokenizer_dir, tmp_path, monkeypatch, kind
+):
   """RLOO on text prompts through the CLI's train.run: stopped after 3 steps (mid-epoch: 20
   prompts, 8 per step) and resumed, it reads exactly the records and ids of an uninterrupted run
   and ends in the same state."""
@@ -169,11 +189,14 @@ def test_on_policy_run_on_text_prompts_resumes_at_the_same_record(tokenizer_dir,
   rm = _reward_model(tmp_path / "rm")
   with context:
     straight, seen_straight = _run_recording(
-        monkeypatch, _config(source, tokenizer_dir, rm, 6), tmp_path / "straight")
-    _, seen_first = _run_recording(monkeypatch, _config(source, tokenizer_dir, rm, 3),
-                                   tmp_path / "resumed")
-    resumed, seen_after = _run_recording(monkeypatch, _config(source, tokenizer_dir, rm, 6),
-                                         tmp_path / "resumed")
+      monkeypatch, _config(source, tokenizer_dir, rm, 6), tmp_path / "straight"
+    )
+    _, seen_first = _run_recording(
+      monkeypatch, _config(source, tokenizer_dir, rm, 3), tmp_path / "resumed"
+    )
+    resumed, seen_after = _run_recording(
+      monkeypatch, _config(source, tokenizer_dir, rm, 6), tmp_path / "resumed"
+    )
   assert len(seen_straight) == 6 and len(seen_first) == 3 and len(seen_after) == 3
   for want, got in zip(seen_straight, seen_first + seen_after):
     np.testing.assert_array_equal(got["prompt_index"], want["prompt_index"])

@@ -20,19 +20,21 @@ import sentencepiece as spm  # noqa: E402
 import transformers  # noqa: E402  The `parity` extra.
 
 LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
-    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+  "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+  "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+  " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+  "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+  "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 GEMMA2 = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
-    "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
-    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/"
-    "user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = "
-    "'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + "
-    "'\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt"
-    " %}{{'<start_of_turn>model\n'}}{% endif %}")
+  "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+  "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+  "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/"
+  "user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = "
+  "'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + "
+  "'\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt"
+  " %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
 GEMMA3 = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
@@ -64,13 +66,17 @@ GEMMA3 = """{{ bos_token }}
     {{'<start_of_turn>model\n'}}
 {%- endif -%}
 """
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|im_start|>assistant\n' }}{% endif %}")
-QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-         "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-         "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+  "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+  "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2 = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 QWEN25 = """{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
 {%- else %}
@@ -89,27 +95,64 @@ QWEN25 = """{%- if messages[0]['role'] == 'system' %}
 """
 
 CORPUS = [
-    "The quick brown fox jumps over the lazy dog. Summarise the article below in one sentence.",
-    "Ünïcödé text, naïve café, 漢字とかな, emoji ✓ and digits 1234567890 3.14159.",
-    "Policy gradients, best-of-n distillation and preference optimisation align language models.",
-    "  Leading spaces,\ttabs,\n\nnew lines\nand trailing spaces   ",
-    "def f(x):\n    return x ** 2  # a comment\n",
+  "The quick brown fox jumps over the lazy dog. Summarise the article below in one sentence.",
+  "Ünïcödé text, naïve café, 漢字とかな, emoji ✓ and digits 1234567890 3.14159.",
+  "Policy gradients, best-of-n distillation and preference optimisation align language models.",
+  "  Leading spaces,\ttabs,\n\nnew lines\nand trailing spaces   ",
+  "def f(x):\n    return x ** 2  # a comment\n",
 ]
 SAMPLES = CORPUS + [
-    "", " ", "Hello world!", " leading space", "▁already a metaspace", "trailing\n",
-    "a<s>b</s>c <unk> <bos>x<eos> <start_of_turn>user\nhi<end_of_turn>",
-    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
-    "<|im_start|>system\nBe brief.<|im_end|>\n", "unseen: ЖЯЮ ξψω ﬁ",
+  "",
+  " ",
+  "Hello world!",
+  " leading space",
+  "▁already a metaspace",
+  "trailing\n",
+  "a<s>b</s>c <unk> <bos>x<eos> <start_of_turn>user\nhi<end_of_turn>",
+  "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+  "<|im_start|>system\nBe brief.<|im_end|>\n",
+  "unseen: ЖЯЮ ξψω ﬁ",
 ]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                   "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+LLAMA3_SPECIALS = [
+  "<|begin_of_text|>",
+  "<|end_of_text|>",
+  "<|start_header_id|>",
+  "<|end_header_id|>",
+  "<|eot_id|>",
+  "<|im_start|>",
+  "<|im_end|>",
+]
 
 
 def _fuzz(n: int, seed: int) -> list[str]:
   """Random strings of words, whitespace runs and special-token strings."""
-  words = ["Hello", "world", " ", "  ", "\n", "\n\n", "x", "<s>", "</s>", "<unk>", "<bos>",
-           "<eos>", "<start_of_turn>", "<end_of_turn>", "<|eot_id|>", "<|im_start|>", "▁", "ü",
-           "漢", "12345", "\t", ".", "[INST]", "fox", " the"]
+  words = [
+    "Hello",
+    "world",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "x",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "▁",
+    "ü",
+    "漢",
+    "12345",
+    "\t",
+    ".",
+    "[INST]",
+    "fox",
+    " the",
+  ]
   rng = random.Random(seed)
   return ["".join(rng.choice(words) for _ in range(rng.randint(0, 8))) for _ in range(n)]
 
@@ -125,6 +168,7 @@ def tokenizers_dir(tmp_path_factory):
   post-processor), a Llama-2-like and a Gemma-like SentencePiece tokenizer.model."""
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
   root = tmp_path_factory.mktemp("tokenizers")
   corpus = str(root / "corpus.txt")
   with open(corpus, "w") as f:
@@ -135,42 +179,94 @@ def tokenizers_dir(tmp_path_factory):
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train([corpus], trainers.BpeTrainer(
-      vocab_size=400, special_tokens=LLAMA3_SPECIALS,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train(
+    [corpus],
+    trainers.BpeTrainer(
+      vocab_size=400,
+      special_tokens=LLAMA3_SPECIALS,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   tok.post_processor = processors.TemplateProcessing(
-      single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-      special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    single="<|begin_of_text|> $A",
+    pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+    special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))],
+  )
   tok.save(str(bpe / "tokenizer.json"))
   # add_eos_token is ignored by transformers (and here) when a tokenizer.json is present.
-  _write_config(bpe, tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
-                eos_token="<|end_of_text|>", add_eos_token=True)
+  _write_config(
+    bpe,
+    tokenizer_class="PreTrainedTokenizerFast",
+    bos_token="<|begin_of_text|>",
+    eos_token="<|end_of_text|>",
+    add_eos_token=True,
+  )
 
-  common = dict(input=corpus, vocab_size=600, model_type="bpe", byte_fallback=True,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
-                minloglevel=2)
+  common = dict(
+    input=corpus,
+    vocab_size=600,
+    model_type="bpe",
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    hard_vocab_limit=False,
+    minloglevel=2,
+  )
   for name, legacy in (("sp_llama", False), ("sp_llama_legacy", True)):
     directory = root / name
     directory.mkdir()
     if not legacy:
-      spm.SentencePieceTrainer.train(model_prefix=str(directory / "tokenizer"),
-                                     add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2,
-                                     pad_id=-1, **common)
+      spm.SentencePieceTrainer.train(
+        model_prefix=str(directory / "tokenizer"),
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        **common,
+      )
     else:
       (directory / "tokenizer.model").write_bytes((root / "sp_llama/tokenizer.model").read_bytes())
-    _write_config(directory, tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>",
-                  unk_token="<unk>", add_bos_token=True, add_eos_token=legacy, legacy=legacy)
+    _write_config(
+      directory,
+      tokenizer_class="LlamaTokenizer",
+      bos_token="<s>",
+      eos_token="</s>",
+      unk_token="<unk>",
+      add_bos_token=True,
+      add_eos_token=legacy,
+      legacy=legacy,
+    )
   gemma = root / "sp_gemma"
   gemma.mkdir()
   spm.SentencePieceTrainer.train(
-      model_prefix=str(gemma / "tokenizer"), add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2,
-      unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-      user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"], **common)
-  _write_config(gemma, tokenizer_class="GemmaTokenizer", bos_token="<bos>", eos_token="<eos>",
-                unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-                add_bos_token=True, add_eos_token=False)
+    model_prefix=str(gemma / "tokenizer"),
+    add_dummy_prefix=False,
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    pad_piece="<pad>",
+    eos_piece="<eos>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+    **common,
+  )
+  _write_config(
+    gemma,
+    tokenizer_class="GemmaTokenizer",
+    bos_token="<bos>",
+    eos_token="<eos>",
+    unk_token="<unk>",
+    pad_token="<pad>",
+    mask_token="<mask>",
+    additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    add_bos_token=True,
+    add_eos_token=False,
+  )
   return root
 
 
@@ -183,11 +279,17 @@ def test_encode_equals_transformers(tokenizers_dir, name):
   for text in SAMPLES + _fuzz(400, seed=hash(name) % 1000):
     for special in (False, True):
       assert ours.encode(text, special) == hf(text, add_special_tokens=special)["input_ids"], (
-          text, special)
+        text,
+        special,
+      )
   # BOS/EOS as configured: the BPE's post-processor adds BOS; Llama adds BOS (and EOS when
   # add_eos_token); Gemma adds BOS.
-  added = {"bpe": ([ours.bos_id], []), "sp_llama": ([1], []), "sp_llama_legacy": ([1], [2]),
-           "sp_gemma": ([2], [])}[name]
+  added = {
+    "bpe": ([ours.bos_id], []),
+    "sp_llama": ([1], []),
+    "sp_llama_legacy": ([1], [2]),
+    "sp_gemma": ([2], []),
+  }[name]
   plain = ours.encode("Hello world")
   assert ours.encode("Hello world", True) == added[0] + plain + added[1]
   if name == "bpe":  # A bare tokenizer.json too, as PreTrainedTokenizerFast reads it.
@@ -201,24 +303,35 @@ def _hf_chat(directory, template):
   hf.chat_template = template
 
   def apply(messages, add_generation_prompt):
-    return hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                  tokenize=True, return_dict=False)
+    return hf.apply_chat_template(
+      messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
+
   return apply
 
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "  Summarise: the quick brown fox.\n"}],
-    [{"role": "user", "content": "Hello world!"}, {"role": "assistant", "content": "Hi there. "},
-     {"role": "user", "content": "Ünïcödé 漢字 12345"}],
+  [{"role": "user", "content": "  Summarise: the quick brown fox.\n"}],
+  [
+    {"role": "user", "content": "Hello world!"},
+    {"role": "assistant", "content": "Hi there. "},
+    {"role": "user", "content": "Ünïcödé 漢字 12345"},
+  ],
 ]
 WITH_SYSTEM = [{"role": "system", "content": "Be brief."}] + CONVERSATIONS[1]
 
 
-@pytest.mark.parametrize("name, template, jinja, system", [
-    ("bpe", "llama3", LLAMA3, True), ("bpe", "chatml", CHATML, True),
-    ("bpe", "qwen2", QWEN2, True), ("bpe", "qwen2.5", QWEN25, True),
-    ("sp_gemma", "gemma", GEMMA2, False), ("sp_gemma", "gemma", GEMMA3, True),
-])
+@pytest.mark.parametrize(
+  "name, template, jinja, system",
+  [
+    ("bpe", "llama3", LLAMA3, True),
+    ("bpe", "chatml", CHATML, True),
+    ("bpe", "qwen2", QWEN2, True),
+    ("bpe", "qwen2.5", QWEN25, True),
+    ("sp_gemma", "gemma", GEMMA2, False),
+    ("sp_gemma", "gemma", GEMMA3, True),
+  ],
+)
 def test_chat_templates_equal_apply_chat_template(tokenizers_dir, name, template, jinja, system):
   directory = str(tokenizers_dir / name)
   text = tokenize.Text(tokenize.load(directory), template)
@@ -230,13 +343,15 @@ def test_chat_templates_equal_apply_chat_template(tokenizers_dir, name, template
     reply = "  A short answer, with 3 numbers: 1 2 3.\n"
     full = hf(messages + [{"role": "assistant", "content": reply}], False)
     assert prompt + text.response(reply) == full
-    assert prompt + text.response(messages + [{"role": "assistant", "content": reply}],
-                                  prompt=messages) == full
+    assert (
+      prompt + text.response(messages + [{"role": "assistant", "content": reply}], prompt=messages)
+      == full
+    )
   # Text is one user message; the tail (end of turn + assistant header) ends every prompt.
   user = "Summarise: the quick brown fox."
   ids = text.prompt(user)
   assert ids == hf([{"role": "user", "content": user}], True)
-  assert ids[-text.tail:] == text.prompt("x")[-text.tail:]
+  assert ids[-text.tail :] == text.prompt("x")[-text.tail :]
   # The end-of-turn token stops a response (then "\n", except in Llama 3).
   assert text.response("ok")[-1 if template == "llama3" else -2] == text.stop_id
 
@@ -245,7 +360,8 @@ def test_system_prompt_is_the_first_message(tokenizers_dir):
   directory = str(tokenizers_dir / "bpe")
   text = tokenize.Text(tokenize.load(directory), "qwen2.5", system_prompt="Be brief.")
   assert text.prompt("Hi") == _hf_chat(directory, QWEN25)(
-      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True)
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True
+  )
 
 
 def test_plain_template_is_the_tokenizer_call_and_responses_end_with_eos(tokenizers_dir):
@@ -288,7 +404,8 @@ def test_bad_tokenizers_and_templates(tokenizers_dir, tmp_path):
   with pytest.raises(ValueError, match="roles must alternate"):
     text.prompt([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
   with pytest.raises(ValueError, match="not the prompt's"):
-    text.response([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                  prompt="c")
+    text.response(
+      [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], prompt="c"
+    )
   with pytest.raises(ValueError, match="chat messages need a chat template"):
     tokenize.Text(gemma).prompt([{"role": "user", "content": "a"}])

@@ -1,5 +1,7 @@
 """BCO underlying distribution matching: prompt features, the balanced logistic fit, density-ratio weights."""
 
+import doctest
+
 import numpy as np
 import pytest
 
@@ -32,9 +34,9 @@ def test_fit_recovers_known_logistic_model_and_is_stationary():
   s = np.where(y > 0, 0.5 / n1, 0.5 / n0)
   sigma = np.sqrt(s @ (x - s @ x) ** 2)
   r = s * (_sigmoid(x @ w + b) - y)
-  grad_w, grad_b = x.T @ r + l2 * sigma ** 2 * w, r.sum()
+  grad_w, grad_b = x.T @ r + l2 * sigma**2 * w, r.sum()
   assert np.max(np.abs(grad_w)) < 1e-7 and abs(grad_b) < 1e-7, (grad_w, grad_b)
-  assert np.max(np.abs(l2 * sigma ** 2 * w)) > 1e-3   # the penalty term is not negligible here
+  assert np.max(np.abs(l2 * sigma**2 * w)) > 1e-3  # the penalty term is not negligible here
   # The unweighted likelihood is not stationary at this point (the balancing matters).
   assert abs(np.mean(_sigmoid(x @ w + b) - y)) > 0.05
 
@@ -62,20 +64,33 @@ def test_empty_class_raises():
 
 
 def test_prompt_features_average_exactly_the_prompt_tokens(monkeypatch):
-  embed = np.array([[2.0 ** i, -(4.0 ** i)] for i in range(6)])   # distinct, so any mix-up shows
-  tokens = np.array([[1, 2, 3, 4, 0, 0],      # prompt [1, 2], completion [3, 4], padding
-                     [5, 5, 1, 3, 2, 0],      # prompt [5, 5, 1]
-                     [3, 4, 0, 0, 0, 0],      # no prompt: completion starts at 0
-                     [4, 4, 0, 0, 0, 0],      # no completion token at all
-                     [0, 0, 0, 5, 5, 5]])     # prompt of token 0 (a real id), completion to the end
-  mask = np.array([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0],
-                   [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]], np.float32)
-  want = np.stack([(embed[1] + embed[2]) / 2, (2 * embed[5] + embed[1]) / 3, np.zeros(2),
-                   np.zeros(2), embed[0]])
+  embed = np.array([[2.0**i, -(4.0**i)] for i in range(6)])  # distinct, so any mix-up shows
+  tokens = np.array(
+    [
+      [1, 2, 3, 4, 0, 0],  # prompt [1, 2], completion [3, 4], padding
+      [5, 5, 1, 3, 2, 0],  # prompt [5, 5, 1]
+      [3, 4, 0, 0, 0, 0],  # no prompt: completion starts at 0
+      [4, 4, 0, 0, 0, 0],  # no completion token at all
+      [0, 0, 0, 5, 5, 5],
+    ]
+  )  # prompt of token 0 (a real id), completion to the end
+  mask = np.array(
+    [
+      [0, 0, 1, 1, 0, 0],
+      [0, 0, 0, 1, 1, 0],
+      [1, 1, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0, 0],
+      [0, 0, 0, 1, 1, 1],
+    ],
+    np.float32,
+  )
+  want = np.stack(
+    [(embed[1] + embed[2]) / 2, (2 * embed[5] + embed[1]) / 3, np.zeros(2), np.zeros(2), embed[0]]
+  )
   got = udm.prompt_features(tokens, mask, embed)
   assert got.dtype == np.float64 and got.shape == (5, 2)
   np.testing.assert_array_equal(got, want)
-  monkeypatch.setattr(udm, "_CHUNK_ELEMENTS", 24)   # 2 records per chunk: uneven chunking
+  monkeypatch.setattr(udm, "_CHUNK_ELEMENTS", 24)  # 2 records per chunk: uneven chunking
   np.testing.assert_array_equal(udm.prompt_features(tokens, mask, embed), want)
 
 
@@ -95,8 +110,8 @@ def _synthetic_binary(n_des=400, n_und=700, seed=0):
   tokens = np.zeros((n, 2, _L), np.int32)
   mask = np.zeros((n, 2, _L), np.float32)
   tokens[:, 0, :_P] = rng.permuted(prompt, axis=1)
-  tokens[:, 0, _P:_P + _C] = rng.integers(0, _V, (n, _C))
-  mask[:, 0, _P:_P + _C] = 1.0
+  tokens[:, 0, _P : _P + _C] = rng.integers(0, _V, (n, _C))
+  mask[:, 0, _P : _P + _C] = 1.0
   desirable = np.concatenate([np.ones(n_des), np.zeros(n_und)]).astype(np.float32)
   order = rng.permutation(n)
   return tokens[order], mask[order], desirable[order], embed, n_a[order]
@@ -128,7 +143,7 @@ def test_subsample_is_balanced_seeded_and_used_by_the_weights():
   assert desirable[idx].sum() == 50
   np.testing.assert_array_equal(idx, udm.balanced_subsample(desirable, 50, seed=3))
   assert not np.array_equal(idx, udm.balanced_subsample(desirable, 50, seed=4))
-  small = udm.balanced_subsample(desirable, 500, seed=0)   # only 400 desirable records exist
+  small = udm.balanced_subsample(desirable, 500, seed=0)  # only 400 desirable records exist
   assert desirable[small].sum() == 400 and (1 - desirable[small]).sum() == 500
   # The weights are exactly the classifier fitted on that subsample, mapped through the ratio clip.
   got = udm.density_ratio_weights(tokens, mask, desirable, embed, per_class=50, seed=3)
@@ -139,6 +154,12 @@ def test_subsample_is_balanced_seeded_and_used_by_the_weights():
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Deterministic per seed; another seed draws another subsample and so other weights.
   np.testing.assert_array_equal(
-      got, udm.density_ratio_weights(tokens, mask, desirable, embed, per_class=50, seed=3))
+    got, udm.density_ratio_weights(tokens, mask, desirable, embed, per_class=50, seed=3)
+  )
   other = udm.density_ratio_weights(tokens, mask, desirable, embed, per_class=50, seed=4)
   assert np.max(np.abs(other - got)) > 1e-3
+
+
+def test_docstring_examples():
+  result = doctest.testmod(udm, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

@@ -32,8 +32,7 @@ def test_lipo_quick(tmp_path):
   for r in out["runs"]:  # Trained on labels that favour higher reward: it beats the reference.
     assert r["final"]["exact/win_rate"] > 0.5 and r["final"]["exact/kl_policy_ref"] > 0
   rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
-  assert [row.split(" | ")[:2] for row in rows] == [["| ListMLE (DPO_PL)", "4"],
-                                                    ["| LiPO-λ", "4"]]
+  assert [row.split(" | ")[:2] for row in rows] == [["| ListMLE (DPO_PL)", "4"], ["| LiPO-λ", "4"]]
   assert set(out["points"]) == {"lipo,k=4", "listmle,k=4"}
   assert "**Finding.**" in md
 
@@ -53,6 +52,7 @@ def test_d2o_aot_quick(tmp_path):
   assert len(out["d2o"]) == 1 and len(out["aot"]) == 2
   aot_vs_dpo = out["aot_minus_dpo"]["aot,beta=0.1"]  # The seed-paired difference, recomputed.
   assert aot_vs_dpo["win_rate"][0] == pytest.approx(
-      groups["aot"][0]["final"]["exact/win_rate"] - groups["dpo"][0]["final"]["exact/win_rate"],
-      abs=1e-12)
+    groups["aot"][0]["final"]["exact/win_rate"] - groups["dpo"][0]["final"]["exact/win_rate"],
+    abs=1e-12,
+  )
   assert "**Finding (AOT).** " in md and "β = 0.1" in md

@@ -29,8 +29,9 @@ def _run(name, tmp_path):
 
 
 def _finite(run, but=()):
-  return all(math.isfinite(v) for m in (run["initial"], run["final"]) for k, v in m.items()
-             if k not in but)
+  return all(
+    math.isfinite(v) for m in (run["initial"], run["final"]) for k, v in m.items() if k not in but
+  )
 
 
 def test_expected_distinct_n_equals_enumeration_of_all_sample_tuples():
@@ -39,14 +40,20 @@ def test_expected_distinct_n_equals_enumeration_of_all_sample_tuples():
   rng = np.random.default_rng(0)
   logp_XxY = np.asarray(exact.normalize(jnp.asarray(2.0 * rng.normal(size=(2, vocab**length)))))
   logw_X = np.log([0.3, 0.7])
-  got = exact.expected_distinct(jnp.asarray(logp_XxY), responses_YxT, jnp.asarray(logw_X),
-                                num_samples=m, vocab=vocab, orders=(1, 2))
+  got = exact.expected_distinct(
+    jnp.asarray(logp_XxY),
+    responses_YxT,
+    jnp.asarray(logw_X),
+    num_samples=m,
+    vocab=vocab,
+    orders=(1, 2),
+  )
   want = {1: 0.0, 2: 0.0}
   for x, w in enumerate(np.exp(logw_X)):  # Every ordered M-tuple of responses, with its prob.
     for ys in itertools.product(range(vocab**length), repeat=m):
       prob = w * np.exp(sum(logp_XxY[x, y] for y in ys))
       for n in (1, 2):
-        grams = {tuple(responses_YxT[y, i:i + n]) for y in ys for i in range(length - n + 1)}
+        grams = {tuple(responses_YxT[y, i : i + n]) for y in ys for i in range(length - n + 1)}
         want[n] += prob * len(grams) / (m * (length - n + 1))
   assert float(got["exact/distinct_1"]) == pytest.approx(want[1], abs=1e-5)
   assert float(got["exact/distinct_2"]) == pytest.approx(want[2], abs=1e-5)
@@ -57,8 +64,9 @@ def test_fdpg_quick(tmp_path):
   out, md = _run("fdpg", tmp_path)
   runs = {r["point"]: r for r in out["runs"]}
   assert set(runs) == {"divergence-js_task-pointwise", "divergence-forward_kl_task-distributional"}
-  pointwise, distributional = (runs[f"divergence-{p}"] for p in ("js_task-pointwise",
-                                                                  "forward_kl_task-distributional"))
+  pointwise, distributional = (
+    runs[f"divergence-{p}"] for p in ("js_task-pointwise", "forward_kl_task-distributional")
+  )
   # KL(π‖p) = ∞ against the hard constraint, for π of full support.
   assert _finite(pointwise, but=("exact/kl_policy_target",)) and _finite(distributional)
   assert math.isinf(pointwise["final"]["exact/kl_policy_target"])
@@ -68,7 +76,8 @@ def test_fdpg_quick(tmp_path):
   # The study's enumeration of p and a against the run's own evaluation at π = a: KL(p‖a).
   for task, run in (("pointwise", pointwise), ("distributional", distributional)):
     assert targets[task]["exact/kl_policy_ref"] == pytest.approx(
-        run["initial"]["exact/kl_target_policy"], rel=1e-4)
+      run["initial"]["exact/kl_target_policy"], rel=1e-4
+    )
   assert set(out["points"]) == {"pointwise,js", "distributional,forward_kl"}
   rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")]
   assert rows[:4] == ["| f", "| base a (start)", "| target p", "| JS"]
@@ -96,14 +105,16 @@ def test_bond_quick(tmp_path):
 def test_jbond_vs_reinforce_quick(tmp_path):
   out, md = _run("jbond_vs_reinforce", tmp_path)
   assert {(r["group"], r["point"]) for r in out["runs"]} == {
-      ("jbond", "loss.gamma-0.5"), ("rloo", "loss.beta-1.0")}
+    ("jbond", "loss.gamma-0.5"),
+    ("rloo", "loss.beta-1.0"),
+  }
   assert all(_finite(r) for r in out["runs"])
   front = out["frontier"]
   assert np.all(np.diff(front["kl"]) > 0) and np.all(np.diff(front["reward"]) > 0)
   beta_B, kl_B, reward_B = map(np.array, (front["beta"], front["kl"], front["reward"]))
   for point in out["points"].values():  # π_β maximises E[r] − β·KL(π‖π_ref): nobody beats it.
     for path in point["paths"]:
-      value_PxB = (np.array(path["reward"])[:, None] - np.array(path["kl_ref"])[:, None] * beta_B)
+      value_PxB = np.array(path["reward"])[:, None] - np.array(path["kl_ref"])[:, None] * beta_B
       assert np.all(value_PxB <= reward_B - beta_B * kl_B + 1e-4)
   assert len(path["step"]) == 3  # Step 0, the evaluation at 2, the final one.
   assert "**Finding (paper Fig. 7" in md

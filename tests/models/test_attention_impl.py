@@ -13,8 +13,16 @@ import pytest
 from align_jax import logps, models, sampling
 from align_jax.models import transformer
 
-CFG = models.ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                         head_dim=8, mlp_dim=48, query_pre_attn_scalar=12.0)
+CFG = models.ModelConfig(
+  vocab_size=40,
+  d_model=32,
+  n_layers=1,
+  n_heads=4,
+  n_kv_heads=2,
+  head_dim=8,
+  mlp_dim=48,
+  query_pre_attn_scalar=12.0,
+)
 
 
 @pytest.fixture
@@ -25,6 +33,7 @@ def fused_on_cpu(monkeypatch):
   def xla(*args, implementation=None, **kwargs):
     assert implementation == "cudnn"
     return real(*args, implementation="xla", **kwargs)
+
   monkeypatch.setattr(transformer.jax.nn, "dot_product_attention", xla)
 
 
@@ -41,8 +50,9 @@ def test_training_logps_match(fused_on_cpu, window):
   mask = jnp.ones(tokens.shape, jnp.float32)
   (g_xla, p), (g_fused, _) = _both(cfg)
   forward = jax.jit(logps.sequence_logps, static_argnums=0)
-  np.testing.assert_allclose(forward(g_fused, p, tokens, mask), forward(g_xla, p, tokens, mask),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    forward(g_fused, p, tokens, mask), forward(g_xla, p, tokens, mask), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_sampler_with_cache_and_left_padding_matches(fused_on_cpu):
@@ -50,8 +60,10 @@ def test_sampler_with_cache_and_left_padding_matches(fused_on_cpu):
   prompt_mask = jnp.array([[1] * 5, [0, 1, 1, 1, 1], [0, 0, 0, 1, 1], [1] * 5])
   (g_xla, p), (g_fused, _) = _both(CFG)
   cfg = sampling.SamplingConfig(max_new_tokens=6)
-  a, b = (sampling.sample(g, p, prompts, jax.random.key(3), cfg, prompt_mask_RxP=prompt_mask)
-          for g in (g_xla, g_fused))
+  a, b = (
+    sampling.sample(g, p, prompts, jax.random.key(3), cfg, prompt_mask_RxP=prompt_mask)
+    for g in (g_xla, g_fused)
+  )
   np.testing.assert_array_equal(a["tokens_RxL"], b["tokens_RxL"])
   np.testing.assert_allclose(a["logp_RxN"], b["logp_RxN"], rtol=1e-5, atol=1e-5)
 

@@ -25,34 +25,82 @@ from conftest import ROOT, main_command, subprocess_env  # noqa: E402
 
 import torch  # noqa: E402  The parity extra: pip install -e ".[test,parity]".
 import transformers  # noqa: E402
+
 torch.set_num_threads(1)
 
 L, P = 12, 4  # Tokens per row; prompt tokens of the sampler test.
-SHAPE_FIELDS = dict(vocab_size=96, d_model=64, mlp_dim=96, n_layers=3, n_heads=4, n_kv_heads=2,
-                    head_dim=16)
-SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+SHAPE_FIELDS = dict(
+  vocab_size=96, d_model=64, mlp_dim=96, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16
+)
+SHAPE = dict(
+  vocab_size=96,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=16,
+)
 # family -> (HF config class, its arguments, ModelConfig options that must bite: turning one off
 # breaks parity).
 FAMILIES = {
-    "llama": ("LlamaConfig", dict(SHAPE, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)), dict(rope_scaling="")),
-    "gemma": ("GemmaConfig", dict(SHAPE, hidden_act="gelu_pytorch_tanh"),
-              dict(embed_scale=False, norm_plus_one=False)),
-    "gemma2": ("Gemma2Config", dict(SHAPE, sliding_window=4, attn_logit_softcapping=2.0,
-                                    final_logit_softcapping=3.0, query_pre_attn_scalar=24),
-               dict(sliding_window=0, attn_softcap=0.0, final_softcap=0.0, post_norms=False,
-                    query_pre_attn_scalar=0.0)),
-    "gemma3": ("Gemma3TextConfig", dict(SHAPE, sliding_window=4, sliding_window_pattern=3,
-                                        final_logit_softcapping=3.0, query_pre_attn_scalar=24,
-                                        rope_scaling=dict(rope_type="linear", factor=2.0)),
-               dict(sliding_window=0, qk_norm=False, rope_local_theta=0.0, rope_scaling="")),
-    "qwen2": ("Qwen2Config", dict(SHAPE, tie_word_embeddings=True), dict(qkv_bias=False)),
-    "qwen3": ("Qwen3Config", SHAPE, dict(qk_norm=False)),
-    "gpt2": ("GPT2Config", dict(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=32,
-                                bos_token_id=0, eos_token_id=1),
-             dict(positions="rope", norm="rms")),
+  "llama": (
+    "LlamaConfig",
+    dict(
+      SHAPE,
+      rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+      ),
+    ),
+    dict(rope_scaling=""),
+  ),
+  "gemma": (
+    "GemmaConfig",
+    dict(SHAPE, hidden_act="gelu_pytorch_tanh"),
+    dict(embed_scale=False, norm_plus_one=False),
+  ),
+  "gemma2": (
+    "Gemma2Config",
+    dict(
+      SHAPE,
+      sliding_window=4,
+      attn_logit_softcapping=2.0,
+      final_logit_softcapping=3.0,
+      query_pre_attn_scalar=24,
+    ),
+    dict(
+      sliding_window=0,
+      attn_softcap=0.0,
+      final_softcap=0.0,
+      post_norms=False,
+      query_pre_attn_scalar=0.0,
+    ),
+  ),
+  "gemma3": (
+    "Gemma3TextConfig",
+    dict(
+      SHAPE,
+      sliding_window=4,
+      sliding_window_pattern=3,
+      final_logit_softcapping=3.0,
+      query_pre_attn_scalar=24,
+      rope_scaling=dict(rope_type="linear", factor=2.0),
+    ),
+    dict(sliding_window=0, qk_norm=False, rope_local_theta=0.0, rope_scaling=""),
+  ),
+  "qwen2": ("Qwen2Config", dict(SHAPE, tie_word_embeddings=True), dict(qkv_bias=False)),
+  "qwen3": ("Qwen3Config", SHAPE, dict(qk_norm=False)),
+  "gpt2": (
+    "GPT2Config",
+    dict(
+      vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=1
+    ),
+    dict(positions="rope", norm="rms"),
+  ),
 }
 
 
@@ -64,8 +112,9 @@ def _hf_model(config_class: str, kwargs: dict, seed: int = 0):
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      p.copy_(torch.randn_like(p) * (1.0 if ("embed" in name or name.endswith("wte.weight"))
-                                     else 0.2))
+      p.copy_(
+        torch.randn_like(p) * (1.0 if ("embed" in name or name.endswith("wte.weight")) else 0.2)
+      )
   return model
 
 
@@ -123,18 +172,24 @@ def test_import_parity_sampler_and_export_roundtrip(family, tmp_path, tokens_RxL
   # the same rows without their left padding (0, 1, 2 pad tokens): positions count real tokens.
   pads_R, N = np.arange(3), L - P
   mask_RxP = (np.arange(P) >= pads_R[:, None]).astype(np.int32)
-  out = sampling.sample(graphdef, params, jnp.asarray(tokens_RxL[:, :P] * mask_RxP),
-                        jax.random.key(1), sampling.SamplingConfig(max_new_tokens=N),
-                        prompt_mask_RxP=jnp.asarray(mask_RxP))
+  out = sampling.sample(
+    graphdef,
+    params,
+    jnp.asarray(tokens_RxL[:, :P] * mask_RxP),
+    jax.random.key(1),
+    sampling.SamplingConfig(max_new_tokens=N),
+    prompt_mask_RxP=jnp.asarray(mask_RxP),
+  )
   sampled_RxL, unpadded_RxL = np.asarray(out["tokens_RxL"]), np.zeros((3, L), np.int32)
   for r, pad in enumerate(pads_R):  # Right padding: causal, so it changes nothing before it.
-    unpadded_RxL[r, :L - pad] = sampled_RxL[r, pad:]
+    unpadded_RxL[r, : L - pad] = sampled_RxL[r, pad:]
   logits_RxLxV = _forward(graphdef, params, unpadded_RxL)
   shifted_RxLxV = logits_RxLxV - logits_RxLxV.max(-1, keepdims=True)
   logp_RxLxV = shifted_RxLxV - np.log(np.exp(shifted_RxLxV).sum(-1, keepdims=True))
   at_RxN = P - pads_R[:, None] + np.arange(N)  # Where each generated token sits, unpadded.
-  teacher_RxN = logp_RxLxV[np.arange(3)[:, None], at_RxN - 1,
-                           unpadded_RxL[np.arange(3)[:, None], at_RxN]]
+  teacher_RxN = logp_RxLxV[
+    np.arange(3)[:, None], at_RxN - 1, unpadded_RxL[np.arange(3)[:, None], at_RxN]
+  ]
   np.testing.assert_allclose(out["logp_RxN"], teacher_RxN, atol=1e-5, rtol=0)
 
   hf.save(tmp_path / "out", params, cfg, max_shard_bytes=2**16)  # Several files and an index.
@@ -159,15 +214,20 @@ def test_sharded_import_reads_only_each_device_block(tmp_path, devices8, monkeyp
     shardings = sharding.tree_shardings(names, mesh, table)
     read = []  # (index, block shape) of every read of the safetensors files.
     real_read = hf._read_block
-    monkeypatch.setattr(hf, "_read_block", lambda t, spec, shape, index: read.append(
-        (index, shape, real_read(t, spec, shape, index))) or read[-1][-1])
+    monkeypatch.setattr(
+      hf,
+      "_read_block",
+      lambda t, spec, shape, index: (
+        read.append((index, shape, real_read(t, spec, shape, index))) or read[-1][-1]
+      ),
+    )
     params = hf.load_params(path, cfg, shardings)
     monkeypatch.undo()
 
     for got, want, sh in zip(*(jax.tree.leaves(t) for t in (params, plain, shardings))):
       assert got.sharding == sh
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert params["layers"][0]["attn"]["wq_DxHxK"].sharding.spec == jax.P("fsdp", "tensor", None)
+    assert params["layers"][0]["attn"]["wq_DxHxE"].sharding.spec == jax.P("fsdp", "tensor", None)
     # Each read is one device block, each block is read once: every parameter element once.
     for index, shape, block in read:
       assert block.shape == tuple(len(range(*s.indices(d))) for s, d in zip(index, shape))
@@ -182,7 +242,7 @@ def test_bfloat16_checkpoint_imports_into_float32_params_and_exports_back(tmp_pa
   cfg, _, params = _import(tmp_path)
   assert cfg.param_dtype == "float32" and params["embed_VxD"].dtype == jnp.float32
   want = model.model.layers[1].self_attn.k_proj.weight.detach().float().numpy()  # [G·K, D]
-  got = np.asarray(params["layers"][1]["attn"]["wk_DxGxK"]).reshape(64, -1).T
+  got = np.asarray(params["layers"][1]["attn"]["wk_DxGxE"]).reshape(64, -1).T
   np.testing.assert_array_equal(got, want)
   hf.save(tmp_path / "out", params, cfg, dtype="bfloat16")  # Back to bf16: lossless.
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -208,8 +268,9 @@ def test_config_translation_errors_and_presets(tmp_path):
     hf.hf_config(dataclasses.replace(cfg, qk_norm=True))
   for name in presets.PRESETS:
     preset_cfg = models.ModelConfig(**models.preset(name))
-    back = models.ModelConfig(**hf.config_fields(hf.hf_config(preset_cfg)),
-                              **hf.run_fields(preset_cfg))
+    back = models.ModelConfig(
+      **hf.config_fields(hf.hf_config(preset_cfg)), **hf.run_fields(preset_cfg)
+    )
     assert back.max_positions == (preset_cfg.max_positions or 8192)
     assert dataclasses.replace(back, max_positions=preset_cfg.max_positions) == preset_cfg, name
 
@@ -219,24 +280,57 @@ def test_dpo_and_bond_from_an_hf_checkpoint_export_to_transformers(tmp_path, tok
   exported with `python -m align_jax.export`: transformers' logits of the export equal the run's
   final parameters' logits, and those moved away from the checkpoint's."""
   source = tmp_path / "hf"
-  _hf_model("LlamaConfig", dict(vocab_size=8, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=8), seed=1).save_pretrained(source)
+  _hf_model(
+    "LlamaConfig",
+    dict(
+      vocab_size=8,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+    ),
+    seed=1,
+  ).save_pretrained(source)
   runs = ("dpo", "bond")
   env = subprocess_env(1)
 
   def run_all(commands):  # Both at once, each must succeed.
-    procs = [subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for c in commands]
+    procs = [
+      subprocess.Popen(
+        c, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+      for c in commands
+    ]
     for p in procs:
       out = p.communicate(timeout=600)[0]
       assert p.returncode == 0, out[-3000:]
 
-  run_all([main_command(f"--config={ROOT}/configs/{name}.py:smoke", f"--workdir={tmp_path / name}",
-                        f"--config.init_checkpoint={source}", "--config.total_steps=3",
-                        "--config.testbed.exact_eval=False") for name in runs])
-  run_all([[sys.executable, "-m", "align_jax.export", f"--workdir={tmp_path / name}",
-            f"--out={tmp_path / name}_hf"] for name in runs])
+  run_all(
+    [
+      main_command(
+        f"--config={ROOT}/configs/{name}.py:smoke",
+        f"--workdir={tmp_path / name}",
+        f"--config.init_checkpoint={source}",
+        "--config.total_steps=3",
+        "--config.testbed.exact_eval=False",
+      )
+      for name in runs
+    ]
+  )
+  run_all(
+    [
+      [
+        sys.executable,
+        "-m",
+        "align_jax.export",
+        f"--workdir={tmp_path / name}",
+        f"--out={tmp_path / name}_hf",
+      ]
+      for name in runs
+    ]
+  )
 
   tokens_RxL = tokens_RxL % 8
   _, _, initial = _import(source)
@@ -246,11 +340,14 @@ def test_dpo_and_bond_from_an_hf_checkpoint_export_to_transformers(tmp_path, tok
     assert cfg.family == "llama" and cfg.d_model == 32 and not cfg.tie_embeddings
     graphdef, shapes, _ = models.abstract(cfg)
     step, params = checkpoint.load_state_params(
-        tmp_path / name / "checkpoints", checkpoint.abstract_like(shapes, _single_device(shapes)))
+      tmp_path / name / "checkpoints", checkpoint.abstract_like(shapes, _single_device(shapes))
+    )
     assert step == 3
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                         params, initial)
+    moved = jax.tree.map(
+      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params, initial
+    )
     assert min(jax.tree.leaves(moved)) > 1e-4, moved
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}_hf").eval()
-    np.testing.assert_allclose(_hf_logits(exported, tokens_RxL),
-                               _forward(graphdef, params, tokens_RxL), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+      _hf_logits(exported, tokens_RxL), _forward(graphdef, params, tokens_RxL), atol=1e-4, rtol=0
+    )

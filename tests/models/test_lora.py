@@ -17,13 +17,20 @@ import pytest
 
 from align_jax import checkpoint, export, logps, models, rollout, sampling, step, train
 from align_jax.models import hf, lora
-from align_jax.testbed import task
+from align_jax.testbed import base as tb_base
 from conftest import load_config, read_jsonl
 
 TINY = dataclasses.replace(models.ModelConfig(**models.preset("tiny")), n_layers=1)
 LORA = mlc.ConfigDict(dict(rank=3, alpha=6.0, targets=("attn", "mlp")))
-ADAPTED = {"wq_DxHxK": 1, "wk_DxGxK": 1, "wv_DxGxK": 1, "wo_HxKxD": 2, "wgate_DxF": 1,
-           "wup_DxF": 1, "wdown_FxD": 1}  # Weight -> its input dims (as in the model's einsum).
+ADAPTED = {
+  "wq_DxHxE": 1,
+  "wk_DxGxE": 1,
+  "wv_DxGxE": 1,
+  "wo_HxExD": 2,
+  "wgate_DxF": 1,
+  "wup_DxF": 1,
+  "wdown_FxD": 1,
+}  # Weight -> its input dims (as in the model's einsum).
 
 
 def _normal(rng, shapes, std=0.3):
@@ -57,11 +64,13 @@ def test_effective_weight_is_w_plus_scaled_a_b(tiny):
         assert a.shape == (*w.shape[:n_in], 3) and b.shape == (3, *w.shape[n_in:])
         # An explicit matmul of the flattened input and output dims.
         dw = (a.reshape(-1, 3) @ b.reshape(3, -1)).reshape(w.shape)
-        np.testing.assert_allclose(merged["layers"][layer][module][name], w + scale * dw,
-                                   rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+          merged["layers"][layer][module][name], w + scale * dw, rtol=1e-6, atol=1e-6, err_msg=name
+        )
     for norm in ("attn_norm", "mlp_norm"):  # Not targeted: the base's values.
-      np.testing.assert_array_equal(merged["layers"][layer][norm]["scale_D"],
-                                    base["layers"][layer][norm]["scale_D"])
+      np.testing.assert_array_equal(
+        merged["layers"][layer][norm]["scale_D"], base["layers"][layer][norm]["scale_D"]
+      )
   for name in ("embed_VxD", "unembed_DxV"):
     np.testing.assert_array_equal(merged[name], base[name])
   # Only the attention projections when targets = (attn,).
@@ -69,7 +78,8 @@ def test_effective_weight_is_w_plus_scaled_a_b(tiny):
   assert set(lora.names(names, attn_only)["layers"][0]) == {"attn"}
   # B = 0 leaves every weight bit-identical: adapters at init == adapters off.
   zero_b = jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(p) else x, adapters)
+    lambda p, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(p) else x, adapters
+  )
   jax.tree.map(np.testing.assert_array_equal, MERGE(base, zero_b), base)
 
 
@@ -86,7 +96,8 @@ def test_adapter_gradients_are_the_chain_rule_of_the_weight_gradient(tiny):
 
   grad_w = jax.jit(jax.grad(loss))(MERGE(base, adapters))
   grad_adapters = jax.jit(lambda a, b, g: jax.vjp(lambda x: lora.merge(b, x, LORA), a)[1](g)[0])(
-      adapters, base, grad_w)
+    adapters, base, grad_w
+  )
   scale = LORA.alpha / LORA.rank
   for module in ("attn", "mlp"):
     for name, n_in in ((k, v) for k, v in ADAPTED.items() if k in base["layers"][0][module]):
@@ -105,15 +116,27 @@ def test_adapter_gradients_are_the_chain_rule_of_the_weight_gradient(tiny):
 def test_rollout_samples_the_adapted_policy_and_anchor(tiny):
   graphdef, _, base, adapter_shapes, adapters = tiny
   anchor = _normal(np.random.default_rng(7), adapter_shapes)
-  state = dataclasses.replace(step.init_state(adapters, optax.sgd(0.1), seed=3),
-                              anchor={"params": anchor})  # A moving anchor: adapters too.
-  fn = jax.jit(lambda st, p, x, r: rollout.rollout(
-      st, p, x, r, graphdef=graphdef, sampling_cfg=sampling.SamplingConfig(max_new_tokens=3),
-      num_policy=2, num_anchor=2, anchor_is_ref=False,
-      merge=functools.partial(lora.merge, cfg=LORA), score_fn=lambda *args: {}))
+  state = dataclasses.replace(
+    step.init_state(adapters, optax.sgd(0.1), seed=3), anchor={"params": anchor}
+  )  # A moving anchor: adapters too.
+  fn = jax.jit(
+    lambda st, p, x, r: rollout.rollout(
+      st,
+      p,
+      x,
+      r,
+      graphdef=graphdef,
+      sampling_cfg=sampling.SamplingConfig(max_new_tokens=3),
+      num_policy=2,
+      num_anchor=2,
+      anchor_is_ref=False,
+      merge=functools.partial(lora.merge, cfg=LORA),
+      score_fn=lambda *args: {},
+    )
+  )
   prompts = jnp.array([[0, 1], [2, 3], [4, 5]])
   batch = fn(state, prompts, jnp.arange(3), base)
-  tokens, mask = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
+  tokens, mask = batch["tokens_BxExL"], batch["loss_mask_BxExL"]
   score = jax.jit(functools.partial(logps.sequence_logps, graphdef))
   policy = score(MERGE(base, adapters), tokens, mask)
   anchor_logp = score(MERGE(base, anchor), tokens, mask)
@@ -128,6 +151,7 @@ def test_rollout_samples_the_adapted_policy_and_anchor(tiny):
 
 
 # ---- LoRA DPO through train.run on the testbed (configs/dpo.py:smoke, lora.rank=4) -------------
+
 
 def _dpo_config(total_steps):
   cfg = load_config("dpo", "smoke")
@@ -150,8 +174,9 @@ def runs(tmp_path_factory):
 
 def _load(path, shapes):
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return checkpoint.load_params(path, checkpoint.abstract_like(shapes, jax.tree.map(
-      lambda _: one, shapes)))
+  return checkpoint.load_params(
+    path, checkpoint.abstract_like(shapes, jax.tree.map(lambda _: one, shapes))
+  )
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +184,16 @@ def trained(runs):
   """(cfg, graphdef, names, base LM the runs started from, trained adapters, merged params)."""
   cfg = _dpo_config(4)
   graphdef, shapes, names = models.abstract(models.ModelConfig(**cfg.model))
-  base = _load(os.path.join(task.base_dir(cfg.testbed, cfg.model), "params"), shapes)
+  base = _load(os.path.join(tb_base.base_dir(cfg.testbed, cfg.model), "params"), shapes)
   adapters = jax.device_get(runs[1].state.params)
   merged = jax.jit(functools.partial(lora.merge, cfg=cfg.lora))(base, adapters)
   return cfg, graphdef, names, base, adapters, merged
 
 
 def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def test_step0_dpo_loss_with_adapters_off_reference_is_log2(runs):
@@ -183,7 +209,8 @@ def test_training_changes_only_adapters_and_checkpoints_only_them(runs, trained)
   root = runs[0]
   cfg, _, names, base, adapters, merged = trained
   init = jax.jit(functools.partial(lora.init, base, names, cfg.lora))(
-      jax.random.fold_in(jax.random.key(cfg.seed), 1))  # As train.run draws them.
+    jax.random.fold_in(jax.random.key(cfg.seed), 1)
+  )  # As train.run draws them.
   for path, x in jax.tree_util.tree_flatten_with_path(init)[0]:
     if "lora_b" in jax.tree_util.keystr(path):
       np.testing.assert_array_equal(x, 0.0)
@@ -214,8 +241,9 @@ def test_resume_is_exact(runs):
   assert int(resumed.state.step) == 4
   steps = [r["step"] for r in read_jsonl(root / "resumed" / "metrics.jsonl") if "loss" in r]
   assert steps == [3, 4]  # Resumed after step 2.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state),
-               jax.device_get(resumed.state))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(straight.state), jax.device_get(resumed.state)
+  )
 
 
 def test_merged_export_equals_the_adapted_model(runs, trained, tmp_path):
@@ -225,8 +253,9 @@ def test_merged_export_equals_the_adapted_model(runs, trained, tmp_path):
   assert export.export(str(runs[0] / "straight"), str(tmp_path / "hf")) == 4
   shapes = models.abstract(models.ModelConfig(**cfg.model))[1]
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  exported = hf.load_params(str(tmp_path / "hf"), models.ModelConfig(**cfg.model),
-                            jax.tree.map(lambda _: one, shapes))
+  exported = hf.load_params(
+    str(tmp_path / "hf"), models.ModelConfig(**cfg.model), jax.tree.map(lambda _: one, shapes)
+  )
   tokens = jax.random.randint(jax.random.key(5), (16, 5), 0, cfg.model.vocab_size)
   logits = jax.jit(lambda p, t: models.apply(graphdef, p, t)[0])
   adapted = jax.jit(lambda a, b, t: models.apply(graphdef, lora.merge(b, a, cfg.lora), t)[0])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from align_jax.objectives import bond
+from align_jax.testbed import bon as best_of_n
 from align_jax.testbed import exact
 
 # ALGORITHMS.md §7.2: π_ref, rewards (outcomes 1 and 2 tie), N = 3 and a policy π.
@@ -61,8 +62,8 @@ def _brute_force_bon(p_Y, reward_Y, n):
 
 def _log_c(ref_logp, reward, n):
   """log C_n = log π_BoN − log π_ref − (n − 1) log p≤."""
-  log_le, _ = bond.quantiles(ref_logp, reward)
-  return bond.bon_logp(ref_logp, reward, n) - ref_logp - (n - 1) * log_le
+  log_le, _ = best_of_n.quantiles(ref_logp, reward)
+  return best_of_n.bon_logp(ref_logp, reward, n) - ref_logp - (n - 1) * log_le
 
 
 # -------------------------------------------------------------------------------------------------
@@ -71,12 +72,13 @@ def _log_c(ref_logp, reward, n):
 
 def test_section_7_2_quantiles_and_bon():
   ref, reward, _ = _section_7_2()
-  log_le, log_lt = bond.quantiles(ref, reward)
+  log_le, log_lt = best_of_n.quantiles(ref, reward)
   np.testing.assert_allclose(jnp.exp(log_le), [[0.1, 0.6, 0.6, 1.0]], atol=1e-12, rtol=0)
   np.testing.assert_allclose(jnp.exp(log_lt), [[0.0, 0.1, 0.1, 0.6]], atol=1e-12, rtol=0)
-  np.testing.assert_allclose(jnp.exp(_log_c(ref, reward, 3)), [[1.0, 1.194444, 1.194444, 1.96]],
-                             atol=1e-6, rtol=0)
-  bon = bond.bon_logp(ref, reward, 3)
+  np.testing.assert_allclose(
+    jnp.exp(_log_c(ref, reward, 3)), [[1.0, 1.194444, 1.194444, 1.96]], atol=1e-6, rtol=0
+  )
+  bon = best_of_n.bon_logp(ref, reward, 3)
   np.testing.assert_allclose(jnp.exp(bon), [[0.001, 0.086, 0.129, 0.784]], atol=1e-12, rtol=0)
   kl = exact.kl(bon, ref, jnp.zeros(1))
   np.testing.assert_allclose(kl, 0.341530, atol=1e-6, rtol=0)
@@ -87,69 +89,91 @@ def test_section_7_2_quantiles_and_bon():
 def test_section_7_2_divergences_and_decomposition():
   ref, reward, pi = _section_7_2()
   w = jnp.zeros(1)
-  bon = bond.bon_logp(ref, reward, 3)
+  bon = best_of_n.bon_logp(ref, reward, 3)
   forward, backward = exact.kl(bon, pi, w), exact.kl(pi, bon, w)
   np.testing.assert_allclose([forward, backward], [0.192019, 0.307335], atol=1e-6, rtol=0)
-  np.testing.assert_allclose(bond.jeffreys(pi, bon, w, 0.5), 0.249677, atol=1e-6, rtol=0)
-  np.testing.assert_allclose(bond.jeffreys(pi, bon, w, 0.0), forward, rtol=1e-14)
-  np.testing.assert_allclose(bond.jeffreys(pi, bon, w, 1.0), backward, rtol=1e-14)
+  np.testing.assert_allclose(best_of_n.jeffreys(pi, bon, w, 0.5), 0.249677, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(best_of_n.jeffreys(pi, bon, w, 0.0), forward, rtol=1e-14)
+  np.testing.assert_allclose(best_of_n.jeffreys(pi, bon, w, 1.0), backward, rtol=1e-14)
   # KL(π‖π_BoN) = KL(π‖π_ref) − (N−1) E_π[log p≤] − E_π[log C_N], exactly (§2.8.2).
-  decomposition = (exact.kl(pi, ref, w) - 2 * bond.bon_quantile(pi, ref, reward, w, log=True) -
-                   exact.expectation(pi, _log_c(ref, reward, 3), w))
+  decomposition = (
+    exact.kl(pi, ref, w)
+    - 2 * best_of_n.bon_quantile(pi, ref, reward, w, log=True)
+    - exact.expectation(pi, _log_c(ref, reward, 3), w)
+  )
   np.testing.assert_allclose(decomposition, 0.307335, atol=1e-6, rtol=0)
   np.testing.assert_allclose(decomposition, backward, atol=1e-14, rtol=0)
-  np.testing.assert_allclose(bond.bon_quantile(pi, ref, reward, w), 0.775, atol=1e-14)
+  np.testing.assert_allclose(best_of_n.bon_quantile(pi, ref, reward, w), 0.775, atol=1e-14)
 
 
 def test_section_7_2_backward_rewards():
   ref, reward, pi = _section_7_2()
-  bon = bond.bon_logp(ref, reward, 3)
-  np.testing.assert_allclose(bon - pi, [[-3.912023, -0.556288, -0.843970, 0.449801]], atol=1e-6,
-                             rtol=0)
+  bon = best_of_n.bon_logp(ref, reward, 3)
+  np.testing.assert_allclose(
+    bon - pi, [[-3.912023, -0.556288, -0.843970, 0.449801]], atol=1e-6, rtol=0
+  )
   # BOND's return with the exact quantile: the four outcomes as M = 4 policy samples of one prompt.
-  log_le, _ = bond.quantiles(ref, reward)
+  log_le, _ = best_of_n.quantiles(ref, reward)
   _, return_1x4 = bond.bond_backward(pi, ref, log_le, n=3, baseline="none")
-  np.testing.assert_allclose(return_1x4, [[-3.912023, -0.733969, -1.021651, -0.223144]], atol=1e-6,
-                             rtol=0)
-  np.testing.assert_allclose(bon - pi - return_1x4, [[0.0, 0.177681, 0.177681, 0.672944]],
-                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+    return_1x4, [[-3.912023, -0.733969, -1.021651, -0.223144]], atol=1e-6, rtol=0
+  )
+  np.testing.assert_allclose(
+    bon - pi - return_1x4, [[0.0, 0.177681, 0.177681, 0.672944]], atol=1e-6, rtol=0
+  )
   np.testing.assert_allclose(bon - pi - return_1x4, _log_c(ref, reward, 3), atol=1e-14)
 
 
 def test_section_7_2_logit_gradients():
   ref, reward, pi = _section_7_2()
-  bon = bond.bon_logp(ref, reward, 3)
+  bon = best_of_n.bon_logp(ref, reward, 3)
   theta = pi  # softmax(log π) = π.
-  jeffreys_grad = jax.jit(jax.grad(lambda t, beta: bond.jeffreys(exact.normalize(t), bon,
-                                                                 jnp.zeros(1), beta)))
+  jeffreys_grad = jax.jit(
+    jax.grad(lambda t, beta: best_of_n.jeffreys(exact.normalize(t), bon, jnp.zeros(1), beta))
+  )
   grad = lambda beta: jeffreys_grad(theta, beta)
-  np.testing.assert_allclose(grad(1.0), [[0.180234, 0.037343, 0.160991, -0.378568]], atol=1e-6,
-                             rtol=0)
+  np.testing.assert_allclose(
+    grad(1.0), [[0.180234, 0.037343, 0.160991, -0.378568]], atol=1e-6, rtol=0
+  )
   p, q = np.exp(pi), np.exp(bon)
-  np.testing.assert_allclose(grad(1.0), p * (np.log(p / q) - np.sum(p * np.log(p / q))),
-                             atol=1e-14)
+  np.testing.assert_allclose(grad(1.0), p * (np.log(p / q) - np.sum(p * np.log(p / q))), atol=1e-14)
   np.testing.assert_allclose(grad(0.0), [[0.049, 0.064, 0.171, -0.284]], atol=1e-12, rtol=0)
   np.testing.assert_allclose(grad(0.5), 0.5 * (grad(0.0) + grad(1.0)), atol=1e-14)
 
 
 def test_section_7_2_composition_and_sample_rewards():
   ref, reward, _ = _section_7_2()
-  bon2 = bond.bon_logp(ref, reward, 2)
+  bon2 = best_of_n.bon_logp(ref, reward, 2)
   np.testing.assert_allclose(jnp.exp(bon2), [[0.01, 0.14, 0.21, 0.64]], atol=1e-12, rtol=0)
   expected = [[0.0001, 0.0518, 0.0777, 0.8704]]
-  np.testing.assert_allclose(jnp.exp(bond.bon_logp(bon2, reward, 2)), expected, atol=1e-12, rtol=0)
-  np.testing.assert_allclose(jnp.exp(bond.bon_logp(ref, reward, 4)), expected, atol=1e-12, rtol=0)
+  np.testing.assert_allclose(
+    jnp.exp(best_of_n.bon_logp(bon2, reward, 2)), expected, atol=1e-12, rtol=0
+  )
+  np.testing.assert_allclose(
+    jnp.exp(best_of_n.bon_logp(ref, reward, 4)), expected, atol=1e-12, rtol=0
+  )
   # MC quantile: r(y) = 1 against anchor rewards [0, 2, 1, 1].
   quantile = bond.mc_quantile(jnp.array([[1.0]]), jnp.array([[0.0, 2.0, 1.0, 1.0]]))
   np.testing.assert_allclose(quantile, [[0.75]], rtol=0)
-  _, m = bond.bond(jnp.full((1, 5), -2.0), jnp.full((1, 5), -2.0),
-                   jnp.array([[1.0, 0.0, 2.0, 1.0, 1.0]]), num_policy=1, n=4, beta=0.5,
-                   baseline="none")
+  _, m = bond.bond(
+    jnp.full((1, 5), -2.0),
+    jnp.full((1, 5), -2.0),
+    jnp.array([[1.0, 0.0, 2.0, 1.0, 1.0]]),
+    num_policy=1,
+    n=4,
+    beta=0.5,
+    baseline="none",
+  )
   np.testing.assert_allclose(m["quantile"], [0.75], rtol=0)
   np.testing.assert_allclose(m["return"], [3 * math.log(0.75)], atol=1e-14)
   # J-BOND: policy reward 0.5 against anchors [1, 2] is penalised, against [0.2, 2] it is not.
-  _, m = bond.jbond(jnp.full((2, 3), -2.0), jnp.full((2, 3), -2.0),
-                    jnp.array([[0.5, 1.0, 2.0], [0.5, 0.2, 2.0]]), beta=0.5, gamma=1.0)
+  _, m = bond.jbond(
+    jnp.full((2, 3), -2.0),
+    jnp.full((2, 3), -2.0),
+    jnp.array([[0.5, 1.0, 2.0], [0.5, 0.2, 2.0]]),
+    beta=0.5,
+    gamma=1.0,
+  )
   np.testing.assert_allclose(m["return"], [-2.772589, 0.0], atol=1e-6, rtol=0)
   np.testing.assert_allclose(m["return"][0], -math.log(16), atol=1e-15)
   np.testing.assert_array_equal(m["penalised"], [1.0, 0.0])
@@ -157,8 +181,9 @@ def test_section_7_2_composition_and_sample_rewards():
 
 def test_docstring_examples():
   from align_jax.objectives import policy_gradient
+
   with jax.enable_x64(False):
-    for module in (bond, policy_gradient):
+    for module in (bond, policy_gradient, best_of_n):
       result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
       assert result.attempted > 0 and result.failed == 0, module.__name__
 
@@ -171,11 +196,11 @@ def test_docstring_examples():
 def test_bon_formula_equals_enumeration_with_ties(n):
   ref_XxY, reward_XxY = _tied_table(n)
   assert all(len(set(row)) < len(row) for row in reward_XxY)  # Ties in every prompt.
-  bon_XxY = np.asarray(bond.bon_logp(jnp.asarray(ref_XxY), jnp.asarray(reward_XxY), n))
+  bon_XxY = np.asarray(best_of_n.bon_logp(jnp.asarray(ref_XxY), jnp.asarray(reward_XxY), n))
   for x in range(len(ref_XxY)):
-    np.testing.assert_allclose(np.exp(bon_XxY[x]), _brute_force_bon(np.exp(ref_XxY[x]),
-                                                                    reward_XxY[x], n),
-                               atol=1e-14, rtol=0)
+    np.testing.assert_allclose(
+      np.exp(bon_XxY[x]), _brute_force_bon(np.exp(ref_XxY[x]), reward_XxY[x], n), atol=1e-14, rtol=0
+    )
   assert bon_XxY[0, 1] == -np.inf  # Zero reference mass stays zero.
   np.testing.assert_allclose(np.exp(bon_XxY).sum(-1), 1.0, atol=1e-14)
   if n == 1:
@@ -185,10 +210,13 @@ def test_bon_formula_equals_enumeration_with_ties(n):
 @pytest.mark.parametrize("n,m", [(2, 2), (2, 3), (3, 2)])
 def test_bon_composition_with_ties(n, m):
   ref_XxY, reward_XxY = (jnp.asarray(a) for a in _tied_table(10 + n + m, y=6))
-  twice = bond.bon_logp(bond.bon_logp(ref_XxY, reward_XxY, m), reward_XxY, n)
-  np.testing.assert_allclose(jnp.exp(twice), jnp.exp(bond.bon_logp(ref_XxY, reward_XxY, n * m)),
-                             atol=1e-14, rtol=0)
-  assert not np.allclose(jnp.exp(twice), jnp.exp(bond.bon_logp(ref_XxY, reward_XxY, n * m + 1)))
+  twice = best_of_n.bon_logp(best_of_n.bon_logp(ref_XxY, reward_XxY, m), reward_XxY, n)
+  np.testing.assert_allclose(
+    jnp.exp(twice), jnp.exp(best_of_n.bon_logp(ref_XxY, reward_XxY, n * m)), atol=1e-14, rtol=0
+  )
+  assert not np.allclose(
+    jnp.exp(twice), jnp.exp(best_of_n.bon_logp(ref_XxY, reward_XxY, n * m + 1))
+  )
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -200,14 +228,14 @@ def test_kl_to_reference_below_bound_with_gap_shrinking(n):
     p_Y = 1.0 + 0.5 * rng.random(size)
     ref = jnp.asarray(np.log(p_Y / p_Y.sum()))[None]
     reward = jnp.asarray(rng.permutation(size), jnp.float64)[None]  # Distinct rewards.
-    gaps.append(bound - float(exact.kl(bond.bon_logp(ref, reward, n), ref, jnp.zeros(1))))
+    gaps.append(bound - float(exact.kl(best_of_n.bon_logp(ref, reward, n), ref, jnp.zeros(1))))
   assert all(g > 0 for g in gaps), gaps
   assert gaps[0] > gaps[1] > gaps[2], gaps
   assert gaps[2] < 1e-5, gaps
   # Ties only lower the KL.
   ref, reward = (jnp.asarray(a) for a in _tied_table(n, x=4, y=6))
-  bon = bond.bon_logp(ref, reward, n)
-  per_prompt = [exact.kl(bon[i:i + 1], ref[i:i + 1], jnp.zeros(1)) for i in range(4)]
+  bon = best_of_n.bon_logp(ref, reward, n)
+  per_prompt = [exact.kl(bon[i : i + 1], ref[i : i + 1], jnp.zeros(1)) for i in range(4)]
   assert max(per_prompt) < bound
 
 
@@ -219,8 +247,9 @@ def test_conditional_tables_are_per_prompt():
   reward_XxY = rng.integers(0, 4, size=(x, y)) * np.array([[1.0], [10.0], [-0.5]])
   pi_XxY = np.log(rng.dirichlet(np.ones(y), size=x))
   logw_X = np.log(np.array([0.2, 0.5, 0.3]))
-  log_le, log_lt = (np.asarray(a) for a in bond.quantiles(jnp.asarray(ref_XxY),
-                                                          jnp.asarray(reward_XxY)))
+  log_le, log_lt = (
+    np.asarray(a) for a in best_of_n.quantiles(jnp.asarray(ref_XxY), jnp.asarray(reward_XxY))
+  )
   p_XxY = np.exp(ref_XxY)
   le = np.einsum("xj,xij->xi", p_XxY, reward_XxY[:, None, :] <= reward_XxY[:, :, None])
   lt = np.einsum("xj,xij->xi", p_XxY, reward_XxY[:, None, :] < reward_XxY[:, :, None])
@@ -228,18 +257,24 @@ def test_conditional_tables_are_per_prompt():
   np.testing.assert_allclose(np.exp(log_lt), lt, atol=1e-14)
   # Permuting responses permutes the outputs.
   perm = rng.permutation(y)
-  permuted = bond.bon_logp(jnp.asarray(ref_XxY[:, perm]), jnp.asarray(reward_XxY[:, perm]), 3)
-  bon_XxY = bond.bon_logp(jnp.asarray(ref_XxY), jnp.asarray(reward_XxY), 3)
+  permuted = best_of_n.bon_logp(jnp.asarray(ref_XxY[:, perm]), jnp.asarray(reward_XxY[:, perm]), 3)
+  bon_XxY = best_of_n.bon_logp(jnp.asarray(ref_XxY), jnp.asarray(reward_XxY), 3)
   np.testing.assert_allclose(permuted, bon_XxY[:, perm], atol=1e-14)
   # Weighted scalars are Σ_x w_x (per-prompt value).
   args = (jnp.asarray(pi_XxY), bon_XxY)
-  rows = [bond.jeffreys(args[0][i:i + 1], args[1][i:i + 1], jnp.zeros(1), 0.3) for i in range(x)]
-  np.testing.assert_allclose(bond.jeffreys(*args, jnp.asarray(logw_X), 0.3),
-                             np.dot(np.exp(logw_X), rows), atol=1e-14)
+  rows = [
+    best_of_n.jeffreys(args[0][i : i + 1], args[1][i : i + 1], jnp.zeros(1), 0.3) for i in range(x)
+  ]
   np.testing.assert_allclose(
-      bond.bon_quantile(jnp.asarray(pi_XxY), jnp.asarray(ref_XxY), jnp.asarray(reward_XxY),
-                        jnp.asarray(logw_X)),
-      np.sum(np.exp(logw_X) * np.sum(np.exp(pi_XxY) * le, -1)), atol=1e-14)
+    best_of_n.jeffreys(*args, jnp.asarray(logw_X), 0.3), np.dot(np.exp(logw_X), rows), atol=1e-14
+  )
+  np.testing.assert_allclose(
+    best_of_n.bon_quantile(
+      jnp.asarray(pi_XxY), jnp.asarray(ref_XxY), jnp.asarray(reward_XxY), jnp.asarray(logw_X)
+    ),
+    np.sum(np.exp(logw_X) * np.sum(np.exp(pi_XxY) * le, -1)),
+    atol=1e-14,
+  )
 
 
 @pytest.mark.parametrize("tiny", [1e-9, 1e-20])
@@ -249,18 +284,20 @@ def test_tiny_level_set_keeps_precision(tiny):
   frac = [fractions.Fraction(p) for p in probs]
   n = 4
   p_lt, p_le = frac[0], frac[0] + frac[1]
-  exact_bon = frac[1] * sum(p_lt**(i - 1) * p_le**(n - i) for i in range(1, n + 1)) / sum(frac)**n
-  bon = bond.bon_logp(jnp.log(jnp.asarray([probs])), jnp.asarray([[0.0, 1.0, 2.0]]), n)
+  exact_bon = (
+    frac[1] * sum(p_lt ** (i - 1) * p_le ** (n - i) for i in range(1, n + 1)) / sum(frac) ** n
+  )
+  bon = best_of_n.bon_logp(jnp.log(jnp.asarray([probs])), jnp.asarray([[0.0, 1.0, 2.0]]), n)
   np.testing.assert_allclose(bon[0, 1], math.log(exact_bon), rtol=1e-13)
 
 
 def test_underflowing_quantiles_stay_in_log_space():
   """Quantiles of e^−1000 (0 as floats) keep their logs: log p≤ and log π_BoN of the worst ones."""
   ref = jnp.array([[-1000.0, -1001.0, 0.0]])
-  log_le, log_lt = bond.quantiles(ref, jnp.array([[0.0, 1.0, 2.0]]))
+  log_le, log_lt = best_of_n.quantiles(ref, jnp.array([[0.0, 1.0, 2.0]]))
   np.testing.assert_allclose(log_le[0, :2], [-1000.0, np.logaddexp(-1000.0, -1001.0)], rtol=1e-15)
   np.testing.assert_allclose(log_lt[0, 1], -1000.0, rtol=1e-15)
-  bon = bond.bon_logp(ref, jnp.array([[0.0, 1.0, 2.0]]), 3)
+  bon = best_of_n.bon_logp(ref, jnp.array([[0.0, 1.0, 2.0]]), 3)
   np.testing.assert_allclose(bon[0, 0], -3000.0, rtol=1e-15)  # π(y)·p≤(y)², C = 1.
 
 
@@ -286,13 +323,21 @@ def test_forward_term_expected_gradient_is_forward_kl_gradient(k, n):
 
   def expected_loss(theta):
     logp_Y = jax.nn.log_softmax(theta)
-    loss_T, _ = bond.bond(logp_Y[cols_TxK1], anchor_Y[cols_TxK1], reward_Y[cols_TxK1],
-                          num_policy=1, n=n, beta=0.0, baseline="none")
+    loss_T, _ = bond.bond(
+      logp_Y[cols_TxK1],
+      anchor_Y[cols_TxK1],
+      reward_Y[cols_TxK1],
+      num_policy=1,
+      n=n,
+      beta=0.0,
+      baseline="none",
+    )
     return jnp.sum(weight_T * loss_T)
 
-  bon = bond.bon_logp(anchor_Y[None], reward_Y[None], n)
-  kl_grad = jax.jit(jax.grad(lambda t, target: exact.kl(target, exact.normalize(t[None]),
-                                                        jnp.zeros(1))))
+  bon = best_of_n.bon_logp(anchor_Y[None], reward_Y[None], n)
+  kl_grad = jax.jit(
+    jax.grad(lambda t, target: exact.kl(target, exact.normalize(t[None]), jnp.zeros(1)))
+  )
   kl_grad = functools.partial(kl_grad, theta_Y)
   np.testing.assert_allclose(jax.jit(jax.grad(expected_loss))(theta_Y), kl_grad(bon), atol=1e-13)
   assert not np.allclose(kl_grad(bon), kl_grad(anchor_Y[None]))
@@ -303,19 +348,21 @@ def test_backward_term_expected_gradient_is_backward_kl_up_to_log_c(n):
   """With the exact quantile, E_π[∇ℓ_BW] = ∇KL(π_θ‖π_BoN) + ∇_θ E_{π_θ}[log C_n], exactly."""
   theta_Y, anchor_Y, reward_Y = _policy_table(n, y=6)
   w = jnp.zeros(1)
-  log_le_Y = bond.quantiles(anchor_Y[None], reward_Y[None])[0][0]
-  bon = bond.bon_logp(anchor_Y[None], reward_Y[None], n)
+  log_le_Y = best_of_n.quantiles(anchor_Y[None], reward_Y[None])[0][0]
+  bon = best_of_n.bon_logp(anchor_Y[None], reward_Y[None], n)
   log_c = _log_c(anchor_Y[None], reward_Y[None], n)
 
   def expected_surrogate(theta, log_quantile_Y):
     logp_Y = jax.nn.log_softmax(theta)
-    loss_Y, _ = bond.bond_backward(logp_Y[:, None], anchor_Y[:, None], log_quantile_Y[:, None], n=n,
-                                   baseline="none")  # Row y: the policy sample is y.
+    loss_Y, _ = bond.bond_backward(
+      logp_Y[:, None], anchor_Y[:, None], log_quantile_Y[:, None], n=n, baseline="none"
+    )  # Row y: the policy sample is y.
     return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp_Y)) * loss_Y)
 
   kl_grad = jax.jit(jax.grad(lambda t: exact.kl(exact.normalize(t[None]), bon, w)))(theta_Y)
   c_grad = jax.jit(jax.grad(lambda t: exact.expectation(exact.normalize(t[None]), log_c, w)))(
-      theta_Y)
+    theta_Y
+  )
   surrogate_grad = jax.jit(jax.grad(expected_surrogate))
   np.testing.assert_allclose(surrogate_grad(theta_Y, log_le_Y), kl_grad + c_grad, atol=1e-13)
   assert np.max(np.abs(c_grad)) > 1e-3  # log C_n is not constant here: the term matters.
@@ -335,17 +382,19 @@ def test_backward_term_near_continuous_rewards():
     anchor_Y = jnp.asarray(np.log(p_Y / p_Y.sum()))
     reward_Y = jnp.asarray(rng.permutation(size), jnp.float64)
     theta_Y = 2.0 * reward_Y / size + 0.3 * jnp.asarray(rng.normal(size=size))  # Tilted to reward.
-    log_le_Y = bond.quantiles(anchor_Y[None], reward_Y[None])[0][0]
-    bon = bond.bon_logp(anchor_Y[None], reward_Y[None], n)
+    log_le_Y = best_of_n.quantiles(anchor_Y[None], reward_Y[None])[0][0]
+    bon = best_of_n.bon_logp(anchor_Y[None], reward_Y[None], n)
 
     def expected_surrogate(theta, anchor_Y=anchor_Y, log_le_Y=log_le_Y):
       logp_Y = jax.nn.log_softmax(theta)
-      loss_Y, _ = bond.bond_backward(logp_Y[:, None], anchor_Y[:, None], log_le_Y[:, None], n=n,
-                                     baseline="none")
+      loss_Y, _ = bond.bond_backward(
+        logp_Y[:, None], anchor_Y[:, None], log_le_Y[:, None], n=n, baseline="none"
+      )
       return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp_Y)) * loss_Y)
 
-    kl_grad = jax.jit(jax.grad(lambda t, b=bon: exact.kl(exact.normalize(t[None]), b,
-                                                         jnp.zeros(1))))(theta_Y)
+    kl_grad = jax.jit(
+      jax.grad(lambda t, b=bon: exact.kl(exact.normalize(t[None]), b, jnp.zeros(1)))
+    )(theta_Y)
     bond_grad = jax.jit(jax.grad(expected_surrogate))(theta_Y)
     errors.append(np.linalg.norm(bond_grad - kl_grad) / np.linalg.norm(kl_grad))
     median_log_c.append(np.median(np.asarray(_log_c(anchor_Y[None], reward_Y[None], n))))
@@ -356,13 +405,14 @@ def test_backward_term_near_continuous_rewards():
 
 def test_leave_one_out_baseline_keeps_backward_gradient_unbiased():
   theta_Y, anchor_Y, reward_Y = _policy_table(7)
-  log_le_Y = bond.quantiles(anchor_Y[None], reward_Y[None])[0][0]
+  log_le_Y = best_of_n.quantiles(anchor_Y[None], reward_Y[None])[0][0]
   pairs_Tx2 = np.array(list(itertools.product(range(len(theta_Y)), repeat=2)))
 
   def per_row(theta, baseline):
     logp_Y = jax.nn.log_softmax(theta)
-    loss_T, _ = bond.bond_backward(logp_Y[pairs_Tx2], anchor_Y[pairs_Tx2], log_le_Y[pairs_Tx2],
-                                   n=3, baseline=baseline)
+    loss_T, _ = bond.bond_backward(
+      logp_Y[pairs_Tx2], anchor_Y[pairs_Tx2], log_le_Y[pairs_Tx2], n=3, baseline=baseline
+    )
     weight_T = jax.lax.stop_gradient(jnp.exp(jnp.sum(logp_Y[pairs_Tx2], axis=1)))
     return weight_T * loss_T
 
@@ -379,12 +429,12 @@ def test_mc_quantile_is_unbiased():
   weight_T = jnp.exp(jnp.sum(anchor_Y[tuples_TxK], axis=1))
   reward_TxY = jnp.broadcast_to(reward_Y, (len(tuples_TxK), len(reward_Y)))
   estimate_TxY = bond.mc_quantile(reward_TxY, reward_Y[tuples_TxK])
-  log_le = bond.quantiles(anchor_Y[None], reward_Y[None])[0]
+  log_le = best_of_n.quantiles(anchor_Y[None], reward_Y[None])[0]
   np.testing.assert_allclose(weight_T @ estimate_TxY, jnp.exp(log_le[0]), atol=1e-14)
 
 
 # -------------------------------------------------------------------------------------------------
-# Loss structure: the Jeffreys mix, gradients, stop-gradients, EMA.
+# Loss structure: the Jeffreys mix, gradients, stop-gradients.
 
 
 def _batch(seed, b=3, m=2, k=4, ties=False):
@@ -401,10 +451,12 @@ def test_bond_is_the_jeffreys_mix_of_its_terms():
   loss = jax.jit(loss_fn)
   grad = jax.jit(jax.grad(lambda lp, beta: loss_fn(lp, beta).sum()))
   for beta in (0.25, 0.7):
-    np.testing.assert_allclose(loss(logp, beta), (1 - beta) * loss(logp, 0.0) +
-                               beta * loss(logp, 1.0), atol=1e-13)
-    np.testing.assert_allclose(grad(logp, beta), (1 - beta) * grad(logp, 0.0) +
-                               beta * grad(logp, 1.0), atol=1e-13)
+    np.testing.assert_allclose(
+      loss(logp, beta), (1 - beta) * loss(logp, 0.0) + beta * loss(logp, 1.0), atol=1e-13
+    )
+    np.testing.assert_allclose(
+      grad(logp, beta), (1 - beta) * grad(logp, 0.0) + beta * grad(logp, 1.0), atol=1e-13
+    )
   forward, _ = bond.bond_forward(logp[:, 2:], reward[:, 2:], n=2)
   np.testing.assert_allclose(loss(logp, 0.0), forward, atol=1e-14)
 
@@ -414,8 +466,9 @@ def test_bond_gradients_and_stop_gradients(baseline):
   """∂ℓ/∂log π: −β(R_j − b_j)/M on policy samples, −(1−β)/G on each group's best; 0 elsewhere."""
   m, k, n, beta = 2, 4, 2, 0.3
   logp, anchor, reward = _batch(1, m=m, k=k, ties=True)
-  fn = lambda lp, an, rw: bond.bond(lp, an, rw, num_policy=m, n=n, beta=beta,
-                                    baseline=baseline)[0].sum()
+  fn = lambda lp, an, rw: bond.bond(lp, an, rw, num_policy=m, n=n, beta=beta, baseline=baseline)[
+    0
+  ].sum()
   g_logp, g_anchor, g_reward = jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(logp, anchor, reward)
   np.testing.assert_array_equal(g_anchor, 0.0)
   np.testing.assert_array_equal(g_reward, 0.0)
@@ -436,8 +489,9 @@ def test_bond_gradients_and_stop_gradients(baseline):
 def test_jbond_gradients_and_stop_gradients(kl_in_backward):
   beta, gamma = 0.4, 0.7
   logp, anchor, reward = _batch(2, b=4, m=1, k=2, ties=True)
-  fn = lambda lp, an, rw: bond.jbond(lp, an, rw, beta=beta, gamma=gamma,
-                                     kl_in_backward=kl_in_backward)[0].sum()
+  fn = lambda lp, an, rw: bond.jbond(
+    lp, an, rw, beta=beta, gamma=gamma, kl_in_backward=kl_in_backward
+  )[0].sum()
   g_logp, g_anchor, g_reward = jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(logp, anchor, reward)
   np.testing.assert_array_equal(g_anchor, 0.0)
   np.testing.assert_array_equal(g_reward, 0.0)
@@ -450,20 +504,6 @@ def test_jbond_gradients_and_stop_gradients(kl_in_backward):
   np.testing.assert_allclose(g_logp, expected, atol=1e-14)
 
 
-def test_ema_is_exact():
-  anchor = {"a": jnp.array([1.0, -2.0, 3.5]), "b": {"c": jnp.array(0.25)}}
-  params = {"a": jnp.array([0.5, 4.0, -1.0]), "b": {"c": jnp.array(-3.0)}}
-  eta = 0.02
-  new = bond.ema(anchor, params, eta)
-  for key, want in (("a", (1 - eta) * np.asarray(anchor["a"]) + eta * np.asarray(params["a"])),
-                    ("c", (1 - eta) * 0.25 + eta * -3.0)):
-    got = new["a"] if key == "a" else new["b"]["c"]
-    np.testing.assert_allclose(got, want, rtol=1e-15)
-  jax.tree.map(np.testing.assert_array_equal, bond.ema(anchor, params, 0.0), anchor)
-  jax.tree.map(np.testing.assert_array_equal, bond.ema(anchor, params, 1.0), params)
-  np.testing.assert_array_equal(bond.ema(anchor, params, 0.25)["a"], [0.875, -0.5, 2.375])
-
-
 def test_invalid_arguments_raise():
   logp, anchor, reward = _batch(3, m=1, k=4)
   with pytest.raises(ValueError, match="leave-one-out"):
@@ -473,20 +513,25 @@ def test_invalid_arguments_raise():
   with pytest.raises(ValueError, match="baseline"):
     bond.bond(logp, anchor, reward, num_policy=1, n=2, beta=0.5, baseline="batch")
   with pytest.raises(ValueError, match="n >= 1"):
-    bond.bon_logp(anchor, reward, 0)
+    best_of_n.bon_logp(anchor, reward, 0)
 
 
 # -------------------------------------------------------------------------------------------------
 # Finite losses and gradients on degenerate float32 batches.
 
 EXTREMES = {
-    # Policy samples (columns 0, 1) lose to all four anchor samples: p̂≤ = 0, clipped.
-    "all_anchors_win": (np.full((2, 6), -5.0), np.full((2, 6), -5.0),
-                        np.array([[0.0, -1.0, 1.0, 2.0, 3.0, 4.0]] * 2)),
-    "ties_everywhere": (np.full((2, 6), -5.0), np.full((2, 6), -5.0), np.zeros((2, 6))),
-    "log_ratios_+-1e4": (np.array([[1e4, -1e4, -1.0, -2.0, -3.0, -4.0]] * 2),
-                         np.array([[-1e4, 1e4, 0.0, 0.0, 0.0, 0.0]] * 2),
-                         np.array([[0.0, 1.0, 0.5, 0.2, 2.0, 0.0]] * 2)),
+  # Policy samples (columns 0, 1) lose to all four anchor samples: p̂≤ = 0, clipped.
+  "all_anchors_win": (
+    np.full((2, 6), -5.0),
+    np.full((2, 6), -5.0),
+    np.array([[0.0, -1.0, 1.0, 2.0, 3.0, 4.0]] * 2),
+  ),
+  "ties_everywhere": (np.full((2, 6), -5.0), np.full((2, 6), -5.0), np.zeros((2, 6))),
+  "log_ratios_+-1e4": (
+    np.array([[1e4, -1e4, -1.0, -2.0, -3.0, -4.0]] * 2),
+    np.array([[-1e4, 1e4, 0.0, 0.0, 0.0, 0.0]] * 2),
+    np.array([[0.0, 1.0, 0.5, 0.2, 2.0, 0.0]] * 2),
+  ),
 }
 
 
@@ -494,14 +539,16 @@ EXTREMES = {
 def test_finite_on_extreme_inputs(case):
   logp, anchor, reward = (jnp.asarray(a, jnp.float32) for a in EXTREMES[case])
   objectives = {
-      "bond": lambda lp, an, rw: bond.bond(lp, an, rw, num_policy=2, n=2, beta=0.5),
-      "jbond": lambda lp, an, rw: bond.jbond(lp[:, 3:], an[:, 3:], rw[:, 3:], beta=0.5, gamma=1.0,
-                                             kl_in_backward=True),
+    "bond": lambda lp, an, rw: bond.bond(lp, an, rw, num_policy=2, n=2, beta=0.5),
+    "jbond": lambda lp, an, rw: bond.jbond(
+      lp[:, 3:], an[:, 3:], rw[:, 3:], beta=0.5, gamma=1.0, kl_in_backward=True
+    ),
   }
   for name, fn in objectives.items():
     loss_B, metrics = jax.jit(fn)(logp, anchor, reward)
-    grads = jax.jit(jax.grad(lambda *a, f=fn: f(*a)[0].sum(), argnums=(0, 1, 2)))(logp, anchor,
-                                                                                   reward)
+    grads = jax.jit(jax.grad(lambda *a, f=fn: f(*a)[0].sum(), argnums=(0, 1, 2)))(
+      logp, anchor, reward
+    )
     assert loss_B.dtype == jnp.float32, name
     assert np.all(np.isfinite(loss_B)), (name, loss_B)
     assert all(np.all(np.isfinite(g)) for g in grads), name

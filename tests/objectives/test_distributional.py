@@ -19,10 +19,10 @@ D2O_LOGP = [[-25.0, -20.0, -22.0, -21.0]]
 D2O_REF = [[-24.0, -20.5, -21.5, -21.5]]
 
 H_CONFIGS = {
-    "logistic": {"h": "logistic"},
-    "logistic_smoothed": {"h": "logistic", "label_smoothing": 0.2},
-    "squared_hinge": {"h": "squared_hinge"},
-    "least_squares": {"h": "least_squares"},
+  "logistic": {"h": "logistic"},
+  "logistic_smoothed": {"h": "logistic", "label_smoothing": 0.2},
+  "squared_hinge": {"h": "squared_hinge"},
+  "least_squares": {"h": "least_squares"},
 }
 AOT_FNS = {"paired": distributional.aot, "unpaired": distributional.aot_unpaired}
 
@@ -87,8 +87,9 @@ def test_section_7_4_vectors():
     np.testing.assert_array_equal(m["accuracy"], [1.0, 1.0, 1.0, 0.0])
     # Unpaired: chosen ratios [0.5, 0, 0.5, −1], rejected [−0.5, −0.5, −1, 0.5] => sorted
     # differences [0, 0.5, 1, 0], the minimum over all 24 pairings.
-    np.testing.assert_allclose(np.sort(np.asarray(m_un["sorted_margin"])), 0.1 * np.array(
-        [0.0, 0.0, 0.5, 1.0]), atol=1e-12)
+    np.testing.assert_allclose(
+      np.sort(np.asarray(m_un["sorted_margin"])), 0.1 * np.array([0.0, 0.0, 0.5, 1.0]), atol=1e-12
+    )
     u, v = _uv("unpaired", logp, ref)
     best = min(_softplus(-0.1 * (u - v[list(p)])).mean() for p in itertools.permutations(range(4)))
     np.testing.assert_allclose(unpaired.mean(), best, atol=1e-12)
@@ -101,14 +102,17 @@ def test_single_pair_is_dpo(fn_name, eps):
   with jax.enable_x64(True):
     logp, ref = _random_logps(0, (6, 2))
     for b in range(6):
-      lp, rf = logp[b:b + 1], ref[b:b + 1]
+      lp, rf = logp[b : b + 1], ref[b : b + 1]
       aot = lambda x: AOT_FNS[fn_name](x, rf, beta=0.3, label_smoothing=eps)[0].sum()
       cdpo = lambda x: pairwise.cdpo(x, rf, beta=0.3, label_smoothing=eps)[0].sum()
       np.testing.assert_allclose(aot(lp), cdpo(lp), rtol=1e-12)
       np.testing.assert_allclose(jax.grad(aot)(lp), jax.grad(cdpo)(lp), rtol=1e-12)
     if eps == 0.0:
-      np.testing.assert_allclose(AOT_FNS[fn_name](logp[:1], ref[:1], beta=0.3)[0],
-                                 pairwise.dpo(logp[:1], ref[:1], beta=0.3)[0], rtol=1e-12)
+      np.testing.assert_allclose(
+        AOT_FNS[fn_name](logp[:1], ref[:1], beta=0.3)[0],
+        pairwise.dpo(logp[:1], ref[:1], beta=0.3)[0],
+        rtol=1e-12,
+      )
     # With n > 1 the coupling matters: the batch loss is not the mean DPO loss.
     batch = AOT_FNS[fn_name](logp, ref, beta=0.3, label_smoothing=eps)[0].mean()
     assert abs(batch - pairwise.cdpo(logp, ref, beta=0.3, label_smoothing=eps)[0].mean()) > 1e-4
@@ -125,8 +129,10 @@ def test_sorted_pairing_is_the_minimum_over_all_permutations(fn_name, config):
       logp, ref = _random_logps(100 * n + seed, (n, 2))
       loss, _ = AOT_FNS[fn_name](logp, ref, beta=beta, **kwargs)
       u, v = _uv(fn_name, logp, ref)
-      costs = [_h_numpy(u - v[list(p)], beta=beta, **kwargs).mean()
-               for p in itertools.permutations(range(n))]
+      costs = [
+        _h_numpy(u - v[list(p)], beta=beta, **kwargs).mean()
+        for p in itertools.permutations(range(n))
+      ]
       np.testing.assert_allclose(loss.mean(), min(costs), rtol=1e-12, atol=1e-12)
       strictly_better += min(costs) < _h_numpy(u - v, beta=beta, **kwargs).mean() - 1e-9
   assert strictly_better > 5  # the identity pairing is usually not optimal: the check has teeth
@@ -153,8 +159,9 @@ def test_gradient_flows_through_sorted_values(fn_name):
   """Logistic h: ∂/∂u_(i) = −βσ(−βz_i), ∂/∂v_(i) = +βσ(−βz_i), with the permutation held fixed."""
   beta = 0.3
   logp, ref = _random_logps(3, (8, 2))
-  g_logp, g_ref = jax.grad(lambda lp, rf: AOT_FNS[fn_name](lp, rf, beta=beta)[0].sum(),
-                           argnums=(0, 1))(logp, ref)
+  g_logp, g_ref = jax.grad(
+    lambda lp, rf: AOT_FNS[fn_name](lp, rf, beta=beta)[0].sum(), argnums=(0, 1)
+  )(logp, ref)
   u, v = _uv(fn_name, logp, ref)
   order_u, order_v = np.argsort(u), np.argsort(v)
   w = beta * _sigmoid(-beta * (u[order_u] - v[order_v]))
@@ -163,7 +170,7 @@ def test_gradient_flows_through_sorted_values(fn_name):
   np.testing.assert_array_equal(g_ref, 0.0)
   if fn_name == "paired":  # u = log π(y_w) − log π(y_l); v is the reference's and gets nothing
     np.testing.assert_allclose(g_logp, np.stack([g_u, -g_u], -1), rtol=1e-5)
-  else:                    # u, v = the chosen and rejected log-ratios, both the policy's
+  else:  # u, v = the chosen and rejected log-ratios, both the policy's
     np.testing.assert_allclose(g_logp, np.stack([g_u, g_v], -1), rtol=1e-5)
 
 
@@ -203,10 +210,32 @@ def test_masked_equals_sliced(fn_name, config):
   logp, ref = _random_logps(5, (9, 2))
   valid = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1], bool)
   # Padding values that would sort first, last and in the middle on either side.
-  pad_logp = jnp.array([[0.0, 0.0], [-80.0, 50.0], [0.0, 0.0], [0.0, 0.0], [50.0, -80.0],
-                        [0.0, 0.0], [0.0, 0.0], [-20.0, -20.0], [0.0, 0.0]])
-  pad_ref = jnp.array([[0.0, 0.0], [40.0, -60.0], [0.0, 0.0], [0.0, 0.0], [-60.0, 40.0],
-                       [0.0, 0.0], [0.0, 0.0], [-20.0, -20.0], [0.0, 0.0]])
+  pad_logp = jnp.array(
+    [
+      [0.0, 0.0],
+      [-80.0, 50.0],
+      [0.0, 0.0],
+      [0.0, 0.0],
+      [50.0, -80.0],
+      [0.0, 0.0],
+      [0.0, 0.0],
+      [-20.0, -20.0],
+      [0.0, 0.0],
+    ]
+  )
+  pad_ref = jnp.array(
+    [
+      [0.0, 0.0],
+      [40.0, -60.0],
+      [0.0, 0.0],
+      [0.0, 0.0],
+      [-60.0, 40.0],
+      [0.0, 0.0],
+      [0.0, 0.0],
+      [-20.0, -20.0],
+      [0.0, 0.0],
+    ]
+  )
   logp = jnp.where(valid[:, None], logp, pad_logp)
   ref = jnp.where(valid[:, None], ref, pad_ref)
   loss, m = fn(logp, ref, example_mask_B=jnp.asarray(valid))
@@ -246,8 +275,9 @@ def test_sort_is_global_under_a_batch_sharded_jit(devices8):
     np.testing.assert_allclose(loss, loss_1, rtol=1e-6)
     np.testing.assert_allclose(g, g_1, rtol=1e-5)
     # Per-device sorting (two halves of 8, as TRL does on 2 devices) gives a different loss.
-    halves = (fn(logp[:8], ref[:8], beta=0.3)[0].mean() +
-              fn(logp[8:], ref[8:], beta=0.3)[0].mean()) / 2
+    halves = (
+      fn(logp[:8], ref[:8], beta=0.3)[0].mean() + fn(logp[8:], ref[8:], beta=0.3)[0].mean()
+    ) / 2
     assert abs(halves - loss_1) > 1e-4
 
 
@@ -273,8 +303,19 @@ def test_d2o_value_and_gradient_closed_forms():
   beta, alpha = 0.3, 0.7
   with jax.enable_x64(True):
     logp, ref = _random_logps(8, (6, 5))
-    for mask in (None, jnp.array([[1, 1, 1, 1, 1], [0, 1, 0, 1, 1], [1, 1, 0, 0, 0],
-                                  [1, 0, 0, 0, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])):
+    for mask in (
+      None,
+      jnp.array(
+        [
+          [1, 1, 1, 1, 1],
+          [0, 1, 0, 1, 1],
+          [1, 1, 0, 0, 0],
+          [1, 0, 0, 0, 1],
+          [0, 1, 1, 1, 0],
+          [1, 0, 0, 0, 0],
+        ]
+      ),
+    ):
       fn = lambda lp, rf: distributional.d2o(lp, rf, beta=beta, alpha=alpha, sample_mask_BxK=mask)
       loss, m = fn(logp, ref)
       g_logp, g_ref = jax.grad(lambda lp, rf: fn(lp, rf)[0].sum(), argnums=(0, 1))(logp, ref)
@@ -298,8 +339,9 @@ def test_d2o_single_sample_single_reference_is_dpo():
     d2o = lambda lp: distributional.d2o(lp, ref, beta=0.2, alpha=0.2)[0]
     dpo = lambda lp: pairwise.dpo(lp[:, ::-1], ref[:, ::-1], beta=0.2)[0]
     np.testing.assert_allclose(d2o(logp), dpo(logp), rtol=1e-12)
-    np.testing.assert_allclose(jax.grad(lambda lp: d2o(lp).sum())(logp),
-                               jax.grad(lambda lp: dpo(lp).sum())(logp), rtol=1e-12)
+    np.testing.assert_allclose(
+      jax.grad(lambda lp: d2o(lp).sum())(logp), jax.grad(lambda lp: dpo(lp).sum())(logp), rtol=1e-12
+    )
     assert not np.allclose(distributional.d2o(logp, ref, beta=0.2, alpha=0.5)[0], dpo(logp))
 
 
@@ -312,8 +354,9 @@ def test_d2o_masked_samples_equal_sliced():
   np.testing.assert_allclose(loss, sliced, rtol=1e-6)
   for k in m:
     np.testing.assert_allclose(m[k], m_sliced[k], rtol=1e-6)
-  g = jax.grad(lambda lp: distributional.d2o(lp, ref, beta=0.1, alpha=0.1,
-                                             sample_mask_BxK=mask)[0].sum())(logp)
+  g = jax.grad(
+    lambda lp: distributional.d2o(lp, ref, beta=0.1, alpha=0.1, sample_mask_BxK=mask)[0].sum()
+  )(logp)
   np.testing.assert_array_equal(g[:, 4:], 0.0)
   assert not np.allclose(distributional.d2o(logp, ref, beta=0.1, alpha=0.1)[0], sliced)
 
@@ -323,8 +366,12 @@ def test_d2o_sample_term_is_beta_times_mean_log_ratio():
   logp, ref = jnp.array([[-5.0, -3.0, -4.0]]), jnp.array([[-5.0, -4.0, -4.5]])
   z = distributional.d2o(logp, ref, beta=0.5, alpha=0.1)[1]["margin"]
   np.testing.assert_allclose(z, [0.5 * 0.75], rtol=1e-6)
-  dup = distributional.d2o(jnp.concatenate([logp, logp[:, 1:]], -1),
-                           jnp.concatenate([ref, ref[:, 1:]], -1), beta=0.5, alpha=0.1)[1]["margin"]
+  dup = distributional.d2o(
+    jnp.concatenate([logp, logp[:, 1:]], -1),
+    jnp.concatenate([ref, ref[:, 1:]], -1),
+    beta=0.5,
+    alpha=0.1,
+  )[1]["margin"]
   np.testing.assert_allclose(dup, z, rtol=1e-6)
 
 
@@ -332,18 +379,21 @@ def test_d2o_sample_term_is_beta_times_mean_log_ratio():
 # Finite losses and gradients on adversarial inputs.
 
 EXTREMES = {
-    "policy_+-1e4": (jnp.array([[1e4, -1e4, 1e4], [-1e4, 1e4, -1e4]]), jnp.zeros((2, 3))),
-    "reference_+-1e4": (jnp.zeros((2, 3)), jnp.array([[1e4, -1e4, -1e4], [-1e4, 1e4, 1e4]])),
-    "all_equal": (jnp.full((2, 3), -5.0), jnp.full((2, 3), -5.0)),
-    "single_example": (jnp.array([[1e4, -1e4, 3.0]]), jnp.array([[-1e4, 1e4, 0.0]])),
+  "policy_+-1e4": (jnp.array([[1e4, -1e4, 1e4], [-1e4, 1e4, -1e4]]), jnp.zeros((2, 3))),
+  "reference_+-1e4": (jnp.zeros((2, 3)), jnp.array([[1e4, -1e4, -1e4], [-1e4, 1e4, 1e4]])),
+  "all_equal": (jnp.full((2, 3), -5.0), jnp.full((2, 3), -5.0)),
+  "single_example": (jnp.array([[1e4, -1e4, 3.0]]), jnp.array([[-1e4, 1e4, 0.0]])),
 }
 
 OBJECTIVES = {
-    **{f"aot_{c}": functools.partial(distributional.aot, beta=0.1, **H_CONFIGS[c])
-       for c in H_CONFIGS},
-    **{f"aot_unpaired_{c}": functools.partial(distributional.aot_unpaired, beta=0.1, **H_CONFIGS[c])
-       for c in H_CONFIGS},
-    "d2o": functools.partial(distributional.d2o, beta=0.1, alpha=0.1),
+  **{
+    f"aot_{c}": functools.partial(distributional.aot, beta=0.1, **H_CONFIGS[c]) for c in H_CONFIGS
+  },
+  **{
+    f"aot_unpaired_{c}": functools.partial(distributional.aot_unpaired, beta=0.1, **H_CONFIGS[c])
+    for c in H_CONFIGS
+  },
+  "d2o": functools.partial(distributional.d2o, beta=0.1, alpha=0.1),
 }
 
 

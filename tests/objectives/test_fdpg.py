@@ -21,15 +21,15 @@ Z = 2.901912
 
 # Every divergence of the table in §1.4, with the Amari order where it has one.
 CONFIGS = {
-    "forward_kl": {"divergence": "forward_kl"},
-    "reverse_kl": {"divergence": "reverse_kl"},
-    "tv": {"divergence": "tv"},
-    "js": {"divergence": "js"},
-    "amari_0.5": {"divergence": "amari", "alpha": 0.5},
-    "amari_-0.7": {"divergence": "amari", "alpha": -0.7},
-    "amari_2.5": {"divergence": "amari", "alpha": 2.5},
-    "pearson": {"divergence": "pearson"},
-    "neyman": {"divergence": "neyman"},
+  "forward_kl": {"divergence": "forward_kl"},
+  "reverse_kl": {"divergence": "reverse_kl"},
+  "tv": {"divergence": "tv"},
+  "js": {"divergence": "js"},
+  "amari_0.5": {"divergence": "amari", "alpha": 0.5},
+  "amari_-0.7": {"divergence": "amari", "alpha": -0.7},
+  "amari_2.5": {"divergence": "amari", "alpha": 2.5},
+  "pearson": {"divergence": "pearson"},
+  "neyman": {"divergence": "neyman"},
 }
 # The same divergences as NumPy f(t) and lim_{t→∞} f(t)/t (the perspective's value where p = 0 < π).
 
@@ -48,16 +48,22 @@ def _f_numpy(t, divergence, alpha=None):
       f = (t**alpha - alpha * t - (1 - alpha)) / (alpha * (alpha - 1))
       return f, (1.0 / (1.0 - alpha) if alpha < 1 else np.inf)
     if divergence == "pearson":
-      return (t - 1.0)**2, np.inf
-    return (t - 1.0)**2 / t, 1.0  # neyman
+      return (t - 1.0) ** 2, np.inf
+    return (t - 1.0) ** 2 / t, 1.0  # neyman
 
 
 def _f_at_zero(divergence, alpha=None):
   """f(0) (where 0·log 0 = 0)."""
   if divergence == "amari":
     return 1.0 / alpha if alpha > 0 else np.inf
-  return {"forward_kl": np.inf, "reverse_kl": 0.0, "tv": 0.5, "js": 0.5 * np.log(2.0),
-          "pearson": 1.0, "neyman": np.inf}[divergence]
+  return {
+    "forward_kl": np.inf,
+    "reverse_kl": 0.0,
+    "tv": 0.5,
+    "js": 0.5 * np.log(2.0),
+    "pearson": 1.0,
+    "neyman": np.inf,
+  }[divergence]
 
 
 def _f_divergence_numpy(logpi_XxY, logp_XxY, prompt_logw_X, divergence, alpha=None):
@@ -67,8 +73,11 @@ def _f_divergence_numpy(logpi_XxY, logp_XxY, prompt_logw_X, divergence, alpha=No
   for x in range(pi.shape[0]):
     for y in range(pi.shape[1]):
       if p[x, y] > 0:
-        f = (_f_numpy(pi[x, y] / p[x, y], divergence, alpha)[0] if pi[x, y] > 0 else
-             _f_at_zero(divergence, alpha))
+        f = (
+          _f_numpy(pi[x, y] / p[x, y], divergence, alpha)[0]
+          if pi[x, y] > 0
+          else _f_at_zero(divergence, alpha)
+        )
         total += w[x] * p[x, y] * f
       elif pi[x, y] > 0:
         total += w[x] * pi[x, y] * _f_numpy(1.0, divergence, alpha)[1]
@@ -103,8 +112,9 @@ def _random_table(seed, x=4, y=16, zeros=0):
   return jnp.asarray(theta), jnp.asarray(log_P), log_q, prompt_logw
 
 
-def _expected_surrogate_grad(theta_XxY, log_P_XxY, log_q_XxY, prompt_logw_X, baseline_X,
-                             log_z_X=None, **kw):
+def _expected_surrogate_grad(
+  theta_XxY, log_P_XxY, log_q_XxY, prompt_logw_X, baseline_X, log_z_X=None, **kw
+):
   """∇θ Σ_x w_x Σ_y q(y|x) loss(x, y): each (x, y) is one prompt row with K = 1 and exact Z_x."""
   num_y = theta_XxY.shape[1]
   if log_z_X is None:
@@ -113,9 +123,14 @@ def _expected_surrogate_grad(theta_XxY, log_P_XxY, log_q_XxY, prompt_logw_X, bas
 
   def expected_loss(theta):
     logpi_XxY = jax.nn.log_softmax(theta, axis=-1)
-    loss_N, _, _ = fdpg.fdpg(logpi_XxY.reshape(-1, 1), log_q_XxY.reshape(-1, 1),
-                             log_P_XxY.reshape(-1, 1), jnp.repeat(log_z_X, num_y),
-                             jnp.repeat(jnp.broadcast_to(baseline_X, log_z_X.shape), num_y), **kw)
+    loss_N, _, _ = fdpg.fdpg(
+      logpi_XxY.reshape(-1, 1),
+      log_q_XxY.reshape(-1, 1),
+      log_P_XxY.reshape(-1, 1),
+      jnp.repeat(log_z_X, num_y),
+      jnp.repeat(jnp.broadcast_to(baseline_X, log_z_X.shape), num_y),
+      **kw,
+    )
     return jnp.sum(weight_N * loss_N)
 
   return jax.grad(expected_loss)(theta_XxY)
@@ -123,14 +138,18 @@ def _expected_surrogate_grad(theta_XxY, log_P_XxY, log_q_XxY, prompt_logw_X, bas
 
 def _exact_grad(theta_XxY, log_P_XxY, prompt_logw_X, divergence, alpha=None):
   log_p_XxY = exact.normalize(log_P_XxY)
-  return jax.grad(lambda t: fdpg.f_divergence(jax.nn.log_softmax(t, axis=-1), log_p_XxY,
-                                              prompt_logw_X, divergence, alpha=alpha))(theta_XxY)
+  return jax.grad(
+    lambda t: exact.f_divergence(
+      jax.nn.log_softmax(t, axis=-1), log_p_XxY, prompt_logw_X, divergence, alpha=alpha
+    )
+  )(theta_XxY)
 
 
 def test_docstring_examples():
   with jax.enable_x64(False):  # The examples show float32, the default dtype.
-    result = doctest.testmod(fdpg, optionflags=doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted > 0 and result.failed == 0
+    for module in (fdpg, exact):  # exact: `f_divergence`'s examples.
+      result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+      assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 # -------------------------------------------------------------------------------------------------
@@ -143,22 +162,35 @@ def test_section_7_1_target_and_partition_function():
   np.testing.assert_allclose(jnp.exp(log_z), Z, atol=1e-6)
   np.testing.assert_allclose(jnp.exp(log_p), [0.374688, 0.103380, 0.509254, 0.012677], atol=1e-6)
   np.testing.assert_allclose(jnp.exp(logpi), [0.167405, 0.276004, 0.101536, 0.455054], atol=1e-6)
-  np.testing.assert_allclose(exact.rlhf_target(log_a[None], jnp.asarray([REWARD]), 1.0)[0], log_p,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    exact.normalize(targets.rlhf(log_a[None], jnp.asarray([REWARD]), 1.0))[0], log_p, atol=1e-12
+  )
   # §1.11.6: E_q[P/q] = Z by enumeration, for q = a.
   np.testing.assert_allclose(jnp.sum(jnp.exp(log_a) * jnp.exp(log_P - log_a)), Z, atol=1e-6)
 
 
 SECTION_7_1_ROWS = {  # value, pseudo-reward per outcome, closed-form ∇θ D.
-    "forward_kl": (0.976155, [2.238214, 0.374560, 5.015489, 0.027859],
-                   [-0.207283, 0.172624, -0.407718, 0.442377]),
-    "reverse_kl": (1.601807, [-0.194322, -1.982004, 0.612531, -4.580616],
-                   [-0.403025, -0.171068, -0.326372, 0.900466]),
-    "tv": (0.615001, [0.5, -0.5, 0.5, -0.5], [-0.122383, 0.074229, -0.074229, 0.122383]),
-    "js": (0.247983, [0.240937, -0.187507, 0.550595, -0.332835],
-           [-0.058242, 0.022228, -0.066767, 0.102780]),
-    "amari_0.5": (1.109147, [0.992132, -0.775974, 2.479058, -1.666183],
-                  [-0.258926, 0.061108, -0.308024, 0.505842]),
+  "forward_kl": (
+    0.976155,
+    [2.238214, 0.374560, 5.015489, 0.027859],
+    [-0.207283, 0.172624, -0.407718, 0.442377],
+  ),
+  "reverse_kl": (
+    1.601807,
+    [-0.194322, -1.982004, 0.612531, -4.580616],
+    [-0.403025, -0.171068, -0.326372, 0.900466],
+  ),
+  "tv": (0.615001, [0.5, -0.5, 0.5, -0.5], [-0.122383, 0.074229, -0.074229, 0.122383]),
+  "js": (
+    0.247983,
+    [0.240937, -0.187507, 0.550595, -0.332835],
+    [-0.058242, 0.022228, -0.066767, 0.102780],
+  ),
+  "amari_0.5": (
+    1.109147,
+    [0.992132, -0.775974, 2.479058, -1.666183],
+    [-0.258926, 0.061108, -0.308024, 0.505842],
+  ),
 }
 
 
@@ -168,8 +200,9 @@ def test_section_7_1_divergence_rows(name):
   cfg = CONFIGS[name]
   _, log_P, _, log_p, logpi = _rlhf_7_1()
   theta = jnp.asarray([THETA], jnp.float64)
-  np.testing.assert_allclose(fdpg.f_divergence(logpi[None], log_p[None], jnp.zeros(1), **cfg),
-                             value, atol=1e-6)
+  np.testing.assert_allclose(
+    exact.f_divergence(logpi[None], log_p[None], jnp.zeros(1), **cfg), value, atol=1e-6
+  )
   reward_Y = fdpg.pseudo_reward(logpi - log_p, **cfg)
   np.testing.assert_allclose(reward_Y, reward, atol=1e-6)
   # Autodiff of the exact divergence, the closed form π_k(f'(t_k) − Σ_x π_x f'(t_x)) with f' = −R
@@ -177,17 +210,18 @@ def test_section_7_1_divergence_rows(name):
   pi = jnp.exp(logpi)
   closed_form = pi * (-reward_Y + jnp.sum(pi * reward_Y))
   autodiff = _exact_grad(theta, log_P[None], jnp.zeros(1), **cfg)[0]
-  surrogate = _expected_surrogate_grad(theta, log_P[None], jnp.log(jnp.asarray([A])), jnp.zeros(1),
-                                       jnp.asarray([0.7]), **cfg)[0]
+  surrogate = _expected_surrogate_grad(
+    theta, log_P[None], jnp.log(jnp.asarray([A])), jnp.zeros(1), jnp.asarray([0.7]), **cfg
+  )[0]
   for g in (closed_form, autodiff, surrogate):
     np.testing.assert_allclose(g, grad, atol=1e-6)
 
 
 SECTION_7_1_BATCH = {  # baseline B, loss value, ∇θ loss.
-    "forward_kl": (2.534322, -1.199439, [-0.343420, -0.209665, -0.727185, 1.280269]),
-    "reverse_kl": (-1.106376, -1.762055, [-0.561423, -0.638646, -0.643280, 1.843348]),
-    "tv": (0.1, -0.326422, [-0.124174, -0.039125, -0.136237, 0.299536]),
-    "js": (0.164357, -0.248754, [-0.078796, -0.054600, -0.122339, 0.255734]),
+  "forward_kl": (2.534322, -1.199439, [-0.343420, -0.209665, -0.727185, 1.280269]),
+  "reverse_kl": (-1.106376, -1.762055, [-0.561423, -0.638646, -0.643280, 1.843348]),
+  "tv": (0.1, -0.326422, [-0.124174, -0.039125, -0.136237, 0.299536]),
+  "js": (0.164357, -0.248754, [-0.078796, -0.054600, -0.122339, 0.255734]),
 }
 SECTION_7_1_WEIGHTS = [0.418513, 0.507682, 0.507682, 4.550542, 0.920014]
 
@@ -197,8 +231,9 @@ def _section_7_1_batch(theta, log_z=None, **kw):
   log_a, log_P, exact_log_z, _, _ = _rlhf_7_1()
   x = jnp.asarray(BATCH)
   logpi = jax.nn.log_softmax(theta)[x][None]
-  return fdpg.fdpg(logpi, log_a[x][None], log_P[x][None],
-                   exact_log_z if log_z is None else log_z, **kw)
+  return fdpg.fdpg(
+    logpi, log_a[x][None], log_P[x][None], exact_log_z if log_z is None else log_z, **kw
+  )
 
 
 @pytest.mark.parametrize("divergence", sorted(SECTION_7_1_BATCH))
@@ -214,7 +249,9 @@ def test_section_7_1_per_batch_estimator(divergence):
   np.testing.assert_allclose(jnp.mean(samples["pseudo_reward_BxK"]), baseline, atol=1e-6)
   w = np.asarray(SECTION_7_1_WEIGHTS)
   np.testing.assert_allclose(metrics["importance_weight"], [w.mean()], atol=1e-6)
-  np.testing.assert_allclose(metrics["ess_fraction"], [w.sum()**2 / (5 * np.sum(w**2))], atol=1e-6)
+  np.testing.assert_allclose(
+    metrics["ess_fraction"], [w.sum() ** 2 / (5 * np.sum(w**2))], atol=1e-6
+  )
   np.testing.assert_allclose(metrics["support_fraction"], [1.0], atol=0)
 
 
@@ -227,21 +264,24 @@ def test_section_7_1_importance_weights_and_formula():
   _, _, samples = _section_7_1_batch(theta, baseline_B=0.1, divergence="tv")
   adv = samples["pseudo_reward_BxK"][0] - 0.1
   onehot = jax.nn.one_hot(x, 4, dtype=jnp.float64)
-  formula = -jnp.mean((jnp.asarray(SECTION_7_1_WEIGHTS) * adv)[:, None] * (onehot - jnp.exp(logpi)),
-                      axis=0)
+  formula = -jnp.mean(
+    (jnp.asarray(SECTION_7_1_WEIGHTS) * adv)[:, None] * (onehot - jnp.exp(logpi)), axis=0
+  )
   np.testing.assert_allclose(formula, SECTION_7_1_BATCH["tv"][2], atol=1e-6)
 
 
 def test_section_7_1_batch_z_and_is_metrics():
   log_a, log_P, _, _, _ = _rlhf_7_1()
   x = jnp.asarray(BATCH)
-  log_z, count = fdpg.update_log_z(jnp.full(1, -jnp.inf), jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                                   (log_P - log_a)[x][None])
+  log_z, count = fdpg.update_log_z(
+    jnp.full(1, -jnp.inf), jnp.zeros(1), jnp.zeros(1, jnp.int32), (log_P - log_a)[x][None]
+  )
   np.testing.assert_allclose(log_z, [1.327832], atol=1e-6)
   np.testing.assert_allclose(jnp.exp(log_z), [3.772855], atol=1e-6)
   np.testing.assert_allclose(count, [5.0], atol=0)
-  _, m, _ = _section_7_1_batch(jnp.asarray(THETA, jnp.float64), log_z=log_z, baseline_B=0.0,
-                               divergence="js")
+  _, m, _ = _section_7_1_batch(
+    jnp.asarray(THETA, jnp.float64), log_z=log_z, baseline_B=0.0, divergence="js"
+  )
   np.testing.assert_allclose(m["kl_target_policy"], [0.994993], atol=1e-6)
   np.testing.assert_allclose(m["kl_policy_target"], [3.406973], atol=1e-6)
   np.testing.assert_allclose(m["tv"], [0.831156], atol=1e-6)
@@ -254,9 +294,10 @@ def test_section_7_1_pointwise_target():
   log_p = log_P - log_z
   np.testing.assert_allclose(jnp.exp(log_z), 0.7, atol=1e-12)
   np.testing.assert_allclose(jnp.exp(log_p), [0.571429, 0.0, 0.285714, 0.142857], atol=1e-6)
-  d = lambda name: fdpg.f_divergence(logpi[None], log_p[None], jnp.zeros(1), name)
-  np.testing.assert_allclose([d("forward_kl"), d("tv"), d("js")], [0.831639, 0.588201, 0.219689],
-                             atol=1e-6)
+  d = lambda name: exact.f_divergence(logpi[None], log_p[None], jnp.zeros(1), name)
+  np.testing.assert_allclose(
+    [d("forward_kl"), d("tv"), d("js")], [0.831639, 0.588201, 0.219689], atol=1e-6
+  )
   assert d("reverse_kl") == jnp.inf
   # Excluded outcome x = 1: ℓ = +∞.
   ell = (logpi - log_p)[1]
@@ -268,8 +309,15 @@ def test_section_7_1_pointwise_target():
   theta = jnp.asarray(THETA, jnp.float64)
   x = jnp.asarray(BATCH)
   for name, limit in (("forward_kl", 0.0), ("tv", -0.5), ("js", -0.5 * np.log(2.0))):
-    _, m, s = fdpg.fdpg(jax.nn.log_softmax(theta)[x][None], log_a[x][None], log_P[x][None], log_z,
-                        0.0, divergence=name, outside_support="limit")
+    _, m, s = fdpg.fdpg(
+      jax.nn.log_softmax(theta)[x][None],
+      log_a[x][None],
+      log_P[x][None],
+      log_z,
+      0.0,
+      divergence=name,
+      outside_support="limit",
+    )
     np.testing.assert_allclose(s["pseudo_reward_BxK"][0, 4], limit, atol=1e-12)
     np.testing.assert_allclose(m["support_fraction"], [0.8], atol=1e-12)
 
@@ -289,9 +337,10 @@ def test_f_divergence_matches_definition(name):
   on = int(np.argmax(np.isfinite(np.asarray(log_p[0]))))
   logpi = exact.normalize(logpi.at[0, on].set(-jnp.inf).at[0, off].set(-jnp.inf))
   for lpi in (jax.nn.log_softmax(theta, axis=-1), logpi):
-    expected = _f_divergence_numpy(np.asarray(lpi), np.asarray(log_p), np.asarray(prompt_logw),
-                                   **cfg)
-    got = fdpg.f_divergence(lpi, log_p, prompt_logw, **cfg)
+    expected = _f_divergence_numpy(
+      np.asarray(lpi), np.asarray(log_p), np.asarray(prompt_logw), **cfg
+    )
+    got = exact.f_divergence(lpi, log_p, prompt_logw, **cfg)
     if np.isinf(expected):
       assert got == expected
     else:
@@ -301,17 +350,17 @@ def test_f_divergence_matches_definition(name):
 def test_f_divergence_kl_tv_js_are_exact_py():
   theta, log_P, _, prompt_logw = _random_table(2)
   logpi, log_p = jax.nn.log_softmax(theta, axis=-1), exact.normalize(log_P)
-  f = lambda name: fdpg.f_divergence(logpi, log_p, prompt_logw, name)
+  f = lambda name: exact.f_divergence(logpi, log_p, prompt_logw, name)
   metrics = exact.policy_metrics(logpi, logpi, jnp.zeros_like(logpi), prompt_logw, log_p)
   np.testing.assert_allclose(f("forward_kl"), metrics["exact/kl_target_policy"], atol=1e-14)
   np.testing.assert_allclose(f("reverse_kl"), metrics["exact/kl_policy_target"], atol=1e-14)
   np.testing.assert_allclose(f("tv"), metrics["exact/tv"], atol=1e-14)
   np.testing.assert_allclose(f("js"), metrics["exact/js"], atol=1e-14)
   # Amari α → 1 is reverse KL, α → 0 forward KL; α = ½ is 2 Σ(√π − √p)².
-  amari = lambda a: fdpg.f_divergence(logpi, log_p, prompt_logw, "amari", alpha=a)
+  amari = lambda a: exact.f_divergence(logpi, log_p, prompt_logw, "amari", alpha=a)
   np.testing.assert_allclose(amari(1 - 1e-6), f("reverse_kl"), rtol=1e-5)
   np.testing.assert_allclose(amari(1e-6), f("forward_kl"), rtol=1e-5)
-  hellinger_X = 2 * jnp.sum((jnp.exp(0.5 * logpi) - jnp.exp(0.5 * log_p))**2, axis=-1)
+  hellinger_X = 2 * jnp.sum((jnp.exp(0.5 * logpi) - jnp.exp(0.5 * log_p)) ** 2, axis=-1)
   np.testing.assert_allclose(amari(0.5), jnp.sum(jnp.exp(prompt_logw) * hellinger_X), rtol=1e-12)
 
 
@@ -323,13 +372,18 @@ def test_f_divergence_kl_tv_js_are_exact_py():
 def test_expected_gradient_categorical(name):
   """§7.1's 4-outcome categorical (RLHF target, q = a) for every divergence and several baselines."""
   log_a, log_P, _, _, _ = _rlhf_7_1()
-  theta, log_P, log_q, prompt_logw = (jnp.asarray([THETA], jnp.float64), log_P[None], log_a[None],
-                                      jnp.zeros(1))
+  theta, log_P, log_q, prompt_logw = (
+    jnp.asarray([THETA], jnp.float64),
+    log_P[None],
+    log_a[None],
+    jnp.zeros(1),
+  )
   exact_grad = _exact_grad(theta, log_P, prompt_logw, **CONFIGS[name])
   assert np.max(np.abs(exact_grad)) > 1e-3
   for baseline in (0.0, 0.37, -2.0):
-    got = _expected_surrogate_grad(theta, log_P, log_q, prompt_logw, jnp.asarray([baseline]),
-                                   **CONFIGS[name])
+    got = _expected_surrogate_grad(
+      theta, log_P, log_q, prompt_logw, jnp.asarray([baseline]), **CONFIGS[name]
+    )
     np.testing.assert_allclose(got, exact_grad, atol=1e-9)
 
 
@@ -358,14 +412,16 @@ def test_expected_gradient_bxk_layout_with_padding(name):
   def loss(t):
     logpi = jax.nn.log_softmax(t, axis=-1)
     logp_BxK = jnp.concatenate([logpi, jnp.full((num_x, 3), -jnp.inf)], axis=1)
-    loss_B, metrics, _ = fdpg.fdpg(logp_BxK, log_q, target, log_z_X, 0.25, sample_mask_BxK=mask,
-                                   **CONFIGS[name])
+    loss_B, metrics, _ = fdpg.fdpg(
+      logp_BxK, log_q, target, log_z_X, 0.25, sample_mask_BxK=mask, **CONFIGS[name]
+    )
     return jnp.sum(jnp.exp(prompt_logw) * loss_B), metrics
 
   (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(theta)
   assert np.isfinite(value) and all(np.all(np.isfinite(v)) for v in metrics.values())
-  np.testing.assert_allclose(grad, _exact_grad(theta, log_P, prompt_logw, **CONFIGS[name]),
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    grad, _exact_grad(theta, log_P, prompt_logw, **CONFIGS[name]), atol=1e-9
+  )
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -376,11 +432,13 @@ def test_at_the_target_pseudo_reward_is_constant_and_gradient_zero(name):
   # π = p with ℓ = 0 exactly: log P = log π and Z = 1.
   reward = fdpg.pseudo_reward(jnp.zeros(3), **cfg)
   np.testing.assert_allclose(reward, reward[0], atol=0)
-  grad = _expected_surrogate_grad(theta, logpi, log_q, prompt_logw, jnp.zeros(4),
-                                  log_z_X=jnp.zeros(4), **cfg)
+  grad = _expected_surrogate_grad(
+    theta, logpi, log_q, prompt_logw, jnp.zeros(4), log_z_X=jnp.zeros(4), **cfg
+  )
   np.testing.assert_allclose(grad, 0.0, atol=1e-12)
-  exact_grad = jax.grad(lambda t: fdpg.f_divergence(jax.nn.log_softmax(t, axis=-1), logpi,
-                                                    prompt_logw, **cfg))(theta)
+  exact_grad = jax.grad(
+    lambda t: exact.f_divergence(jax.nn.log_softmax(t, axis=-1), logpi, prompt_logw, **cfg)
+  )(theta)
   np.testing.assert_allclose(exact_grad, 0.0, atol=1e-12)
 
 
@@ -389,8 +447,9 @@ def test_forward_kl_exact_baseline_is_the_mean_pseudo_reward():
   theta, log_P, log_q, _ = _random_table(7)
   logpi, log_p = jax.nn.log_softmax(theta, axis=-1), exact.normalize(log_P)
   adv = fdpg.pseudo_reward(logpi - log_p, "forward_kl") - fdpg.FORWARD_KL_BASELINE
-  np.testing.assert_allclose(jnp.sum(jnp.exp(log_q) * jnp.exp(logpi - log_q) * adv, axis=-1), 0.0,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    jnp.sum(jnp.exp(log_q) * jnp.exp(logpi - log_q) * adv, axis=-1), 0.0, atol=1e-12
+  )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -407,22 +466,31 @@ def test_rlhf_identity():
   log_P = targets.rlhf(log_a, reward, beta)
   log_z_X = jax.nn.logsumexp(log_P, axis=-1)
   log_p = log_P - log_z_X[:, None]
-  np.testing.assert_allclose(log_p, exact.rlhf_target(log_a, reward, beta), atol=1e-12)
-  lhs = fdpg.f_divergence(logpi, log_p, prompt_logw, "reverse_kl")
+  np.testing.assert_allclose(log_p, exact.normalize(targets.rlhf(log_a, reward, beta)), atol=1e-12)
+  lhs = exact.f_divergence(logpi, log_p, prompt_logw, "reverse_kl")
   w = jnp.exp(prompt_logw)
-  rhs = (jnp.sum(w * log_z_X) - (exact.expectation(logpi, reward, prompt_logw) -
-                                 beta * exact.kl(logpi, log_a, prompt_logw)) / beta)
+  rhs = (
+    jnp.sum(w * log_z_X)
+    - (exact.expectation(logpi, reward, prompt_logw) - beta * exact.kl(logpi, log_a, prompt_logw))
+    / beta
+  )
   np.testing.assert_allclose(lhs, rhs, atol=1e-12)
   # The pseudo-reward is the KL-penalised reward / β minus a per-prompt constant.
-  np.testing.assert_allclose(fdpg.pseudo_reward(logpi - log_p, "reverse_kl"),
-                             reward / beta - (logpi - log_a) - (log_z_X[:, None] + 1), atol=1e-12)
+  np.testing.assert_allclose(
+    fdpg.pseudo_reward(logpi - log_p, "reverse_kl"),
+    reward / beta - (logpi - log_a) - (log_z_X[:, None] + 1),
+    atol=1e-12,
+  )
   # §7.1: both sides 1.601807.
   log_a1, _, log_z1, log_p1, logpi1 = _rlhf_7_1()
   r1 = jnp.asarray(REWARD, jnp.float64)
   kl_a = exact.kl(logpi1[None], log_a1[None], jnp.zeros(1))
   rhs1 = log_z1 - (jnp.sum(jnp.exp(logpi1) * r1) - kl_a)
-  np.testing.assert_allclose([fdpg.f_divergence(logpi1[None], log_p1[None], jnp.zeros(1),
-                                                "reverse_kl"), rhs1], 1.601807, atol=1e-6)
+  np.testing.assert_allclose(
+    [exact.f_divergence(logpi1[None], log_p1[None], jnp.zeros(1), "reverse_kl"), rhs1],
+    1.601807,
+    atol=1e-6,
+  )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -441,10 +509,15 @@ def test_is_metrics_are_exact_under_enumeration():
   logpi, log_q, log_P, log_z_X, prompt_logw = _enumerated_batch(9)
   _, m, _ = fdpg.fdpg(logpi, log_q, log_P, log_z_X, 0.0, divergence="js")
   log_p = log_P - log_z_X[:, None]
-  for key, name in (("kl_target_policy", "forward_kl"), ("kl_policy_target", "reverse_kl"),
-                    ("tv", "tv"), ("js", "js")):
-    per_prompt = [fdpg.f_divergence(logpi[x:x + 1], log_p[x:x + 1], jnp.zeros(1), name)
-                  for x in range(4)]
+  for key, name in (
+    ("kl_target_policy", "forward_kl"),
+    ("kl_policy_target", "reverse_kl"),
+    ("tv", "tv"),
+    ("js", "js"),
+  ):
+    per_prompt = [
+      exact.f_divergence(logpi[x : x + 1], log_p[x : x + 1], jnp.zeros(1), name) for x in range(4)
+    ]
     np.testing.assert_allclose(m[key], per_prompt, atol=1e-12, err_msg=key)
 
 
@@ -469,8 +542,13 @@ def test_proposal_update_rule_is_exact_under_enumeration(criterion):
     extra = lambda t, v: jnp.concatenate([t, v])
     for log_z_pad, prompt_mask in ((jnp.array([-jnp.inf]), None), (log_z_X[:1], [1, 1, 1, 1, 0])):
       padded = fdpg.proposal_should_update(
-          extra(logpi, log_q[:1]), extra(log_q, log_q[:1]), extra(log_P, log_P[:1] + 50.0),
-          extra(log_z_X, log_z_pad), criterion=criterion, prompt_mask_B=prompt_mask)
+        extra(logpi, log_q[:1]),
+        extra(log_q, log_q[:1]),
+        extra(log_P, log_P[:1] + 50.0),
+        extra(log_z_X, log_z_pad),
+        criterion=criterion,
+        prompt_mask_B=prompt_mask,
+      )
       assert bool(padded) == expected
   assert set(decisions) == {True, False}
 
@@ -500,10 +578,16 @@ def test_update_log_z_is_the_pooled_count_weighted_mean():
   prompt1, prompt2 = np.array([0, 2, 0]), np.array([2, 0])
   ratios1[1, 0] = -np.inf  # A sample outside the support counts as a zero term.
   update = jax.jit(fdpg.update_log_z)
-  log_z, count = update(jnp.full(4, -jnp.inf), jnp.zeros(4), jnp.asarray(prompt1),
-                        jnp.asarray(ratios1))
-  log_z, count = update(log_z, count, jnp.asarray(prompt2),
-                        jnp.asarray(np.where(mask2 > 0, ratios2, np.nan)), jnp.asarray(mask2))
+  log_z, count = update(
+    jnp.full(4, -jnp.inf), jnp.zeros(4), jnp.asarray(prompt1), jnp.asarray(ratios1)
+  )
+  log_z, count = update(
+    log_z,
+    count,
+    jnp.asarray(prompt2),
+    jnp.asarray(np.where(mask2 > 0, ratios2, np.nan)),
+    jnp.asarray(mask2),
+  )
   for x in range(4):
     pooled = [np.exp(ratios1[b]) for b in range(3) if prompt1[b] == x]
     pooled += [np.exp(ratios2[b][mask2[b] > 0]) for b in range(2) if prompt2[b] == x]
@@ -515,11 +599,13 @@ def test_update_log_z_is_the_pooled_count_weighted_mean():
 
 
 def test_update_log_z_context_without_support_stays_inf_then_counts_its_zeros():
-  log_z, count = fdpg.update_log_z(jnp.full(1, -jnp.inf), jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                                   jnp.full((1, 2), -jnp.inf))
+  log_z, count = fdpg.update_log_z(
+    jnp.full(1, -jnp.inf), jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.full((1, 2), -jnp.inf)
+  )
   assert log_z[0] == -jnp.inf and count[0] == 2
-  log_z, count = fdpg.update_log_z(log_z, count, jnp.zeros(1, jnp.int32),
-                                   jnp.log(jnp.array([[3.0]])))
+  log_z, count = fdpg.update_log_z(
+    log_z, count, jnp.zeros(1, jnp.int32), jnp.log(jnp.array([[3.0]]))
+  )
   np.testing.assert_allclose(jnp.exp(log_z), [1.0], rtol=1e-12)  # (0 + 0 + 3) / 3.
 
 
@@ -533,7 +619,7 @@ def test_update_log_z_converges_to_exact_z():
     x = rng.choice(4, size=(2, 250), p=A)
     log_z, count = fdpg.update_log_z(log_z, count, jnp.zeros(2, jnp.int32), jnp.asarray(ratio[x]))
   n = 40 * 500
-  std = np.sqrt(np.sum(np.asarray(A) * (np.exp(ratio) - Z)**2) / n)
+  std = np.sqrt(np.sum(np.asarray(A) * (np.exp(ratio) - Z) ** 2) / n)
   assert count[0] == n
   assert abs(float(jnp.exp(log_z[0])) - Z) < 4 * std
 
@@ -605,15 +691,28 @@ def test_limit_rule_is_unbiased_outside_the_support(divergence):
   theta = jnp.asarray([THETA], jnp.float64)
   exact_grad = _exact_grad(theta, log_P, jnp.zeros(1), divergence)
   assert np.all(np.isfinite(exact_grad))
-  got = _expected_surrogate_grad(theta, log_P, log_a[None], jnp.zeros(1), jnp.asarray([0.2]),
-                                 divergence=divergence, outside_support="limit")
+  got = _expected_surrogate_grad(
+    theta,
+    log_P,
+    log_a[None],
+    jnp.zeros(1),
+    jnp.asarray([0.2]),
+    divergence=divergence,
+    outside_support="limit",
+  )
   np.testing.assert_allclose(got, exact_grad, atol=1e-12)
   # On §7.1's batch (one sample off the support): finite loss and gradient under both rules.
   x = jnp.asarray(BATCH)
   for rule in ("limit", "mask"):
-    loss_fn = lambda t: fdpg.fdpg(jax.nn.log_softmax(t)[x][None], log_a[x][None], log_P[0][x][None],
-                                  jnp.log(0.7), 0.2, divergence=divergence,
-                                  outside_support=rule)[0][0]
+    loss_fn = lambda t: fdpg.fdpg(
+      jax.nn.log_softmax(t)[x][None],
+      log_a[x][None],
+      log_P[0][x][None],
+      jnp.log(0.7),
+      0.2,
+      divergence=divergence,
+      outside_support=rule,
+    )[0][0]
     value, grad = jax.value_and_grad(loss_fn)(theta[0])
     assert np.isfinite(value) and np.all(np.isfinite(grad))
 
@@ -623,8 +722,9 @@ def test_mask_rule_excludes_samples_outside_the_support():
   log_P = targets.pointwise(log_a, jnp.asarray(B_POINTWISE))
   x = jnp.asarray(BATCH)
   for cfg in CONFIGS.values():
-    fn = lambda lp, rule: fdpg.fdpg(lp, log_a[x][None], log_P[x][None], jnp.log(0.7), 0.3,
-                                    outside_support=rule, **cfg)
+    fn = lambda lp, rule: fdpg.fdpg(
+      lp, log_a[x][None], log_P[x][None], jnp.log(0.7), 0.3, outside_support=rule, **cfg
+    )
     grad_mask = jax.grad(lambda lp: fn(lp, "mask")[0][0])(logpi[x][None])
     assert np.all(np.isfinite(grad_mask)) and grad_mask[0, 4] == 0
     assert np.all(grad_mask[0, :4] != 0)
@@ -641,8 +741,15 @@ def test_mask_rule_is_exact_for_forward_kl_without_baseline():
   log_a, _, _, _, _ = _rlhf_7_1()
   log_P = targets.pointwise(log_a, jnp.asarray(B_POINTWISE))[None]
   theta = jnp.asarray([THETA], jnp.float64)
-  got = _expected_surrogate_grad(theta, log_P, log_a[None], jnp.zeros(1), jnp.zeros(1),
-                                 divergence="forward_kl", outside_support="mask")
+  got = _expected_surrogate_grad(
+    theta,
+    log_P,
+    log_a[None],
+    jnp.zeros(1),
+    jnp.zeros(1),
+    divergence="forward_kl",
+    outside_support="mask",
+  )
   np.testing.assert_allclose(got, _exact_grad(theta, log_P, jnp.zeros(1), "forward_kl"), atol=1e-12)
 
 
@@ -653,12 +760,20 @@ def test_smoothed_constraint_makes_reverse_kl_finite_and_exact():
   smoothed = targets.pointwise(base, b, epsilon=1e-3)
   assert np.all(np.isfinite(smoothed))
   np.testing.assert_allclose(smoothed, jnp.where(b, base, base + np.log(1e-3)), atol=1e-12)
-  assert fdpg.f_divergence(jax.nn.log_softmax(theta, -1), exact.normalize(
-      targets.pointwise(base, b)), prompt_logw, "reverse_kl") == jnp.inf
+  assert (
+    exact.f_divergence(
+      jax.nn.log_softmax(theta, -1),
+      exact.normalize(targets.pointwise(base, b)),
+      prompt_logw,
+      "reverse_kl",
+    )
+    == jnp.inf
+  )
   exact_grad = _exact_grad(theta, smoothed, prompt_logw, "reverse_kl")
   assert np.all(np.isfinite(exact_grad))
-  got = _expected_surrogate_grad(theta, smoothed, log_q, prompt_logw, jnp.zeros(4),
-                                 divergence="reverse_kl")
+  got = _expected_surrogate_grad(
+    theta, smoothed, log_q, prompt_logw, jnp.zeros(4), divergence="reverse_kl"
+  )
   np.testing.assert_allclose(got, exact_grad, atol=1e-9)
 
 
@@ -693,9 +808,14 @@ def test_adversarial_inputs_stay_finite(name):
 
 def test_forward_kl_weighted_reward_in_log_space():
   """w = e^{−1e4}, p/π = e^{1e4}: the weighted pseudo-reward is p/q = 1 exactly, in float32."""
-  loss_fn = lambda lp: fdpg.fdpg(lp, jnp.zeros((1, 1), jnp.float32),
-                                 jnp.zeros((1, 1), jnp.float32), 0.0, 0.0,
-                                 divergence="forward_kl")[0][0]
+  loss_fn = lambda lp: fdpg.fdpg(
+    lp,
+    jnp.zeros((1, 1), jnp.float32),
+    jnp.zeros((1, 1), jnp.float32),
+    0.0,
+    0.0,
+    divergence="forward_kl",
+  )[0][0]
   grad = jax.grad(loss_fn)(jnp.full((1, 1), -1e4, jnp.float32))
   np.testing.assert_allclose(grad, [[-1.0]], atol=0)
 

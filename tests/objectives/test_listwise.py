@@ -46,24 +46,29 @@ BETA = 0.7
 
 # name -> fn(logp, ref, score, num_tokens, mask) -> (loss_B, metrics).
 OBJECTIVES = {
-    "lipo_lambda": lambda lp, rf, sc, n, m: listwise.lipo_lambda(lp, rf, sc, beta=BETA, mask_BxK=m),
-    "lipo_lambda_ln": lambda lp, rf, sc, n, m: listwise.lipo_lambda(lp, rf, sc, beta=BETA,
-                                                                    mask_BxK=m, discount="ln"),
-    "list_pair_logistic": lambda lp, rf, sc, n, m: listwise.list_pair_logistic(lp, rf, sc, beta=BETA,
-                                                                               mask_BxK=m),
-    "list_pair_hinge": lambda lp, rf, sc, n, m: listwise.list_pair_hinge(lp, rf, sc, beta=BETA,
-                                                                         mask_BxK=m),
-    "listmle": lambda lp, rf, sc, n, m: listwise.listmle(lp, rf, sc, beta=BETA, mask_BxK=m),
-    "list_softmax": lambda lp, rf, sc, n, m: listwise.list_softmax(lp, rf, sc, beta=BETA, mask_BxK=m),
-    "pro": lambda lp, rf, sc, n, m: listwise.pro(lp, sc, n, mask_BxK=m),
-    "pro_no_temperature": lambda lp, rf, sc, n, m: listwise.pro(lp, sc, n, temperature=False,
-                                                                mask_BxK=m),
+  "lipo_lambda": lambda lp, rf, sc, n, m: listwise.lipo_lambda(lp, rf, sc, beta=BETA, mask_BxK=m),
+  "lipo_lambda_ln": lambda lp, rf, sc, n, m: listwise.lipo_lambda(
+    lp, rf, sc, beta=BETA, mask_BxK=m, discount="ln"
+  ),
+  "list_pair_logistic": lambda lp, rf, sc, n, m: listwise.list_pair_logistic(
+    lp, rf, sc, beta=BETA, mask_BxK=m
+  ),
+  "list_pair_hinge": lambda lp, rf, sc, n, m: listwise.list_pair_hinge(
+    lp, rf, sc, beta=BETA, mask_BxK=m
+  ),
+  "listmle": lambda lp, rf, sc, n, m: listwise.listmle(lp, rf, sc, beta=BETA, mask_BxK=m),
+  "list_softmax": lambda lp, rf, sc, n, m: listwise.list_softmax(lp, rf, sc, beta=BETA, mask_BxK=m),
+  "pro": lambda lp, rf, sc, n, m: listwise.pro(lp, sc, n, mask_BxK=m),
+  "pro_no_temperature": lambda lp, rf, sc, n, m: listwise.pro(
+    lp, sc, n, temperature=False, mask_BxK=m
+  ),
 }
 # PRO's ranking part alone: all-equal rewards leave only the SFT term, which is tested separately.
 PRO_WITHOUT_SFT = {
-    "pro": lambda lp, rf, sc, n, m: listwise.pro(lp, sc, n, sft_weight=0.0, mask_BxK=m),
-    "pro_no_temperature": lambda lp, rf, sc, n, m: listwise.pro(lp, sc, n, sft_weight=0.0,
-                                                                temperature=False, mask_BxK=m),
+  "pro": lambda lp, rf, sc, n, m: listwise.pro(lp, sc, n, sft_weight=0.0, mask_BxK=m),
+  "pro_no_temperature": lambda lp, rf, sc, n, m: listwise.pro(
+    lp, sc, n, sft_weight=0.0, temperature=False, mask_BxK=m
+  ),
 }
 
 
@@ -89,14 +94,18 @@ def _loss_and_grads(name, logp, ref, score, n, mask=None, without_sft=False):
 # §7.3 and §7.7 vectors, in float64 so the 6-decimal values are checked to 1e-6.
 
 VECTORS_7_3 = {
-    "lipo_lambda_log2": (lambda lp, rf, sc: listwise.lipo_lambda(lp, rf, sc, beta=1.0), 0.404671),
-    "lipo_lambda_ln": (lambda lp, rf, sc: listwise.lipo_lambda(lp, rf, sc, beta=1.0, discount="ln"),
-                       0.583817),
-    "pair_logistic": (lambda lp, rf, sc: listwise.list_pair_logistic(lp, rf, sc, beta=1.0), 2.895464),
-    "pair_hinge": (lambda lp, rf, sc: listwise.list_pair_hinge(lp, rf, sc, beta=1.0), 2.9),
-    "listmle": (lambda lp, rf, sc: listwise.listmle(lp, rf, sc, beta=1.0), 2.443799),
-    "softmax_cross_entropy": (lambda lp, rf, sc: listwise.list_softmax(lp, rf, sc, beta=1.0),
-                              1.231179),
+  "lipo_lambda_log2": (lambda lp, rf, sc: listwise.lipo_lambda(lp, rf, sc, beta=1.0), 0.404671),
+  "lipo_lambda_ln": (
+    lambda lp, rf, sc: listwise.lipo_lambda(lp, rf, sc, beta=1.0, discount="ln"),
+    0.583817,
+  ),
+  "pair_logistic": (lambda lp, rf, sc: listwise.list_pair_logistic(lp, rf, sc, beta=1.0), 2.895464),
+  "pair_hinge": (lambda lp, rf, sc: listwise.list_pair_hinge(lp, rf, sc, beta=1.0), 2.9),
+  "listmle": (lambda lp, rf, sc: listwise.listmle(lp, rf, sc, beta=1.0), 2.443799),
+  "softmax_cross_entropy": (
+    lambda lp, rf, sc: listwise.list_softmax(lp, rf, sc, beta=1.0),
+    1.231179,
+  ),
 }
 
 
@@ -114,8 +123,14 @@ def test_section_7_3_losses(name):
 
 
 def test_section_7_3_lambda_weights():
-  expected = {(0, 1): 0.397146, (0, 2): 0.129304, (0, 3): 0.361476, (2, 1): 0.058125,
-              (2, 3): 0.056986, (3, 1): 0.011048}
+  expected = {
+    (0, 1): 0.397146,
+    (0, 2): 0.129304,
+    (0, 3): 0.361476,
+    (2, 1): 0.058125,
+    (2, 3): 0.056986,
+    (3, 1): 0.011048,
+  }
   with jax.enable_x64(True):
     logp, ref, psi = _x64(LOGP, REF, PSI)
     weights = listwise.lambda_weights(logp - ref, psi)[0]
@@ -185,21 +200,26 @@ def test_two_responses_reduce_to_pairwise_dpo_and_slic_hinge(chosen_first):
     dpo = lambda lp: pairwise.dpo(flip(lp), flip(ref), beta=beta)[0]
     hinge = lambda lp: pairwise.slic_hinge(flip(lp), flip(ref), beta=beta, delta=delta)[0]
     cases = [
-        (lambda lp: listwise.list_pair_logistic(lp, ref, psi, beta=beta)[0], dpo),
-        (lambda lp: listwise.listmle(lp, ref, psi, beta=beta)[0], dpo),
-        (lambda lp: listwise.list_pair_hinge(lp, ref, psi, beta=beta, delta=delta)[0], hinge),
+      (lambda lp: listwise.list_pair_logistic(lp, ref, psi, beta=beta)[0], dpo),
+      (lambda lp: listwise.listmle(lp, ref, psi, beta=beta)[0], dpo),
+      (lambda lp: listwise.list_pair_hinge(lp, ref, psi, beta=beta, delta=delta)[0], hinge),
     ]
     for ours, theirs in cases:
       value_and_grad = lambda f: jax.jit(jax.value_and_grad(lambda lp: f(lp).sum()))(logp)
       np.testing.assert_allclose(jax.jit(ours)(logp), jax.jit(theirs)(logp), rtol=1e-12, atol=1e-12)
-      np.testing.assert_allclose(value_and_grad(ours)[1], value_and_grad(theirs)[1], rtol=1e-12,
-                                 atol=1e-12)
+      np.testing.assert_allclose(
+        value_and_grad(ours)[1], value_and_grad(theirs)[1], rtol=1e-12, atol=1e-12
+      )
     h = np.asarray(flip(logp) - flip(ref))
     h = h[:, 0] - h[:, 1]
     assert np.any(beta * h > delta) and np.any(beta * h < delta)  # both hinge regimes exercised
     # A tied pair contributes nothing to any of them.
-    for fn in (listwise.list_pair_logistic, listwise.listmle, listwise.list_pair_hinge,
-               listwise.lipo_lambda):
+    for fn in (
+      listwise.list_pair_logistic,
+      listwise.listmle,
+      listwise.list_pair_hinge,
+      listwise.lipo_lambda,
+    ):
       np.testing.assert_array_equal(fn(logp, ref, jnp.ones((16, 2)), beta=beta)[0], 0.0)
 
 
@@ -218,8 +238,9 @@ def test_pro_two_responses_is_reference_free_length_normalised_dpo():
     np.testing.assert_allclose(loss_t, _softplus(gap * (s[:, 1] - s[:, 0])), rtol=1e-10)
     # The SFT term: w·(n − 1)²·(−log π) of the better-rewarded response, swapped order included.
     full, _ = listwise.pro(logp, reward[:, ::-1], lengths, sft_weight=0.5, temperature=False)
-    np.testing.assert_allclose(full, _softplus(s[:, 0] - s[:, 1]) - 0.5 * np.asarray(logp[:, 1]),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+      full, _softplus(s[:, 0] - s[:, 1]) - 0.5 * np.asarray(logp[:, 1]), rtol=1e-12
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -252,11 +273,13 @@ def test_lambda_weights_permute_with_the_list():
     rng = np.random.default_rng(5)
     perm = np.stack([rng.permutation(6) for _ in range(8)])
     weights = np.asarray(listwise.lambda_weights(*_x64(BETA * (logp - ref), psi)))
-    weights_p = np.asarray(listwise.lambda_weights(*_x64(_permute(BETA * (logp - ref), perm),
-                                                         _permute(psi, perm))))
+    weights_p = np.asarray(
+      listwise.lambda_weights(*_x64(_permute(BETA * (logp - ref), perm), _permute(psi, perm)))
+    )
     rows = np.arange(8)[:, None, None]
-    np.testing.assert_allclose(weights_p, weights[rows, perm[:, :, None], perm[:, None, :]],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+      weights_p, weights[rows, perm[:, :, None], perm[:, None, :]], rtol=1e-12
+    )
     assert np.count_nonzero(weights) == 8 * 15  # distinct labels: every one of the 15 pairs
 
 
@@ -266,8 +289,9 @@ def test_lambda_weights_rank_equal_scores_in_list_order():
   weights = listwise.lambda_weights(jnp.zeros((1, 3)), psi)[0]
   inverse_discount = 1.0 / np.log2(1.0 + np.array([1.0, 2.0, 3.0]))
   gain = 2.0 ** np.array([0.0, 1.0, 2.0]) - 1.0
-  expected = np.abs(gain[:, None] - gain[None]) * np.abs(inverse_discount[:, None] -
-                                                         inverse_discount[None])
+  expected = np.abs(gain[:, None] - gain[None]) * np.abs(
+    inverse_discount[:, None] - inverse_discount[None]
+  )
   expected *= np.asarray(psi[0][:, None] > psi[0][None])
   np.testing.assert_allclose(weights, expected, rtol=1e-6)
   # A masked entry takes no rank: masking position 0 makes positions 1, 2 ranks 1, 2.
@@ -278,12 +302,17 @@ def test_lambda_weights_rank_equal_scores_in_list_order():
 
 
 # Ragged lists padded to K = 6; padding holds garbage that must not reach losses or gradients.
-MASK = np.array([[1, 1, 1, 1, 1, 1],
-                 [1, 1, 1, 0, 0, 0],
-                 [0, 1, 0, 1, 1, 0],
-                 [1, 0, 1, 1, 0, 1],
-                 [0, 0, 0, 1, 0, 0],
-                 [1, 1, 0, 0, 0, 0]], bool)
+MASK = np.array(
+  [
+    [1, 1, 1, 1, 1, 1],
+    [1, 1, 1, 0, 0, 0],
+    [0, 1, 0, 1, 1, 0],
+    [1, 0, 1, 1, 0, 1],
+    [0, 0, 0, 1, 0, 0],
+    [1, 1, 0, 0, 0, 0],
+  ],
+  bool,
+)
 
 
 def _with_garbage(x, values):
@@ -295,10 +324,12 @@ def _with_garbage(x, values):
 def test_masked_equals_sliced(name):
   with jax.enable_x64(True):
     logp, ref, psi, lengths = _random_lists(6, batch=6, tied_labels=True)
-    padded = (_with_garbage(logp, [-1e9, np.inf, np.nan, 1e9]),
-              _with_garbage(ref, [np.nan, -np.inf, 1e9, -1e9]),
-              _with_garbage(psi, [np.inf, -1e9, np.nan, 5.0]),
-              _with_garbage(lengths, [np.nan, 0.0, -5.0, np.inf]))
+    padded = (
+      _with_garbage(logp, [-1e9, np.inf, np.nan, 1e9]),
+      _with_garbage(ref, [np.nan, -np.inf, 1e9, -1e9]),
+      _with_garbage(psi, [np.inf, -1e9, np.nan, 5.0]),
+      _with_garbage(lengths, [np.nan, 0.0, -5.0, np.inf]),
+    )
     loss, metrics, grads = _loss_and_grads(name, *_x64(*padded), jnp.asarray(MASK))
     assert np.all(np.isfinite(loss))
     for g in grads:
@@ -306,14 +337,17 @@ def test_masked_equals_sliced(name):
       np.testing.assert_array_equal(np.asarray(g)[~MASK], 0.0)
     for b in range(len(MASK)):
       row = lambda x: x[b][MASK[b]][None]
-      loss_b, metrics_b, grads_b = _loss_and_grads(name, *_x64(row(logp), row(ref), row(psi),
-                                                               row(lengths)))
+      loss_b, metrics_b, grads_b = _loss_and_grads(
+        name, *_x64(row(logp), row(ref), row(psi), row(lengths))
+      )
       np.testing.assert_allclose(loss[b], loss_b[0], rtol=1e-12, atol=1e-12)
       for key in metrics:
-        np.testing.assert_allclose(metrics[key][b], metrics_b[key][0], rtol=1e-12, atol=1e-12,
-                                   err_msg=key)
-      np.testing.assert_allclose(np.asarray(grads[0])[b][MASK[b]], grads_b[0][0], rtol=1e-12,
-                                 atol=1e-12)
+        np.testing.assert_allclose(
+          metrics[key][b], metrics_b[key][0], rtol=1e-12, atol=1e-12, err_msg=key
+        )
+      np.testing.assert_allclose(
+        np.asarray(grads[0])[b][MASK[b]], grads_b[0][0], rtol=1e-12, atol=1e-12
+      )
     # The one-entry list (row 4) has no pair and no loss.
     assert loss[4] == 0.0 and metrics["num_pairs"][4] == 0.0
 
@@ -327,9 +361,10 @@ def _np_lambda_weights(s, psi, log=np.log2):
   rank = np.empty_like(s)
   np.put_along_axis(rank, order, np.arange(1, s.shape[-1] + 1, dtype=float)[None], axis=-1)
   inverse_discount = 1.0 / log(1.0 + rank)
-  gain = 2.0 ** psi - 1.0
-  weights = (np.abs(gain[:, :, None] - gain[:, None, :]) *
-             np.abs(inverse_discount[:, :, None] - inverse_discount[:, None, :]))
+  gain = 2.0**psi - 1.0
+  weights = np.abs(gain[:, :, None] - gain[:, None, :]) * np.abs(
+    inverse_discount[:, :, None] - inverse_discount[:, None, :]
+  )
   return weights * (psi[:, :, None] > psi[:, None, :])
 
 
@@ -338,8 +373,9 @@ def _pair_gradient(term_derivative_BxKxK):
   return term_derivative_BxKxK.sum(-1) - term_derivative_BxKxK.sum(-2)
 
 
-@pytest.mark.parametrize("name", ["lipo_lambda", "lipo_lambda_ln", "list_pair_logistic",
-                                  "list_pair_hinge"])
+@pytest.mark.parametrize(
+  "name", ["lipo_lambda", "lipo_lambda_ln", "list_pair_logistic", "list_pair_hinge"]
+)
 def test_pairwise_gradient_closed_form(name):
   with jax.enable_x64(True):
     logp, ref, psi, n = _random_lists(7, tied_labels=True)
@@ -384,8 +420,9 @@ def test_list_softmax_gradient_closed_form():
     s = BETA * (logp - ref)
     softmax = np.exp(s - s.max(-1, keepdims=True))
     softmax /= softmax.sum(-1, keepdims=True)
-    np.testing.assert_allclose(g_logp, BETA * (softmax - psi / psi.sum(-1, keepdims=True)),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+      g_logp, BETA * (softmax - psi / psi.sum(-1, keepdims=True)), rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_array_equal(g_ref, 0.0)
     np.testing.assert_array_equal(g_psi, 0.0)
 
@@ -438,21 +475,23 @@ def test_validation():
   with pytest.raises(ValueError, match="ψ ≥ 0"):
     listwise.list_softmax(logp, ref, jnp.array([[0.9, -0.1, 0.6, 0.3]]), beta=1.0)
   # A negative label on a masked entry is padding, not a label.
-  listwise.list_softmax(logp, ref, jnp.array([[0.9, -0.1, 0.6, 0.3]]), beta=1.0,
-                        mask_BxK=jnp.array([[1, 0, 1, 1]]))
+  listwise.list_softmax(
+    logp, ref, jnp.array([[0.9, -0.1, 0.6, 0.3]]), beta=1.0, mask_BxK=jnp.array([[1, 0, 1, 1]])
+  )
   with pytest.raises(ValueError, match="discount"):
     listwise.lipo_lambda(logp, ref, jnp.array(PSI), beta=1.0, discount="log10")
   # Under jit the labels cannot be inspected: no error, and a finite result.
   loss = jax.jit(lambda p: listwise.list_softmax(logp, ref, p, beta=1.0)[0])(
-      jnp.array([[0.9, -0.1, 0.6, 0.3]]))
+    jnp.array([[0.9, -0.1, 0.6, 0.3]])
+  )
   assert np.all(np.isfinite(loss))
 
 
 EXTREMES = {
-    "log_ratio_+-1e4": (jnp.array([[1e4, -1e4, 1e4, -1e4]]), jnp.zeros((1, 4))),
-    "reference_+-1e4": (jnp.zeros((1, 4)), jnp.array([[1e4, -1e4, -1e4, 1e4]])),
-    "policy_and_reference_-1e4": (jnp.full((1, 4), -1e4), jnp.array([[-1e4, 0.0, -2e4, 0.0]])),
-    "equal_scores": (jnp.full((1, 4), -7.0), jnp.full((1, 4), -7.0)),
+  "log_ratio_+-1e4": (jnp.array([[1e4, -1e4, 1e4, -1e4]]), jnp.zeros((1, 4))),
+  "reference_+-1e4": (jnp.zeros((1, 4)), jnp.array([[1e4, -1e4, -1e4, 1e4]])),
+  "policy_and_reference_-1e4": (jnp.full((1, 4), -1e4), jnp.array([[-1e4, 0.0, -2e4, 0.0]])),
+  "equal_scores": (jnp.full((1, 4), -7.0), jnp.full((1, 4), -7.0)),
 }
 
 
@@ -478,9 +517,11 @@ def test_uninformative_lists_have_zero_loss_and_gradient(name):
   equal_labels = jnp.array([[0.0] * 4, [0.5] * 4, [3.0] * 4])
   one_real = jnp.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
   garbage_logp = jnp.where(one_real == 1, logp, -1e9)
-  cases = [(logp, ref, equal_labels, n, None),
-           (logp[:, :1], ref[:, :1], equal_labels[:, :1] + jnp.arange(3.0)[:, None], n[:, :1], None),
-           (garbage_logp, ref, jnp.array(np.random.default_rng(0).uniform(size=(3, 4))), n, one_real)]
+  cases = [
+    (logp, ref, equal_labels, n, None),
+    (logp[:, :1], ref[:, :1], equal_labels[:, :1] + jnp.arange(3.0)[:, None], n[:, :1], None),
+    (garbage_logp, ref, jnp.array(np.random.default_rng(0).uniform(size=(3, 4))), n, one_real),
+  ]
   for logp_c, ref_c, psi_c, n_c, mask_c in cases:
     without_sft = name.startswith("pro") and mask_c is None and logp_c.shape[-1] > 1
     loss, metrics, grads = _loss_and_grads(name, logp_c, ref_c, psi_c, n_c, mask_c, without_sft)
@@ -497,6 +538,7 @@ def test_pro_equal_rewards_keep_only_the_sft_term():
   # Every response shares the best reward: the SFT term is the mean NLL, times w·(n − 1)².
   np.testing.assert_allclose(m["sft_nll"], [41.0 / 3], rtol=1e-6)
   np.testing.assert_allclose(loss, [0.1 * 4 * 41.0 / 3], rtol=1e-6)
-  g = jax.grad(lambda lp: listwise.pro(lp, jnp.full((1, 3), 0.4), lengths, sft_weight=0.1)[0].sum())(
-      logp)
+  g = jax.grad(
+    lambda lp: listwise.pro(lp, jnp.full((1, 3), 0.4), lengths, sft_weight=0.1)[0].sum()
+  )(logp)
   np.testing.assert_allclose(g, [[-0.4 / 3] * 3], rtol=1e-6)

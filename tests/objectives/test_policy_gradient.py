@@ -48,8 +48,14 @@ def test_remax_section_7_7():
   np.testing.assert_allclose(m["advantage"], [0.3], atol=1e-12, rtol=0)
   np.testing.assert_allclose(m["baseline"], [0.4], rtol=0)
   # With a KL penalty the greedy baseline carries its own: A = (0.7 − 0.1·0.5) − (0.4 − 0.1·(−0.2)).
-  _, m = pg.remax(logp, logp - 0.5, jnp.array([[0.7]]), jnp.array([0.4]), beta=0.1,
-                  greedy_log_ratio_B=jnp.array([-0.2]))
+  _, m = pg.remax(
+    logp,
+    logp - 0.5,
+    jnp.array([[0.7]]),
+    jnp.array([0.4]),
+    beta=0.1,
+    greedy_log_ratio_B=jnp.array([-0.2]),
+  )
   np.testing.assert_allclose(m["advantage"], [0.65 - 0.42], atol=1e-12, rtol=0)
   np.testing.assert_allclose(m["kl_penalty"], [0.05], atol=1e-12, rtol=0)
 
@@ -67,13 +73,15 @@ def test_reinforce_expected_gradient_is_objective_gradient(beta):
 
   def expected_loss(theta, beta):
     logp_Y = jax.nn.log_softmax(theta)
-    loss_Y, _ = pg.reinforce(logp_Y[:, None], ref_Y[:, None], reward_Y[:, None], beta=beta,
-                             baseline="none")  # Row y: the sample is y.
+    loss_Y, _ = pg.reinforce(
+      logp_Y[:, None], ref_Y[:, None], reward_Y[:, None], beta=beta, baseline="none"
+    )  # Row y: the sample is y.
     return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp_Y)) * loss_Y)
 
   grad = jax.jit(jax.grad(expected_loss))
-  np.testing.assert_allclose(grad(theta_Y, beta), -_objective_grad(theta_Y, ref_Y, reward_Y, beta),
-                             atol=1e-13)
+  np.testing.assert_allclose(
+    grad(theta_Y, beta), -_objective_grad(theta_Y, ref_Y, reward_Y, beta), atol=1e-13
+  )
   wrong_beta = -_objective_grad(theta_Y, ref_Y, reward_Y, beta + 1.0)
   assert not np.allclose(grad(theta_Y, beta), wrong_beta)
 
@@ -90,8 +98,9 @@ def test_leave_one_out_baseline_is_unbiased_and_is_rloo():
     if baseline == "rloo":
       loss_T, _ = pg.rloo(lp, ref_Y[pairs_Tx2], reward_Y[pairs_Tx2], beta=beta)
     else:
-      loss_T, _ = pg.reinforce(lp, ref_Y[pairs_Tx2], reward_Y[pairs_Tx2], beta=beta,
-                               baseline=baseline)
+      loss_T, _ = pg.reinforce(
+        lp, ref_Y[pairs_Tx2], reward_Y[pairs_Tx2], beta=beta, baseline=baseline
+      )
     return jax.lax.stop_gradient(jnp.exp(jnp.sum(lp, axis=1))) * loss_T
 
   grad = lambda b: jax.jit(jax.grad(lambda t: jnp.sum(per_row(t, b))))(theta_Y)
@@ -120,8 +129,9 @@ def test_leave_one_out_advantage_and_gradient():
   np.testing.assert_allclose(loss, -np.mean(advantage * np.asarray(logp), -1), atol=1e-13)
   np.testing.assert_allclose(m["advantage"], 0.0, atol=1e-14)
   np.testing.assert_allclose(m["reward"], np.mean(np.asarray(reward), -1), rtol=1e-14)
-  np.testing.assert_allclose(m["kl_penalty"], beta * np.mean(np.asarray(logp - ref), -1),
-                             rtol=1e-14)
+  np.testing.assert_allclose(
+    m["kl_penalty"], beta * np.mean(np.asarray(logp - ref), -1), rtol=1e-14
+  )
 
 
 @pytest.mark.parametrize("with_greedy_penalty", [False, True])
@@ -137,9 +147,14 @@ def test_remax_is_unbiased_on_a_bandit(with_greedy_penalty):
     greedy_ratio_B = None
     if with_greedy_penalty:
       greedy_ratio_B = jnp.full(size, logp_Y[greedy] - ref_Y[greedy])
-    loss_Y, _ = pg.remax(logp_Y[:, None], ref_Y[:, None], reward_Y[:, None],
-                         jnp.full(size, reward_Y[greedy]), beta=beta,
-                         greedy_log_ratio_B=greedy_ratio_B)
+    loss_Y, _ = pg.remax(
+      logp_Y[:, None],
+      ref_Y[:, None],
+      reward_Y[:, None],
+      jnp.full(size, reward_Y[greedy]),
+      beta=beta,
+      greedy_log_ratio_B=greedy_ratio_B,
+    )
     return jnp.sum(jax.lax.stop_gradient(jnp.exp(logp_Y)) * loss_Y)
 
   grad = jax.jit(jax.grad(expected_loss))(theta_Y)
@@ -168,9 +183,9 @@ def test_invalid_baselines_raise():
 
 
 EXTREMES = {
-    "policy_+-1e4": (jnp.array([[1e4, -1e4], [-1e4, 1e4]]), jnp.zeros((2, 2))),
-    "reference_+-1e4": (jnp.zeros((2, 2)), jnp.array([[1e4, -1e4], [-1e4, 1e4]])),
-    "all_equal": (jnp.full((2, 2), -5.0), jnp.full((2, 2), -5.0)),
+  "policy_+-1e4": (jnp.array([[1e4, -1e4], [-1e4, 1e4]]), jnp.zeros((2, 2))),
+  "reference_+-1e4": (jnp.zeros((2, 2)), jnp.array([[1e4, -1e4], [-1e4, 1e4]])),
+  "all_equal": (jnp.full((2, 2), -5.0), jnp.full((2, 2), -5.0)),
 }
 
 
@@ -179,10 +194,11 @@ def test_finite_on_extreme_inputs(case):
   logp, ref = (a.astype(jnp.float32) for a in EXTREMES[case])
   reward = jnp.array([[1.0, 0.0], [0.0, 0.0]], jnp.float32)
   objectives = {
-      "reinforce": lambda lp, rf: pg.reinforce(lp, rf, reward, beta=0.1),
-      "reinforce_none": lambda lp, rf: pg.reinforce(lp, rf, reward, beta=0.1, baseline="none"),
-      "remax": lambda lp, rf: pg.remax(lp, rf, reward, jnp.zeros(2, jnp.float32), beta=0.1,
-                                       greedy_log_ratio_B=lp[:, 0] - rf[:, 0]),
+    "reinforce": lambda lp, rf: pg.reinforce(lp, rf, reward, beta=0.1),
+    "reinforce_none": lambda lp, rf: pg.reinforce(lp, rf, reward, beta=0.1, baseline="none"),
+    "remax": lambda lp, rf: pg.remax(
+      lp, rf, reward, jnp.zeros(2, jnp.float32), beta=0.1, greedy_log_ratio_B=lp[:, 0] - rf[:, 0]
+    ),
   }
   for name, fn in objectives.items():
     loss, metrics = jax.jit(fn)(logp, ref)

@@ -31,8 +31,13 @@ def _lp_ot(p, q, cost):
   c = len(p)
   a_rows = np.kron(np.eye(c), np.ones((1, c)))  # Σ_k γ_jk
   a_cols = np.kron(np.ones((1, c)), np.eye(c))  # Σ_j γ_jk
-  res = optimize.linprog(np.asarray(cost, np.float64).ravel(), A_eq=np.vstack([a_rows, a_cols]),
-                         b_eq=np.concatenate([p, q]), bounds=(0, None), method="highs")
+  res = optimize.linprog(
+    np.asarray(cost, np.float64).ravel(),
+    A_eq=np.vstack([a_rows, a_cols]),
+    b_eq=np.concatenate([p, q]),
+    bounds=(0, None),
+    method="highs",
+  )
   assert res.status == 0, res.message
   return res.fun
 
@@ -71,10 +76,11 @@ def test_bt_reward_closed_form_and_gradient():
       g, g_margin = jax.grad(lambda r, m: fn(r, m)[0].sum(), argnums=(0, 1))(reward, m_arg)
       r = np.asarray(reward)
       d, s, m_np = r[:, 0] - r[:, 1], r.sum(-1), np.asarray(m_arg)
-      np.testing.assert_allclose(loss, _softplus(-(d - m_np)) + c * s ** 2, rtol=1e-12)
+      np.testing.assert_allclose(loss, _softplus(-(d - m_np)) + c * s**2, rtol=1e-12)
       w = _sigmoid(-(d - m_np))
-      np.testing.assert_allclose(g, np.stack([-w + 2 * c * s, w + 2 * c * s], -1), rtol=1e-10,
-                                 atol=1e-14)
+      np.testing.assert_allclose(
+        g, np.stack([-w + 2 * c * s, w + 2 * c * s], -1), rtol=1e-10, atol=1e-14
+      )
       np.testing.assert_array_equal(g_margin, 0.0)
       np.testing.assert_allclose(metrics["margin"], d, rtol=1e-12)
       np.testing.assert_array_equal(metrics["accuracy"], (d > 0).astype(np.float32))
@@ -87,8 +93,9 @@ def test_bt_reward_is_shift_invariant_only_without_centering():
     fn = lambda r: reward_model.bt_reward(r, center_weight=c)[0]
     shifted = reward + 5.0
     same = np.allclose(fn(shifted), fn(reward), rtol=1e-6)
-    same_grad = np.allclose(jax.grad(lambda r: fn(r).sum())(shifted),
-                            jax.grad(lambda r: fn(r).sum())(reward), rtol=1e-6)
+    same_grad = np.allclose(
+      jax.grad(lambda r: fn(r).sum())(shifted), jax.grad(lambda r: fn(r).sum())(reward), rtol=1e-6
+    )
     assert same == invariant and same_grad == invariant, c
 
 
@@ -113,11 +120,13 @@ def test_section_7_6_vectors():
     # The default scores are evenly spaced on [0, 1], i.e. the §7.6 ones.
     _, m_default = reward_model.dprm_ot_loss(logits, target)
     np.testing.assert_allclose(m_default["expected_reward"], [0.46], atol=1e-12)
-    np.testing.assert_allclose(reward_model.expected_reward(logits, jnp.asarray(SCORES)), [0.46],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+      reward_model.expected_reward(logits, jnp.asarray(SCORES)), [0.46], atol=1e-12
+    )
     posterior = reward_model.dprm_posterior(jnp.array([[0.0, 1, 2, 5, 8, 4]]), jnp.ones((1, 6)))
     np.testing.assert_allclose(
-        posterior, [[0.038462, 0.076923, 0.115385, 0.230769, 0.346154, 0.192308]], atol=1e-6)
+      posterior, [[0.038462, 0.076923, 0.115385, 0.230769, 0.346154, 0.192308]], atol=1e-6
+    )
     np.testing.assert_allclose(posterior, [np.array([1, 2, 3, 6, 9, 5]) / 26], atol=1e-15)
 
 
@@ -136,8 +145,11 @@ def test_ot_equals_linear_program_on_random_distributions(cost):
       else:
         cost_arg, cost_np = cost, _costs(c)[cost]
       logits, target = jnp.log(jnp.asarray(q)), jnp.asarray(p)
-      ot = _jit_ot(cost_arg) if isinstance(cost_arg, str) else functools.partial(_jit_ot_matrix,
-                                                                                 c=cost_arg)
+      ot = (
+        _jit_ot(cost_arg)
+        if isinstance(cost_arg, str)
+        else functools.partial(_jit_ot_matrix, c=cost_arg)
+      )
       loss, _ = ot(logits, target)
       expected = [_lp_ot(p[b], q[b], cost_np) for b in range(3)]
       np.testing.assert_allclose(loss, expected, rtol=1e-7, atol=1e-9)
@@ -159,8 +171,9 @@ def test_ot_respects_the_order_of_categories():
   # And it is zero when the prediction is the target.
   p = jnp.asarray([P, Q])
   for cost in ("abs", "squared"):
-    np.testing.assert_allclose(reward_model.dprm_ot_loss(jnp.log(jnp.asarray([Q, P])), p[::-1],
-                                                         cost=cost)[0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(
+      reward_model.dprm_ot_loss(jnp.log(jnp.asarray([Q, P])), p[::-1], cost=cost)[0], 0.0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("cost", ["abs", "squared"])
@@ -195,8 +208,9 @@ def test_posterior_and_expected_reward():
   votes = jnp.array([[0.0, 0, 0], [3, 0, 1]])
   prior = jnp.array([[1.0, 2, 1], [0.5, 0.5, 0.5]])
   post = reward_model.dprm_posterior(votes, prior)
-  np.testing.assert_allclose(post, [[0.25, 0.5, 0.25], [3.5 / 5.5, 0.5 / 5.5, 1.5 / 5.5]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    post, [[0.25, 0.5, 0.25], [3.5 / 5.5, 0.5 / 5.5, 1.5 / 5.5]], rtol=1e-6
+  )
   np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-6)
   # Votes dominate a weak prior: the posterior approaches the vote shares.
   many = reward_model.dprm_posterior(jnp.array([[3e6, 0, 1e6]]), jnp.ones((1, 3)))
@@ -218,9 +232,9 @@ def test_cost_is_validated():
 # Finite losses and gradients on adversarial inputs.
 
 LOGITS = {
-    "+-1e4": jnp.array([[1e4, -1e4, 0.0, -1e4], [-1e4, -1e4, -1e4, 1e4]]),
-    "all_equal": jnp.full((2, 4), 3.0),
-    "single_example": jnp.array([[-1e4, 1e4, 1e4, -1e4]]),
+  "+-1e4": jnp.array([[1e4, -1e4, 0.0, -1e4], [-1e4, -1e4, -1e4, 1e4]]),
+  "all_equal": jnp.full((2, 4), 3.0),
+  "single_example": jnp.array([[-1e4, 1e4, 1e4, -1e4]]),
 }
 TARGETS = {"one_hot": [0.0, 0.0, 0.0, 1.0], "spread": [0.1, 0.2, 0.3, 0.4]}
 
@@ -238,8 +252,11 @@ def test_dprm_finite_on_extreme_inputs(cost, case, target):
 
 @pytest.mark.parametrize("case", ["+-1e4", "all_equal", "single_example"])
 def test_bt_reward_finite_on_extreme_inputs(case):
-  reward = {"+-1e4": jnp.array([[1e4, -1e4], [-1e4, 1e4]]), "all_equal": jnp.full((2, 2), -5.0),
-            "single_example": jnp.array([[-1e4, 1e4]])}[case]
+  reward = {
+    "+-1e4": jnp.array([[1e4, -1e4], [-1e4, 1e4]]),
+    "all_equal": jnp.full((2, 2), -5.0),
+    "single_example": jnp.array([[-1e4, 1e4]]),
+  }[case]
   for c in (0.0, 0.1):
     loss_fn = lambda r: reward_model.bt_reward(r, center_weight=c)[0].sum()
     loss, g = jax.value_and_grad(loss_fn)(reward)

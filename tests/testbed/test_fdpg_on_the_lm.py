@@ -17,8 +17,9 @@ from align_jax import config_lib, models, targets
 from align_jax.objectives import fdpg
 from align_jax.testbed import exact, task
 
-CFG = dataclasses.replace(models.ModelConfig(**models.preset("tiny")), n_layers=1,
-                          dtype="float64", param_dtype="float64")
+CFG = dataclasses.replace(
+  models.ModelConfig(**models.preset("tiny")), n_layers=1, dtype="float64", param_dtype="float64"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,16 @@ def _policy(testbed, seed):
     return graphdef, params, task.exact_logp_fn(graphdef, testbed, chunk=None)
 
 
-DIVERGENCES = [("forward_kl", None), ("reverse_kl", None), ("tv", None), ("js", None),
-               ("amari", 0.5), ("amari", 2.0), ("pearson", None), ("neyman", None)]
+DIVERGENCES = [
+  ("forward_kl", None),
+  ("reverse_kl", None),
+  ("tv", None),
+  ("js", None),
+  ("amari", 0.5),
+  ("amari", 2.0),
+  ("pearson", None),
+  ("neyman", None),
+]
 
 
 def test_expected_surrogate_gradient_is_the_exact_divergence_gradient(testbed):
@@ -58,12 +67,20 @@ def test_expected_surrogate_gradient_is_the_exact_divergence_gradient(testbed):
     baseline_X = jnp.linspace(-0.3, 0.4, p_XxY.shape[0])  # Any fixed baseline per prompt.
     logpi_XxY, model_vjp = jax.vjp(logp_fn, params)
     for divergence, alpha in DIVERGENCES:
+
       def exact_divergence(logpi):
-        return fdpg.f_divergence(logpi, p_XxY, testbed.prompt_logw_X, divergence, alpha=alpha)
+        return exact.f_divergence(logpi, p_XxY, testbed.prompt_logw_X, divergence, alpha=alpha)
 
       def expected_surrogate(logpi):
-        loss_X, _, _ = fdpg.fdpg(logpi, jnp.full_like(logpi, -np.log(num_y)), log_P_XxY, log_z_X,
-                                 baseline_X, divergence=divergence, alpha=alpha)
+        loss_X, _, _ = fdpg.fdpg(
+          logpi,
+          jnp.full_like(logpi, -np.log(num_y)),
+          log_P_XxY,
+          log_z_X,
+          baseline_X,
+          divergence=divergence,
+          alpha=alpha,
+        )
         return jnp.sum(w_X * loss_X)
 
       (want,) = model_vjp(jax.grad(exact_divergence)(logpi_XxY))
@@ -80,9 +97,17 @@ def test_expected_surrogate_gradient_vanishes_at_the_target(testbed):
     p_XxY = logpi_XxY  # The target is the policy itself.
     num_y = p_XxY.shape[1]
     for divergence, alpha in DIVERGENCES:
+
       def expected_surrogate(logpi):
-        loss_X, _, _ = fdpg.fdpg(logpi, jnp.full_like(logpi, -np.log(num_y)), p_XxY, 0.0, 0.3,
-                                 divergence=divergence, alpha=alpha)
+        loss_X, _, _ = fdpg.fdpg(
+          logpi,
+          jnp.full_like(logpi, -np.log(num_y)),
+          p_XxY,
+          0.0,
+          0.3,
+          divergence=divergence,
+          alpha=alpha,
+        )
         return jnp.sum(jnp.exp(jnp.asarray(testbed.prompt_logw_X)) * loss_X)
 
       (grad,) = model_vjp(jax.grad(expected_surrogate)(logpi_XxY))
@@ -101,8 +126,10 @@ def test_rlhf_identity_on_the_lm(testbed):
     log_z_X = jax.nn.logsumexp(log_P_XxY, axis=1)
     lhs = exact.kl(pi_XxY, log_P_XxY - log_z_X[:, None], w_X)
     mean_log_z = jnp.sum(jnp.exp(jnp.asarray(w_X)) * log_z_X)
-    rhs = mean_log_z - (exact.expectation(pi_XxY, r_XxY, w_X)
-                        - beta * exact.kl(pi_XxY, a_XxY, w_X)) / beta
+    rhs = (
+      mean_log_z
+      - (exact.expectation(pi_XxY, r_XxY, w_X) - beta * exact.kl(pi_XxY, a_XxY, w_X)) / beta
+    )
     np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
     assert float(lhs) > 0.01
 
@@ -116,19 +143,26 @@ def test_moment_matching_reaches_the_constraint_and_the_dual_optimum(testbed):
     phi_XxYx1 = jnp.asarray(np.broadcast_to(phi_Y[None, :, None], (*a_XxY.shape, 1)))
     w_X = jnp.asarray(testbed.prompt_logw_X)
     mu_bar = 0.5
-    lam, achieved, converged = targets.fit_lambda(phi_XxYx1, a_XxY, jnp.array([mu_bar]), lr=1.0,
-                                                  tol=1e-8, max_iter=10_000, prompt_logw_X=w_X)
+    lam, achieved, converged = targets.fit_lambda(
+      phi_XxYx1, a_XxY, jnp.array([mu_bar]), lr=1.0, tol=1e-8, max_iter=10_000, prompt_logw_X=w_X
+    )
     assert bool(converged)
     p_XxY = exact.normalize(targets.exponential(a_XxY, phi_XxYx1, lam))
     moment = exact.expectation(p_XxY, jnp.asarray(np.broadcast_to(phi_Y, a_XxY.shape)), w_X)
     assert abs(float(moment) - mu_bar) < 1e-3
-    assert abs(float(exact.expectation(a_XxY, jnp.asarray(np.broadcast_to(phi_Y, a_XxY.shape)),
-                                       w_X)) - mu_bar) > 0.05  # The base misses the moment.
+    assert (
+      abs(
+        float(exact.expectation(a_XxY, jnp.asarray(np.broadcast_to(phi_Y, a_XxY.shape)), w_X))
+        - mu_bar
+      )
+      > 0.05
+    )  # The base misses the moment.
 
     def neg_dual(l):  # −g(λ) = −(λ μ̄ − Σ_x w_x log Z_x(λ))
       log_z_X = jax.nn.logsumexp(a_XxY + l[0] * phi_Y[None], axis=1)
       return -(l[0] * mu_bar - float(jnp.sum(jnp.exp(w_X) * log_z_X)))
 
-    best = scipy.optimize.minimize_scalar(lambda l: neg_dual([l]), bounds=(-10, 10),
-                                          method="bounded", options={"xatol": 1e-10})
+    best = scipy.optimize.minimize_scalar(
+      lambda l: neg_dual([l]), bounds=(-10, 10), method="bounded", options={"xatol": 1e-10}
+    )
     assert abs(float(lam[0]) - best.x) < 1e-3

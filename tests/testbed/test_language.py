@@ -25,9 +25,8 @@ def test_chain_is_normalised_and_matches_printed_start():
   log_start_V, log_trans_VxV = lang.chain()
   assert log_start_V.dtype == np.float64 and log_trans_VxV.shape == (8, 8)
   np.testing.assert_allclose(
-      np.exp(log_start_V),
-      [0.2455, 0.2010, 0.1646, 0.1348, 0.1103, 0.0903, 0.0202, 0.0332],
-      atol=5e-5)
+    np.exp(log_start_V), [0.2455, 0.2010, 0.1646, 0.1348, 0.1103, 0.0903, 0.0202, 0.0332], atol=5e-5
+  )
   assert abs(_logsumexp(log_start_V)) < 1e-12
   np.testing.assert_allclose(_logsumexp(log_trans_VxV, axis=1), 0, atol=1e-12)
   # T[i, j] / T[i, k] = exp(-0.5 (|i-j| - |i-k|)) m_j / m_k.
@@ -54,24 +53,27 @@ def test_exact_statistics_table(oracle):
   assert round(mu, 7) == 0.2006655
   assert round(np.log(0.5 * (1 - mu) / (0.5 * mu)), 6) == 1.382140
   moments = np.round(p_N @ lang.topic_moments(x_NxL), 6)
-  np.testing.assert_array_equal(moments, [0.436520, 0.318455, 0.236480,
-                                          0.008545])
+  np.testing.assert_array_equal(moments, [0.436520, 0.318455, 0.236480, 0.008545])
   distinct = np.sum(-np.expm1(1000 * np.log1p(-p_N)))
   assert round(distinct, 2) == 956.44
   assert round(float(p_N @ lang.sentiment(x_NxL)), 3) == -0.072
 
 
 def test_features_on_hand_examples():
-  x_NxL = np.array([[0, 1, 6, 6, 2, 3],    # a b g g c d
-                    [4, 4, 5, 2, 2, 7],    # e e f c c h
-                    [2, 0, 3, 4, 6, 1]])   # c a d e g b: tie {a,b}/{c,d}
+  x_NxL = np.array(
+    [
+      [0, 1, 6, 6, 2, 3],  # a b g g c d
+      [4, 4, 5, 2, 2, 7],  # e e f c c h
+      [2, 0, 3, 4, 6, 1],
+    ]
+  )  # c a d e g b: tie {a,b}/{c,d}
   np.testing.assert_array_equal(lang.contains(x_NxL, 6), [True, False, True])
   np.testing.assert_array_equal(lang.count(x_NxL, 6), [2, 0, 1])
-  np.testing.assert_array_equal(lang.female_feature(x_NxL),
-                                [False, True, False])
+  np.testing.assert_array_equal(lang.female_feature(x_NxL), [False, True, False])
   np.testing.assert_array_equal(lang.harm(x_NxL), [False, True, False])
   np.testing.assert_array_equal(
-      lang.topic_moments(x_NxL), [[1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]])
+    lang.topic_moments(x_NxL), [[1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]]
+  )
   np.testing.assert_allclose(lang.sentiment(x_NxL), [-2 / 6, 3 / 6, -1 / 6])
 
 
@@ -82,8 +84,7 @@ def test_response_reward():
   assert len(np.unique(np.round(r_Y, 12))) == 4031
   # a b c d: unary .0+.3+.6+.9, three +1 steps, ripple sin(1+y_t (t+1)).
   want = 1.8 + 1.5 + 0.01 * (np.sin(1) + np.sin(3) + np.sin(7) + np.sin(13))
-  np.testing.assert_allclose(r_Y[0 * 512 + 1 * 64 + 2 * 8 + 3], want,
-                             rtol=1e-14)
+  np.testing.assert_allclose(r_Y[0 * 512 + 1 * 64 + 2 * 8 + 3], want, rtol=1e-14)
 
 
 def test_prompt_weights_and_conditionals():
@@ -95,10 +96,12 @@ def test_prompt_weights_and_conditionals():
   np.testing.assert_allclose(_logsumexp(logp_XxY, axis=1), 0, atol=1e-12)
   # log a(x) + log a(y|x) is the joint log-probability of the sequence x y.
   joint = (w_X[:, None] + logp_XxY).reshape(-1)
-  np.testing.assert_allclose(joint, lang.chain_logprob(lang.all_sequences(6)),
-                             rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(lang.chain_conditional_logp(0, 3)[0],
-                             lang.chain_logprob(lang.all_sequences(3)))
+  np.testing.assert_allclose(
+    joint, lang.chain_logprob(lang.all_sequences(6)), rtol=1e-12, atol=1e-12
+  )
+  np.testing.assert_allclose(
+    lang.chain_conditional_logp(0, 3)[0], lang.chain_logprob(lang.all_sequences(3))
+  )
 
 
 def test_harm_rate_over_prompts():
@@ -136,7 +139,7 @@ def test_sampler_is_deterministic_and_matches_length_6_marginals(oracle):
   np.testing.assert_array_equal(a, b)
   x_NxL, _, p_N = oracle
   # Mean of a bounded feature: standard error sqrt(p(1−p)/n) ≈ 0.0012.
-  np.testing.assert_allclose(lang.contains(a, 6).mean(),
-                             p_N @ lang.contains(x_NxL, 6), atol=0.006)
-  np.testing.assert_allclose(lang.topic_moments(a).mean(0),
-                             p_N @ lang.topic_moments(x_NxL), atol=0.012)
+  np.testing.assert_allclose(lang.contains(a, 6).mean(), p_N @ lang.contains(x_NxL, 6), atol=0.006)
+  np.testing.assert_allclose(
+    lang.topic_moments(a).mean(0), p_N @ lang.topic_moments(x_NxL), atol=0.012
+  )

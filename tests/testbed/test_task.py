@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from align_jax import config_lib, logps, models
-from align_jax.testbed import language, task
+from align_jax.testbed import base as tb_base, language, task
 
 CFG = models.ModelConfig(**models.preset("tiny"))
 
@@ -32,8 +32,9 @@ def test_enumerated_responses_sum_to_one_and_match_teacher_forcing(testbed, mode
   np.testing.assert_allclose(jax.nn.logsumexp(logp_XxY, axis=1), 0.0, atol=1e-5)
   # Brute force for three prompts: score every full sequence [x, y] by teacher forcing.
   for x in (0, 17, 63):
-    seqs = np.concatenate([np.repeat(testbed.prompts_XxP[x][None], 512, 0),
-                           testbed.responses_YxT], 1)[:, None]
+    seqs = np.concatenate(
+      [np.repeat(testbed.prompts_XxP[x][None], 512, 0), testbed.responses_YxT], 1
+    )[:, None]
     mask = np.zeros(seqs.shape, np.float32)
     mask[..., 2:] = 1.0
     brute = logps.sequence_logps(graphdef, params, jnp.asarray(seqs), jnp.asarray(mask))[:, 0]
@@ -46,9 +47,13 @@ def test_pairs_are_deterministic_and_follow_bradley_terry(testbed):
   b = task.pairs(testbed, base, 20_000, seed=3, bt_temperature=0.5)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
-  assert not np.array_equal(a["tokens_KxL"], task.pairs(testbed, base, 20_000, 4, 0.5)["tokens_KxL"])
+  assert not np.array_equal(
+    a["tokens_KxL"], task.pairs(testbed, base, 20_000, 4, 0.5)["tokens_KxL"]
+  )
   r = testbed.reward_XxY[a["prompt_index_K"], a["response_index_K"]].astype(np.float64)
-  np.testing.assert_array_equal(a["tokens_KxL"][:, :, 2:], testbed.responses_YxT[a["response_index_K"]])
+  np.testing.assert_array_equal(
+    a["tokens_KxL"][:, :, 2:], testbed.responses_YxT[a["response_index_K"]]
+  )
   distinct = r[:, 0] != r[:, 1]
   higher_won = (r[:, 0] > r[:, 1])[distinct]
   expected = (1 / (1 + np.exp(-np.abs(r[:, 0] - r[:, 1]) / 0.5)))[distinct]
@@ -67,13 +72,13 @@ def test_corpus_scores_every_token_after_the_first(testbed):
 def test_base_key_changes_with_settings():
   tb = config_lib.base().testbed
   model = models.preset("testbed")
-  key = task.base_key(tb, model)
+  key = tb_base.base_key(tb, model)
   tb2 = mlc.ConfigDict(tb.to_dict())
   tb2.pretrain_steps += 1
-  assert task.base_key(tb2, model) != key
+  assert tb_base.base_key(tb2, model) != key
   tb3 = mlc.ConfigDict(tb.to_dict())
   tb3.bt_temperature = 3.0  # does not affect the base LM
-  assert task.base_key(tb3, model) == key
+  assert tb_base.base_key(tb3, model) == key
 
 
 def _four_se(n):  # Four standard errors of a mean of n Bernoulli draws (≤ 0.5/sqrt(n) each).
@@ -118,13 +123,16 @@ def test_ternary_labels_follow_rao_kupper(testbed):
   assert abs(a["is_tie"].mean() - p_tie.mean()) < _four_se(20_000)
   tie = a["is_tie"] > 0
   np.testing.assert_array_equal(a["score_K"][tie], 0.5)
-  np.testing.assert_array_equal(a["score_K"][~tie], np.broadcast_to([1.0, 0.0], (int((~tie).sum()), 2)))
+  np.testing.assert_array_equal(
+    a["score_K"][~tie], np.broadcast_to([1.0, 0.0], (int((~tie).sum()), 2))
+  )
   # Among non-ties the first response won: P(first | not tie) = σ(|d|−α)/(σ(d−α)+σ(−d−α)) on average.
   win = 1 / (1 + np.exp(-(np.abs(d) - 0.7)))
   lose = 1 / (1 + np.exp(-(-np.abs(d) - 0.7)))
   higher_first = (d > 0)[~tie & (d != 0)]
   assert abs(higher_first.mean() - (win / (win + lose))[~tie & (d != 0)].mean()) < _four_se(
-      higher_first.size)
+    higher_first.size
+  )
 
 
 def test_negatives_are_harmful_and_self_samples_come_from_the_base(testbed):

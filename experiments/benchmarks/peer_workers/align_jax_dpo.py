@@ -20,14 +20,14 @@ def main():
   model_cfg = harness.model_config("tiny_llama", **s["model"])
   st = harness.build_step(cfg, model_cfg)
   B, P = data["prompt"].shape
-  tokens_BxKxL = np.stack([np.concatenate([data["prompt"], data[r]], axis=1)
-                           for r in ("chosen", "rejected")], axis=1)
+  tokens_BxKxL = np.stack(
+    [np.concatenate([data["prompt"], data[r]], axis=1) for r in ("chosen", "rejected")], axis=1
+  )
   mask_BxKxL = np.zeros(tokens_BxKxL.shape, np.float32)
   mask_BxKxL[:, :, P:] = 1.0
   batch = {"tokens_KxL": tokens_BxKxL, "loss_mask_KxL": mask_BxKxL}
   clock = protocol.Clock(s)
-  writer = MetricWriter(tempfile.mkdtemp(), total_steps=clock.total, log_every=10 ** 9,
-                        is_main=False)
+  writer = MetricWriter(tempfile.mkdtemp(), total_steps=clock.total, log_every=10**9, is_main=False)
   first_loss = None
   for i in range(clock.total):
     metrics = st(batch)

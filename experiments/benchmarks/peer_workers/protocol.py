@@ -29,8 +29,11 @@ def pairs(s: dict) -> dict[str, np.ndarray]:
   """
   rng = np.random.default_rng(s["seed"])
   B, P, N, V = s["batch"], s["prompt_len"], s["response_len"], s["model"]["vocab_size"]
-  out = {"prompt": rng.integers(2, V, (B, P)), "chosen": rng.integers(2, V, (B, N)),
-         "rejected": rng.integers(2, V, (B, N))}
+  out = {
+    "prompt": rng.integers(2, V, (B, P)),
+    "chosen": rng.integers(2, V, (B, N)),
+    "rejected": rng.integers(2, V, (B, N)),
+  }
   out["chosen"][:, -1] = out["rejected"][:, -1] = 1
   return {k: v.astype(np.int32) for k, v in out.items()}
 
@@ -55,8 +58,9 @@ class Clock:
       return
     sync()
     if done:
-      send(seconds=time.perf_counter() - self.t0, cpu_seconds=time.process_time() - self.cpu0,
-           **info)
+      send(
+        seconds=time.perf_counter() - self.t0, cpu_seconds=time.process_time() - self.cpu0, **info
+      )
     else:
       send(ready=True, **info)
     if self.count < self.total:
