@@ -89,8 +89,15 @@ def base() -> mlc.ConfigDict:
 
   c.objective = ""
   c.loss = mlc.ConfigDict()  # The objective's keyword arguments.
-  c.model = mlc.ConfigDict()  # Filled from align_jax.models.presets.
-  c.init_checkpoint = ""  # Orbax params directory to start from (default: testbed base).
+  c.model = mlc.ConfigDict()  # Filled from align_jax.models.presets by set_model.
+  # The preset `model` was built from ('' = by hand). A Hugging Face init_checkpoint's config.json
+  # is the architecture: a fresh-init preset (presets.FRESH: testbed, tiny) yields to it, and
+  # only the model fields that differ from that preset (overrides) must agree with it; any other
+  # preset, or a hand-built model, must agree with it in every field that changes the computation.
+  c.model_preset = ""
+  # What the parameters start from: '' (fresh init from the seed), "testbed" (the cached testbed
+  # base LM), an Orbax params directory, or a Hugging Face model directory.
+  c.init_checkpoint = ""
   c.reward_model = ""  # On-policy: the workdir of a trained reward-model run to use as
   # the reward instead of the task's rule (testbed: gold reward).
   # LoRA (align_jax/models/lora.py): only adapters W + (alpha/rank)·A·B are trained and
@@ -251,7 +258,7 @@ def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
     c.loss.discount = "log2"  # Rank discount D(τ) = log2(1 + τ) (LambdaRank); ln rescales.
   if objective == "list_pair_hinge":
     c.loss.delta = 1.0  # Hinge margin (LiPO / RSO / TRL).
-  c.model = models.preset(arg.model)
+  set_model(c, arg.model)
   testbed_preference(c)
   c.data.list_size = arg.k
   if arg.smoke:
@@ -259,9 +266,15 @@ def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
   return c
 
 
+def set_model(c: mlc.ConfigDict, name: str) -> None:
+  """c.model from the preset `name`, recorded in c.model_preset (see `base`)."""
+  c.model = models.preset(name)
+  c.model_preset = name
+
+
 def smoke(c: mlc.ConfigDict) -> None:
   """Shrinks any config to seconds on a CPU; the code path is unchanged."""
-  c.model = models.preset("tiny")
+  set_model(c, "tiny")
   c.testbed.response_len = 3
   c.testbed.pretrain_steps = 60
   c.testbed.pretrain_batch = 64

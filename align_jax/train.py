@@ -20,7 +20,7 @@ from align_jax import checkpoint, metrics, models, objectives, preemption, rewar
 from align_jax import sharding, step
 from align_jax.data import pipeline, preference, records
 from align_jax.errors import ConfigError
-from align_jax.models import hf, loading, lora
+from align_jax.models import hf, loading, lora, presets
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import evaluate, target, task
 
@@ -116,7 +116,9 @@ def _checked(cfg):
     return cfg
   cfg = cfg.copy_and_resolve_references()  # The architecture is the checkpoint's config.json.
   with cfg.unlocked():
-    cfg.model.update(hf.model_config(cfg.init_checkpoint, cfg.model.to_dict()))
+    cfg.model = hf.model_config(
+      cfg.init_checkpoint, cfg.model.to_dict(), presets.fresh(cfg.get("model_preset", ""))
+    )
   return cfg
 
 

@@ -260,23 +260,55 @@ def _window_fields(hf, family, where) -> dict:
   )
 
 
-def model_config(hf_dir: str, model: Mapping) -> dict:
+def model_config(hf_dir: str, model: Mapping, defaults: Mapping | None = None) -> dict:
   """A run's model fields with the architecture taken from `hf_dir`'s config.json.
 
-  Raises ValueError naming the fields where `model` contradicts the checkpoint in shape.
+  Args:
+    hf_dir: the Hugging Face directory.
+    model: the run's model fields (a preset, overrides, RUN_FIELDS).
+    defaults: the fields `model` holds by default and that yield to the checkpoint (a fresh-init
+      preset's); a field of `model` equal to its default is not asked for. None: every field is.
+
+  Returns:
+    The checkpoint's ModelConfig fields, with `model`'s RUN_FIELDS.
+
+  Raises:
+    HFDirError naming each asked-for field that contradicts the checkpoint: a shape field, or one
+    whose value would change the checkpoint's computation (fields without effect, such as a RoPE
+    model's max_positions, pass).
   """
   fields = config_fields(read_config(hf_dir), os.path.join(hf_dir, "config.json"))
-  bad = [
-    f"model.{k}={model[k]} (checkpoint: {fields[k]})"
-    for k in SHAPE_FIELDS
-    if k in model and model[k] != fields[k]
+  run = {k: v for k, v in model.items() if k in RUN_FIELDS}
+  checkpoint = ModelConfig(**fields, **run)
+  arch = {k: v for k, v in dataclasses.asdict(checkpoint).items() if k not in RUN_FIELDS}
+  unset = object()
+  asked = {
+    k: v
+    for k, v in model.items()
+    if k in arch and (defaults is None or defaults.get(k, unset) != v)
+  }
+  bad = [  # In ModelConfig's order: the shape first.
+    f"model.{k}={asked[k]!r} (checkpoint: {arch[k]!r})"
+    for k in arch
+    if k in asked and asked[k] != arch[k] and _changes(checkpoint, k, asked[k])
   ]
   if bad:
     raise HFDirError(
-      f"init_checkpoint {hf_dir!r} disagrees with the config: {', '.join(bad)}; "
-      "pick the matching model preset or override these fields"
+      f"init_checkpoint {hf_dir!r} disagrees with the config: {', '.join(bad)}; the "
+      "architecture comes from its config.json: drop the model preset or these overrides"
     )
-  return {**model, **fields}
+  return {**arch, **run}
+
+
+def _changes(cfg: ModelConfig, key: str, value) -> bool:
+  """Whether setting `key` to `value` changes `cfg`'s parameters or computation."""
+  if key in SHAPE_FIELDS or (key == "max_positions" and cfg.positions == "learned"):
+    return True
+  try:
+    other = dataclasses.replace(cfg, **{key: value})
+  except (ValueError, TypeError):  # Not even a valid architecture with it.
+    return True
+  return _canonical(other) != _canonical(cfg)
 
 
 # ---- Parameter <-> tensor correspondence ---------------------------------------------------------

@@ -256,9 +256,22 @@ def test_config_translation_errors_and_presets(tmp_path):
   _hf_model(*FAMILIES["llama"][:2]).save_pretrained(tmp_path)
   tiny = models.preset("tiny").to_dict()
   with pytest.raises(ValueError, match=r"model.vocab_size=8 \(checkpoint: 96\), model.d_model=32"):
-    hf.model_config(tmp_path, tiny)
-  merged = hf.model_config(tmp_path, {**tiny, **{k: SHAPE_FIELDS[k] for k in hf.SHAPE_FIELDS}})
-  assert merged["rope_scaling"] == "llama3" and merged["dtype"] == tiny["dtype"]
+    hf.model_config(tmp_path, tiny)  # A hand-built model section: every field is asked for.
+  # A fresh-init preset yields to config.json; the run's own fields (dtype, remat) stay.
+  merged = hf.model_config(tmp_path, {**tiny, "dtype": "bfloat16"}, presets.fresh("tiny"))
+  assert merged == {
+    **dataclasses.asdict(models.ModelConfig(**hf.config_fields(hf.read_config(tmp_path)))),
+    "dtype": "bfloat16",
+  }
+  assert merged["rope_scaling"] == "llama3" and merged["d_model"] == 64
+  # Overrides of it (fields that differ from the preset) must agree, unless without effect.
+  same = {**tiny, "d_model": 64, "rope_scaling": "llama3", "max_positions": 99}
+  assert hf.model_config(tmp_path, same, presets.fresh("tiny")) == merged | {"dtype": "float32"}
+  with pytest.raises(ValueError, match=r"disagrees with the config: model.n_layers=5 \("):
+    hf.model_config(tmp_path, {**tiny, "n_layers": 5}, presets.fresh("tiny"))
+  with pytest.raises(ValueError, match=r"model.rope_theta=1000.0 \(checkpoint: 10000.0\);"):
+    hf.model_config(tmp_path, {**tiny, "rope_theta": 1e3}, presets.fresh("tiny"))
+  assert presets.fresh("llama3_1b") is None  # A real preset is asked for whole.
   with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
     hf.config_fields({"model_type": "mamba"})
   with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
@@ -275,17 +288,40 @@ def test_config_translation_errors_and_presets(tmp_path):
     assert dataclasses.replace(back, max_positions=preset_cfg.max_positions) == preset_cfg, name
 
 
+def test_init_checkpoint_alone_brings_the_architecture(tmp_path):
+  """A config file's default preset (testbed-sized) yields to the checkpoint's config.json; an
+  override or an explicitly chosen real preset that contradicts it is an error naming the fields."""
+  from align_jax import train
+  from conftest import load_config
+
+  _hf_model(*FAMILIES["qwen3"][:2]).save_pretrained(tmp_path)
+  want = models.ModelConfig(**hf.config_fields(hf.read_config(tmp_path)))
+  for arg in ("", "smoke"):
+    cfg = load_config("dpo", arg)
+    cfg.init_checkpoint, cfg.model.remat = str(tmp_path), True
+    got = models.ModelConfig(**train._checked(cfg).model)
+    assert got == dataclasses.replace(want, remat=True), arg
+  cfg.model.n_kv_heads = 1
+  with pytest.raises(ValueError, match=r"model.n_kv_heads=1 \(checkpoint: 2\); the architecture"):
+    train._checked(cfg)
+  cfg = load_config("dpo", "model=qwen3_0.6b")
+  cfg.init_checkpoint = str(tmp_path)
+  with pytest.raises(ValueError, match=r"model.vocab_size=151936 \(checkpoint: 96\), model.d_"):
+    train._checked(cfg)
+
+
 def test_dpo_and_bond_from_an_hf_checkpoint_export_to_transformers(tmp_path, tokens_RxL):
-  """3 DPO steps and 3 BOND steps through the CLI from a tiny HF Llama over ToyLang's 8 tokens,
-  exported with `python -m align_jax.export`: transformers' logits of the export equal the run's
-  final parameters' logits, and those moved away from the checkpoint's."""
+  """3 DPO steps and 3 BOND steps through the CLI from a tiny HF Llama over ToyLang's 8 tokens
+  (its shape is no preset's: config.json alone gives it), exported with `python -m
+  align_jax.export`: transformers' logits of the export equal the run's final parameters' logits,
+  and those moved away from the checkpoint's."""
   source = tmp_path / "hf"
   _hf_model(
     "LlamaConfig",
     dict(
       vocab_size=8,
-      hidden_size=32,
-      intermediate_size=64,
+      hidden_size=40,
+      intermediate_size=72,
       num_hidden_layers=2,
       num_attention_heads=4,
       num_key_value_heads=2,
@@ -337,7 +373,8 @@ def test_dpo_and_bond_from_an_hf_checkpoint_export_to_transformers(tmp_path, tok
   for name in runs:
     with open(tmp_path / name / "config.json") as f:
       cfg = models.ModelConfig(**json.load(f)["model"])
-    assert cfg.family == "llama" and cfg.d_model == 32 and not cfg.tie_embeddings
+    assert cfg.family == "llama" and (cfg.d_model, cfg.mlp_dim) == (40, 72)
+    assert not cfg.tie_embeddings
     graphdef, shapes, _ = models.abstract(cfg)
     step, params = checkpoint.load_state_params(
       tmp_path / name / "checkpoints", checkpoint.abstract_like(shapes, _single_device(shapes))
