@@ -12,10 +12,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from align_jax import sampling
-from align_jax.data import pipeline, preference, prompts, reference, tokenize, udm
+from align_jax.data import corpus, pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.errors import ConfigError
 from align_jax.testbed import base as testbed_base
-from align_jax.testbed import task
+from align_jax.testbed import target, task
 
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = (
@@ -59,6 +59,8 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
       ),
       text,
     )
+  if fmt == "corpus":  # SFT from text, conversations or prompt-completion records.
+    return (*corpus.read(d.source, max_len=d.max_len, vocab_size=vocab_size, text=text), text)
   if fmt not in preference.FORMATS:
     raise ConfigError(
       f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
@@ -132,7 +134,7 @@ def _testbed(cfg, fmt, tb, base_logp_XxY) -> tuple[dict, dict]:
   base = None if base_logp_XxY is None else np.asarray(base_logp_XxY)
   T = t.bt_temperature
   make = {
-    "corpus": lambda: task.corpus(tb, d.num_examples, cfg.seed),
+    "corpus": lambda: _corpus(cfg, tb, base),
     "pairs": lambda: task.pairs(tb, base, d.num_examples, cfg.seed, T),
     "lists": lambda: task.lists(tb, base, d.num_examples, cfg.seed, T, d.list_size),
     "binary": lambda: task.binary(tb, base, d.num_examples, cfg.seed, T),
@@ -144,6 +146,16 @@ def _testbed(cfg, fmt, tb, base_logp_XxY) -> tuple[dict, dict]:
     ),
   }[fmt]
   return {k: v for k, v in make().items() if k in BATCH_FIELDS}, {}
+
+
+def _corpus(cfg, tb, chain_XxY) -> dict:
+  """Testbed SFT records: chain samples (pretraining), or draws from the run's target (e.g.
+  target.kind = bon: Best-of-N samples of the chain, rejection-sampling fine-tuning)."""
+  n = cfg.data.num_examples
+  if cfg.target.kind in ("", "chain"):
+    return task.corpus(tb, n, cfg.seed)
+  logp_XxY = target.target_logp(cfg, tb, chain_XxY, target.potential(cfg, tb, chain_XxY))
+  return task.demonstrations(tb, logp_XxY, n, cfg.seed)
 
 
 def batches(cfg, arrays: dict):

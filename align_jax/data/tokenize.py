@@ -228,8 +228,9 @@ def _content(token) -> str | None:
 # ---- Chat templates ------------------------------------------------------------------------------
 
 
-def messages_of(value, *, last: str, system_prompt: str = "") -> list[dict]:
-  """Text (one user / assistant message) or a message list, checked; raises ValueError."""
+def messages_of(value, *, last: str, system_prompt: str = "", ends: bool = True) -> list[dict]:
+  """Text (one `last` message) or a message list, checked (`ends`: the last message is `last`'s);
+  raises DataError."""
   if isinstance(value, str):
     messages = [{"role": last, "content": value}]
   elif isinstance(value, (list, tuple)) and value:
@@ -243,7 +244,7 @@ def messages_of(value, *, last: str, system_prompt: str = "") -> list[dict]:
       and m.get("role") in ("system", "user", "assistant")
     ):
       raise DataError(f"message {i} is not {{'role': system|user|assistant, 'content': text}}")
-  if messages[-1]["role"] != last:
+  if ends and messages[-1]["role"] != last:
     raise DataError(f"the last message is the {messages[-1]['role']}'s, not the {last}'s")
   if system_prompt and messages[0]["role"] != "system":
     messages.insert(0, {"role": "system", "content": system_prompt})
@@ -337,9 +338,7 @@ class Text:
     if not self.chat:
       return self.tokenizer.encode(self._plain(value), add_special_tokens=self.template == "plain")
     messages = messages_of(value, last="user", system_prompt=self.system_prompt)
-    return self.tokenizer.encode(
-      render(messages, self.template, bos_token=self.tokenizer.bos_token)
-    )
+    return self.tokenizer.encode(self._render(messages, add_generation_prompt=True))
 
   def response(self, value, prompt=None) -> list[int]:
     """A response (text, or messages ending with the assistant's) -> ids of its assistant turn."""
@@ -354,6 +353,51 @@ class Text:
       return self.tokenizer.encode(_assistant_turn(value, self.template))
     ids = self.tokenizer.encode(value)
     return ids + [self.stop_id] if self.template == "plain" and self.stop_id is not None else ids
+
+  def conversation(self, value) -> tuple[list[int], list[int]]:
+    """A whole conversation -> (ids, assistant mask): the template's text of the messages, with
+    1 on the tokens of each assistant turn (its content and end of turn, as `response` gives
+    them after the prompt before it) and 0 elsewhere.
+
+    Each assistant turn i is the text between the rendering of messages[:i] with the generation
+    prompt and that of messages[:i + 1]; both must start the whole conversation's rendering (a
+    template that rewrites earlier turns once later ones follow is refused). Each piece is
+    encoded on its own, as prompts and responses are.
+    """
+    if not self.chat:
+      raise DataError("chat messages need a chat template (data.chat_template)")
+    messages = messages_of(value, last="assistant", system_prompt=self.system_prompt, ends=False)
+    if not any(m["role"] == "assistant" for m in messages):
+      raise DataError("the conversation has no assistant message")
+    full = self._render(messages, add_generation_prompt=False)
+    pieces, at = [], 0  # (text, scored)
+    for i, m in enumerate(messages):
+      if m["role"] != "assistant":
+        continue
+      start = self._render(messages[:i], add_generation_prompt=True) if i else ""
+      end = self._render(messages[: i + 1], add_generation_prompt=False)
+      if not (end.startswith(start) and full.startswith(end) and len(start) >= at):
+        raise DataError(
+          f"the chat template renders assistant turn {i} differently once later turns follow; "
+          "give each turn its own record (prompt + completion)"
+        )
+      pieces += [(full[at : len(start)], 0), (full[len(start) : len(end)], 1)]
+      at = len(end)
+    pieces.append((full[at:], 0))
+    ids, mask = [], []
+    for piece, scored in pieces:
+      piece_ids = self.tokenizer.encode(piece) if piece else []
+      ids += piece_ids
+      mask += [scored] * len(piece_ids)
+    return ids, mask
+
+  def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    return render(
+      messages,
+      self.template,
+      bos_token=self.tokenizer.bos_token,
+      add_generation_prompt=add_generation_prompt,
+    )
 
   def _plain(self, value) -> str:
     if not isinstance(value, str):

@@ -1,5 +1,6 @@
 """TRL's dataset types read as TRL reads them: standard and conversational preference records with
-an explicit or implicit prompt, unpaired preference (KTO) records or pairs unpaired, prompt-only.
+an explicit or implicit prompt, unpaired preference (KTO) records or pairs unpaired, prompt-only,
+and SFT's language-modeling and prompt-completion records (align_jax/data/corpus.py).
 
 The tokenizer is character-level (one id per character, ChatML's turn tokens added), so the
 expected ids of every record are written out by hand, independently of the code under test.
@@ -10,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from align_jax.data import preference, prompts, tokenize
+from align_jax.data import corpus, preference, prompts, tokenize
 
 CHARS = " \nabcdefghijklmnopqrstuvwxyz.'?"
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -153,3 +154,66 @@ def test_prompt_only_records_and_a_preference_dataset_as_prompts(tmp_path, token
   arrays, counts = prompts.read(_jsonl(tmp_path, records), prompt_len=len(want), text=text)
   np.testing.assert_array_equal(arrays["prompt_P"], [want] * 3)
   assert counts["records"] == 3
+
+
+def test_sft_records_text_messages_prompt_completion_and_ids(tmp_path, tokenizer):
+  """{"text"}: every token scored, EOS appended; {"messages"}: the template's text, the assistant
+  turns scored; {"prompt", "completion"}: the completion scored; ids as they are."""
+  text = tokenize.Text(tokenizer, "chatml")
+  chat = [_user("hi"), _assistant("hello."), _user("sky?"), _assistant("blue.")]
+  records = [
+    {"text": "the sky is blue."},
+    {"text": "done.<|im_end|>"},  # Already ends with EOS.
+    {"messages": chat},
+    {"prompt": [_user("sky?")], "completion": [_assistant("blue.")]},
+    {"prompt": "the sky is", "completion": " blue."},
+    {"text": [3, 4, 5]},
+  ]
+  arrays, counts = corpus.read(_jsonl(tmp_path, records), text=text, vocab_size=VOCAB)
+  eos = _ids("<|im_end|>")
+  turn = lambda s: _ids(s + "<|im_end|>\n")
+  want = [
+    (_ids("the sky is blue.") + eos, _ids("the sky is blue.") + eos),
+    (_ids("done.") + eos, _ids("done.") + eos),
+    (_ids(_chatml(*chat)), turn("hello.") + turn("blue.")),
+    (_ids(_chatml(_user("sky?"), _assistant("blue."))), turn("blue.")),
+    (_ids(_chatml(_user("the sky is"), _assistant(" blue."))), turn(" blue.")),  # Text: a turn.
+    ([3, 4, 5], [3, 4, 5]),
+  ]
+  got = [
+    (t[0][: int(np.nonzero(m[0])[0].max()) + 1].tolist(), t[0][m[0] > 0].tolist())
+    for t, m in zip(arrays["tokens_KxL"], arrays["loss_mask_KxL"])
+  ]
+  assert got == want
+  assert arrays["tokens_KxL"].shape == (6, 1, max(len(ids) for ids, _ in want))
+  assert counts == {"records": 6, "truncated": 0, "skipped_unscored": 0}
+  # The scored tokens of a conversation are those of its prompt-completion records.
+  prompt = text.prompt(chat[:3])
+  assert got[2][0][: len(prompt)] == prompt and got[2][0][len(prompt) :] == text.response(chat[3:])
+
+
+def test_sft_truncation_skips_and_errors(tmp_path, tokenizer):
+  text = tokenize.Text(tokenizer, "chatml")
+  long_prompt = {"prompt": "a long question?", "completion": " yes."}
+  records = [{"text": "abcdef"}, long_prompt, {"text": "ab"}]
+  arrays, counts = corpus.read(_jsonl(tmp_path, records), text=text, max_len=5)
+  np.testing.assert_array_equal(
+    arrays["tokens_KxL"][:, 0], [_ids("abcde"), _ids("ab") + _ids("<|im_end|>") + [0, 0]]
+  )
+  assert counts == {"records": 2, "truncated": 2, "skipped_unscored": 1}
+  for record, message in [
+    ({"messages": [_user("hi")]}, "field 'messages': the conversation has no assistant message"),
+    ({"messages": "hi"}, "field 'messages' must be a list of chat messages"),
+    ({"answer": "hi"}, "record has none of 'text', 'messages', 'prompt' and 'completion'"),
+    ({"text": "hi", "x": 1}, None),
+  ]:
+    source = _jsonl(tmp_path, [record])
+    if message is None:
+      with pytest.raises(preference.DataError, match="is text; set data.tokenizer"):
+        corpus.read(source)
+      continue
+    with pytest.raises(preference.DataError, match=f"data.jsonl:1: {message}"):
+      corpus.read(source, text=text)
+  plain = tokenize.Text(tokenizer)
+  with pytest.raises(preference.DataError, match="messages need a chat template"):
+    corpus.read(_jsonl(tmp_path, [{"messages": [_user("a"), _assistant("b")]}]), text=plain)
