@@ -1,0 +1,187 @@
+"""The practitioner's pipeline on tiny models: a tokenizer directory, a Hugging Face checkpoint and
+JSONL files -> SFT -> export -> DPO -> export -> transformers generates what align_jax generates.
+
+The tokenizer is a byte-level BPE with ChatML's turn tokens; the model a random tiny Qwen2 whose
+vocabulary is larger than the tokenizer's. Nothing is downloaded; both runs go through `train.run`
+and `export.export` as the command line calls them.
+"""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from align_jax import export, sampling, train  # noqa: E402
+from align_jax.data import tokenize  # noqa: E402
+from align_jax.models import hf  # noqa: E402
+from conftest import load_config, read_jsonl  # noqa: E402
+
+import torch  # noqa: E402  The parity extra.
+import transformers  # noqa: E402
+
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHATML = (
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+  "{% endif %}"
+)
+QUESTIONS = ["what color is the sky?", "is snow cold?", "where is the sea?", "who are you?"]
+
+
+def _user(content):
+  return {"role": "user", "content": content}
+
+
+def _assistant(content):
+  return {"role": "assistant", "content": content}
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return f"jsonl:{path}"
+
+
+def _hf_dir(root):
+  """A tiny random Qwen2 (vocabulary 8 above the tokenizer's) with its tokenizer beside it: a
+  byte-level BPE trained on the questions and answers, as Qwen's (transformers reads it as a
+  Qwen2Tokenizer)."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  texts = QUESTIONS + ["answer 0.", "answer 1.", "yes.", "no idea.", "user", "assistant"]
+  tok.train_from_iterator(
+    texts * 4,
+    trainers.BpeTrainer(
+      vocab_size=300,
+      special_tokens=SPECIALS,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
+  directory = root / "base"
+  config = transformers.Qwen2Config(
+    vocab_size=tok.get_vocab_size() + 8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    bos_token_id=None,
+    eos_token_id=tok.token_to_id("<|im_end|>"),
+  )
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  model.save_pretrained(directory)
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(
+    json.dumps(
+      {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "chat_template": CHATML,
+      }
+    )
+  )
+  return directory, tok.get_vocab_size() + 8
+
+
+def _configure(cfg, init, source, batch_size=8, steps=4):
+  cfg.init_checkpoint = str(init)
+  cfg.data.source = source
+  cfg.data.tokenizer = str(init)
+  cfg.data.chat_template = "chatml"
+  cfg.data.batch_size = batch_size
+  cfg.total_steps = steps
+  cfg.log_every, cfg.checkpoint_every = 1, steps
+  cfg.mesh.shape = (1, 1, 1)
+  cfg.optim.lr = 1e-2
+
+
+def test_sft_then_dpo_from_files_exports_what_transformers_generates(tmp_path):
+  base, vocab_size = _hf_dir(tmp_path)
+  sft_data = _write_jsonl(
+    tmp_path / "sft.jsonl",
+    [{"messages": [_user(q), _assistant(f"answer {i}.")]} for i, q in enumerate(QUESTIONS * 4)],
+  )
+  pairs = _write_jsonl(
+    tmp_path / "pairs.jsonl",
+    [
+      {
+        "chosen": [_user(q), _assistant("yes.")],  # Conversational, implicit prompt.
+        "rejected": [_user(q), _assistant("no idea.")],
+      }
+      for q in QUESTIONS * 4
+    ],
+  )
+
+  sft = load_config("sft", "smoke")
+  _configure(sft, base, sft_data)
+  sft_result = train.run(sft, str(tmp_path / "sft"))
+  model_cfg = json.load(open(tmp_path / "sft" / "config.json"))["model"]
+  assert (model_cfg["family"], model_cfg["vocab_size"], model_cfg["d_model"]) == (
+    "qwen2",
+    vocab_size,
+    32,
+  )
+  assert sft_result.summary["data/records"] == 16
+  losses = [r["loss"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
+  assert losses[-1] < losses[0]
+  export.export(str(tmp_path / "sft"), str(tmp_path / "sft_hf"))
+
+  dpo = load_config("dpo", "smoke")
+  _configure(dpo, tmp_path / "sft_hf", pairs)  # The tokenizer travelled with the export.
+  dpo_result = train.run(dpo, str(tmp_path / "dpo"))
+  losses = [r["loss"] for r in read_jsonl(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
+  assert abs(losses[0] - np.log(2.0)) < 1e-5 and losses[-1] < losses[0]  # Starts at π = π_ref.
+  export.export(str(tmp_path / "dpo"), str(tmp_path / "dpo_hf"))
+
+  # transformers reads the export: its tokenizer's chat template gives our prompt ids, and its
+  # greedy continuation is align_jax's greedy continuation of the run's final parameters.
+  out = tmp_path / "dpo_hf"
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  text = tokenize.Text(tokenize.load(str(out)), "chatml")
+  prompt = [_user(QUESTIONS[0])]
+  ids = text.prompt(prompt)
+  assert ids == hf_tok.apply_chat_template(
+    prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+  )
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  hf_model.generation_config.eos_token_id = None  # Compare N tokens, whatever they are.
+  N = 12
+  with torch.no_grad():
+    want = hf_model.generate(
+      torch.tensor([ids]), max_new_tokens=N, do_sample=False, attention_mask=torch.ones(1, len(ids))
+    )[0, len(ids) :].tolist()
+  cfg, graphdef, _ = _model(out)
+  got = sampling.sample(
+    graphdef,
+    dpo_result.state.params,
+    jnp.asarray([ids], jnp.int32),
+    jax.random.key(0),
+    sampling.SamplingConfig(temperature=0.0, max_new_tokens=N),
+  )["tokens_RxL"][0, len(ids) :]
+  assert np.asarray(got).tolist() == want
+  # Training moved the model: its greedy reply differs from the untouched checkpoint's.
+  original = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+  original.generation_config.eos_token_id = None
+  with torch.no_grad():
+    before = original.generate(
+      torch.tensor([ids]), max_new_tokens=N, do_sample=False, attention_mask=torch.ones(1, len(ids))
+    )[0, len(ids) :].tolist()
+  assert before != want
+
+
+def _model(directory):
+  from align_jax import models
+
+  cfg = models.ModelConfig(**hf.config_fields(hf.read_config(directory)))
+  graphdef, _, _ = models.abstract(cfg)
+  return cfg, graphdef, None
