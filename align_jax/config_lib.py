@@ -130,8 +130,9 @@ def base() -> mlc.ConfigDict:
       # objective decides the record format.
       source="testbed",
       # Text fields (align_jax/data/tokenize.py): a tokenizer.json, tokenizer.model or HF
-      # tokenizer directory; the chat template '' | plain | llama3 | gemma | chatml | qwen2 |
-      # qwen2.5 formatting prompts and responses; a system message put before each prompt.
+      # tokenizer directory; the chat template: '' (text as it is, messages through the
+      # tokenizer's own template) | tokenizer (its own, for text too) | PATH.jinja | plain |
+      # llama3 | gemma | chatml | qwen2 | qwen2.5 (built in); a system message before each prompt.
       tokenizer="",
       chat_template="",
       system_prompt="",

@@ -96,8 +96,7 @@ def _hf_dir(root):
 def _configure(cfg, init, source, batch_size=8, steps=4):
   cfg.init_checkpoint = str(init)
   cfg.data.source = source
-  cfg.data.tokenizer = str(init)
-  cfg.data.chat_template = "chatml"
+  cfg.data.tokenizer = str(init)  # Messages go through its own template (tokenizer_config.json).
   cfg.data.batch_size = batch_size
   cfg.total_steps = steps
   cfg.log_every, cfg.checkpoint_every = 1, steps
@@ -147,7 +146,7 @@ def test_sft_then_dpo_from_files_exports_what_transformers_generates(tmp_path):
   # greedy continuation is align_jax's greedy continuation of the run's final parameters.
   out = tmp_path / "dpo_hf"
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-  text = tokenize.Text(tokenize.load(str(out)), "chatml")
+  text = tokenize.Text(tokenize.load(str(out)))
   prompt = [_user(QUESTIONS[0])]
   ids = text.prompt(prompt)
   assert ids == hf_tok.apply_chat_template(

@@ -79,7 +79,7 @@ def read(
       counts["skipped_short_prompts"] += 1
       continue
     if len(ids) > prompt_len:  # Cut the text's end; keep the template's tail.
-      tail = text.tail if formatted else 0
+      tail = text.prompt_tail(value) if formatted else 0
       ids = ids[: prompt_len - tail] + ids[len(ids) - tail :]
       counts["truncated_prompts"] += 1
     rows.append(ids)
