@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from align_jax import export, sampling, train  # noqa: E402
 from align_jax.data import tokenize  # noqa: E402
@@ -184,3 +185,50 @@ def _model(directory):
   cfg = models.ModelConfig(**hf.config_fields(hf.read_config(directory)))
   graphdef, _, _ = models.abstract(cfg)
   return cfg, graphdef, None
+
+
+def test_start_up_checks_tokenizer_against_the_model_and_export_of_a_non_run_dir(tmp_path, caplog):
+  """One line each: a tokenizer larger than the model's vocabulary is an error; a BOS or end of
+  turn that the checkpoint's generation_config.json does not name is a warning; exporting a
+  directory that is not a run names what it is."""
+  import subprocess
+  import sys
+
+  from align_jax.data import records
+  from align_jax.errors import CheckpointError, ConfigError, MissingFileError
+  from conftest import subprocess_env
+
+  base, vocab_size = _hf_dir(tmp_path)
+  text = tokenize.Text(tokenize.load(str(base)))
+  assert text.tokenizer.vocab_size == vocab_size - 8
+  records.check_tokenizer(text, vocab_size, str(base))  # Fits; its end of turn is the EOS.
+  assert not caplog.records
+  with pytest.raises(ConfigError, match=f"has {vocab_size - 8} tokens, more than the model's "):
+    records.check_tokenizer(text, vocab_size - 9, str(base))
+  (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [0]}))
+  records.check_tokenizer(text, vocab_size, str(base))
+  assert [r.getMessage() for r in caplog.records] == [
+    f"data.tokenizer's end of a response (id 1) is not among init_checkpoint {str(base)!r}'s "
+    "generation_config.json eos_token_id [0]: the exported model will not stop where "
+    "training stopped"
+  ]
+
+  with pytest.raises(CheckpointError, match="no model section \\(a Hugging Face model directory"):
+    export.export(str(base), str(tmp_path / "out"))
+  (tmp_path / "bad").mkdir()
+  with pytest.raises(MissingFileError, match="no config.json \\(not a run directory\\)"):
+    export.export(str(tmp_path / "bad"), str(tmp_path / "out"))
+  (tmp_path / "bad" / "config.json").write_text("{")
+  with pytest.raises(CheckpointError, match="its config.json is not JSON"):
+    export.export(str(tmp_path / "bad"), str(tmp_path / "out"))
+  out = subprocess.run(
+    [sys.executable, "-m", "align_jax.export", f"--workdir={base}", f"--out={tmp_path / 'o'}"],
+    env=subprocess_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+    f"error: --workdir {str(base)!r}: its config.json has no model section (a Hugging Face "
+    "model directory)"
+  ]

@@ -9,11 +9,13 @@ log-probs computed once per dataset (`data.precompute_ref`).
 import os
 
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from align_jax import sampling
 from align_jax.data import corpus, pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.errors import ConfigError
+from align_jax.models import hf
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import target, task
 
@@ -46,6 +48,8 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
     if d.tokenizer
     else None
   )
+  if text is not None:
+    check_tokenizer(text, vocab_size, cfg.init_checkpoint)
   if fmt == "prompts":  # On-policy from prompt-only records (align_jax/data/prompts.py).
     if not cfg.reward_model:
       raise ConfigError(
@@ -77,6 +81,38 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
     ),
     text,
   )
+
+
+def check_tokenizer(text: tokenize.Text, vocab_size: int, init_checkpoint: str) -> None:
+  """The tokenizer against the model: its ids must fit the model's vocabulary (ConfigError), and
+  its BOS and end of turn should be the ones a Hugging Face init_checkpoint generates with
+  (generation_config.json; a warning, one line each)."""
+  tok = text.tokenizer
+  if tok.vocab_size > vocab_size:
+    raise ConfigError(
+      f"data.tokenizer {tok.path!r} has {tok.vocab_size} tokens, more than the model's "
+      f"vocab_size={vocab_size}: pick the model's own tokenizer"
+    )
+  if not hf.is_hf_dir(init_checkpoint):
+    return
+  ids = hf.generation_token_ids(init_checkpoint)
+  where = f"init_checkpoint {init_checkpoint!r}'s generation_config.json"
+  if tok.bos_id is not None and ids["bos"] and tok.bos_id not in ids["bos"]:
+    logging.warning(
+      "data.tokenizer's BOS %r (id %d) is not %s bos_token_id %s",
+      tok.bos_token,
+      tok.bos_id,
+      where,
+      ids["bos"],
+    )
+  if text.stop_id is not None and ids["eos"] and text.stop_id not in ids["eos"]:
+    logging.warning(
+      "data.tokenizer's end of a response (id %d) is not among %s eos_token_id %s: the "
+      "exported model will not stop where training stopped",
+      text.stop_id,
+      where,
+      ids["eos"],
+    )
 
 
 def sampling_config(cfg, file_data) -> sampling.SamplingConfig:

@@ -90,6 +90,11 @@ class Tokenizer(abc.ABC):
   def find(self, token: str) -> int | None:
     """The id of a token of the vocabulary (or an added token), or None."""
 
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """1 + the largest id it can give (added tokens included)."""
+
   def encode_continuation(self, text: str) -> list[int]:
     """Ids of `text` where it continues a longer text (a chat turn after its prompt): without the
     marks a text's start gets (a SentencePiece dummy prefix). transformers' piece trick: `text`
@@ -133,6 +138,10 @@ class _JsonTokenizer(Tokenizer):
 
   def find(self, token: str) -> int | None:
     return self._tok.token_to_id(token)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
 
 
 class _SentencePieceTokenizer(Tokenizer):
@@ -208,6 +217,10 @@ class _SentencePieceTokenizer(Tokenizer):
 
   def find(self, token: str) -> int | None:
     return self._special.get(token, self._pieces.get(token))
+
+  @property
+  def vocab_size(self) -> int:
+    return max([len(self._pieces), *(i + 1 for i in self._special.values())])
 
 
 def load(path: str) -> Tokenizer:

@@ -88,6 +88,20 @@ def read_config(hf_dir: str) -> dict:
   return hf
 
 
+def generation_token_ids(hf_dir: str) -> dict[str, list[int]]:
+  """{"bos": [...], "eos": [...]}: the ids generation_config.json (else config.json) names."""
+  path = os.path.join(hf_dir, "generation_config.json")
+  source = read_config(hf_dir)
+  if os.path.isfile(path):
+    with open(path) as f:
+      source = {**source, **json.load(f)}
+  out = {}
+  for key in ("bos", "eos"):
+    value = source.get(f"{key}_token_id")
+    out[key] = [] if value is None else list(value) if isinstance(value, list) else [value]
+  return out
+
+
 # ---- config.json -> ModelConfig ------------------------------------------------------------------
 
 
