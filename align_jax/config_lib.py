@@ -58,7 +58,9 @@ def base() -> mlc.ConfigDict:
   c.seed = 0
   c.total_steps = 100
   c.log_every = 10  # Console / metrics.jsonl / TensorBoard interval (steps).
-  c.eval_every = 50  # Exact testbed evaluation interval (steps); 0 = start and end only.
+  c.eval_every = (
+    50  # Evaluation interval (steps; testbed: exact, files: validation); 0 = start and end.
+  )
   c.checkpoint_every = 50  # Orbax save interval (steps); the last step is always saved.
   c.keep_checkpoints = 2  # How many recent checkpoints to keep.
   c.async_checkpointing = True
@@ -150,6 +152,11 @@ def base() -> mlc.ConfigDict:
       udm_min_ratio=0.5,  # Clip range of the density ratio (TRL: 0.5, 10).
       udm_max_ratio=10.0,
       shuffle=True,
+      # Validation on file data (align_jax/validate.py): a held-out random share of the
+      # source's records, or another source in the same format; evaluated at the start, every
+      # eval_every steps and at the end.
+      eval_fraction=0.0,
+      eval_source="",
     )
   )
 

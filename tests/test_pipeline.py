@@ -16,8 +16,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from align_jax import export, sampling, train  # noqa: E402
-from align_jax.data import tokenize  # noqa: E402
+from align_jax import export, logps, models, sampling, train  # noqa: E402
+from align_jax.data import preference, tokenize  # noqa: E402
 from align_jax.models import hf  # noqa: E402
 from conftest import load_config, read_jsonl  # noqa: E402
 
@@ -122,23 +122,63 @@ def test_sft_then_dpo_from_files_exports_what_transformers_generates(tmp_path):
     ],
   )
 
+  held_pairs = _write_jsonl(
+    tmp_path / "held.jsonl",
+    [
+      {"prompt": [_user(q)], "chosen": [_assistant("yes.")], "rejected": [_assistant("no.")]}
+      for q in QUESTIONS
+    ],
+  )
+
   sft = load_config("sft", "smoke")
   _configure(sft, base, sft_data)
+  sft.data.eval_fraction = 0.25  # 4 of the 16 conversations are held out.
   sft_result = train.run(sft, str(tmp_path / "sft"))
+  initial, final = sft_result.summary["initial"], sft_result.summary["final"]
+  assert final["eval/loss"] < initial["eval/loss"]
+  assert final["eval/objective/nll_per_token"] == final["eval/loss"]
   model_cfg = json.load(open(tmp_path / "sft" / "config.json"))["model"]
   assert (model_cfg["family"], model_cfg["vocab_size"], model_cfg["d_model"]) == (
     "qwen2",
     vocab_size,
     32,
   )
-  assert sft_result.summary["data/records"] == 16
+  assert (sft_result.summary["data/records"], sft_result.summary["data/eval_records"]) == (12, 4)
   losses = [r["loss"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
   assert losses[-1] < losses[0]
   export.export(str(tmp_path / "sft"), str(tmp_path / "sft_hf"))
 
   dpo = load_config("dpo", "smoke")
   _configure(dpo, tmp_path / "sft_hf", pairs)  # The tokenizer travelled with the export.
+  dpo.data.eval_source = held_pairs
   dpo_result = train.run(dpo, str(tmp_path / "dpo"))
+  # Validation with TRL's names: at the start π = π_ref, so every implicit reward is 0; at the
+  # end they are β·log(π/π_ref) of the held-out pairs, computed here independently.
+  initial, final = dpo_result.summary["initial"], dpo_result.summary["final"]
+  assert initial["eval/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+  for k in ("chosen", "rejected", "margins", "accuracies"):
+    assert initial[f"eval/rewards/{k}"] == 0.0
+  arrays, _ = preference.read(
+    held_pairs, "pairs", text=tokenize.Text(tokenize.load(str(tmp_path / "sft_hf")))
+  )
+  cfg, graphdef, _ = _model(tmp_path / "sft_hf")
+  shapes = models.abstract(cfg)[1]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ref = hf.load_params(str(tmp_path / "sft_hf"), cfg, jax.tree.map(lambda _: device, shapes))
+  tokens, mask = jnp.asarray(arrays["tokens_KxL"]), jnp.asarray(arrays["loss_mask_KxL"])
+  logp = np.asarray(logps.sequence_logps(graphdef, dpo_result.state.params, tokens, mask))
+  reward = dpo.loss.beta * (logp - np.asarray(logps.sequence_logps(graphdef, ref, tokens, mask)))
+  want = {
+    "eval/rewards/chosen": reward[:, 0].mean(),
+    "eval/rewards/rejected": reward[:, 1].mean(),
+    "eval/rewards/margins": (reward[:, 0] - reward[:, 1]).mean(),
+    "eval/rewards/accuracies": (reward[:, 0] > reward[:, 1]).mean(),
+    "eval/logps/chosen": logp[:, 0].mean(),
+    "eval/logps/rejected": logp[:, 1].mean(),
+    "eval/loss": np.mean(np.logaddexp(0.0, -(reward[:, 0] - reward[:, 1]))),
+  }
+  assert {k: final[k] for k in want} == pytest.approx(want, abs=2e-5)
+  assert final["eval/rewards/accuracies"] == 1.0 and final["eval/rewards/margins"] > 0
   losses = [r["loss"] for r in read_jsonl(tmp_path / "dpo" / "metrics.jsonl") if "loss" in r]
   assert abs(losses[0] - np.log(2.0)) < 1e-5 and losses[-1] < losses[0]  # Starts at π = π_ref.
   export.export(str(tmp_path / "dpo"), str(tmp_path / "dpo_hf"))

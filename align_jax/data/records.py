@@ -19,6 +19,7 @@ from align_jax.models import hf
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import target, task
 
+HELD_OUT_SEED = 7919  # Added to the run's seed to draw data.eval_fraction's held-out records.
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = (
   "tokens_KxL",
@@ -35,12 +36,25 @@ BATCH_FIELDS = (
 )
 
 
-def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text | None] | None:
-  """(records, counts, text format) of a file source in record format `fmt`, read before any
-  model work (bad data fails fast); None for the testbed."""
+def read_file(cfg, fmt: str, vocab_size: int) -> tuple | None:
+  """(records, counts, text format, held-out records or None) of a file source in record format
+  `fmt`, read before any model work (bad data fails fast); None for the testbed.
+
+  The held-out records (validation, align_jax/validate.py) are data.eval_source's, or a random
+  data.eval_fraction of the source's (drawn with the seed; counts: records trained on,
+  eval_records held out)."""
   d = cfg.data
   if d.source == "testbed":
+    if d.eval_source or d.eval_fraction:
+      raise ConfigError(
+        "data.eval_source / data.eval_fraction hold out file records; the "
+        "testbed is evaluated exactly"
+      )
     return None
+  if d.eval_source and d.eval_fraction:
+    raise ConfigError("set one of data.eval_source and data.eval_fraction")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
   if (d.chat_template or d.system_prompt) and not d.tokenizer:
     raise ConfigError("data.chat_template and data.system_prompt format text: set data.tokenizer")
   text = (
@@ -50,6 +64,21 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
   )
   if text is not None:
     check_tokenizer(text, vocab_size, cfg.init_checkpoint)
+  arrays, counts = _read(cfg, fmt, d.source, vocab_size, text)
+  held = None
+  if d.eval_source:
+    held, _ = _read(cfg, fmt, d.eval_source, vocab_size, text)
+  elif d.eval_fraction:
+    arrays, held = _split(arrays, d.eval_fraction, cfg.seed)
+    counts["records"] = len(arrays["tokens_KxL" if fmt != "prompts" else "prompt_P"])
+  if held is not None:
+    counts["eval_records"] = len(next(iter(held.values())))
+  return arrays, counts, text, held
+
+
+def _read(cfg, fmt, source, vocab_size, text) -> tuple[dict, dict]:
+  """(records, counts) of one source in format `fmt`."""
+  d = cfg.data
   if fmt == "prompts":  # On-policy from prompt-only records (align_jax/data/prompts.py).
     if not cfg.reward_model:
       raise ConfigError(
@@ -57,30 +86,49 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
         "reward_model (a reward-model run's workdir): only the testbed has a rule "
         "reward"
       )
-    return (
-      *prompts.read(
-        d.source, prompt_len=d.prompt_len, text=text, limit=d.num_examples, vocab_size=vocab_size
-      ),
-      text,
+    return prompts.read(
+      source, prompt_len=d.prompt_len, text=text, limit=d.num_examples, vocab_size=vocab_size
     )
   if fmt == "corpus":  # SFT from text, conversations or prompt-completion records.
-    return (*corpus.read(d.source, max_len=d.max_len, vocab_size=vocab_size, text=text), text)
+    return corpus.read(source, max_len=d.max_len, vocab_size=vocab_size, text=text)
   if fmt not in preference.FORMATS:
     raise ConfigError(
       f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
       "testbed provides; set data.source=testbed"
     )
-  return (
-    *preference.read(
-      d.source,
-      fmt,
-      max_len=d.max_len,
-      list_size=d.list_size if fmt == "lists" else 0,
-      vocab_size=vocab_size,
-      text=text,
-    ),
-    text,
+  return preference.read(
+    source,
+    fmt,
+    max_len=d.max_len,
+    list_size=d.list_size if fmt == "lists" else 0,
+    vocab_size=vocab_size,
+    text=text,
   )
+
+
+def _split(arrays: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+  """(kept, held out): round(fraction · N) records (at least 1, at most N − 1) drawn at random
+  with the seed, each part in source order; prompt indices renumbered."""
+  n = len(next(iter(arrays.values())))
+  k = min(max(round(fraction * n), 1), n - 1)
+  if k < 1:
+    raise ConfigError(f"data.eval_fraction={fraction}: {n} record(s) cannot be split")
+  held_out = np.zeros(n, bool)
+  held_out[np.random.default_rng(seed + HELD_OUT_SEED).permutation(n)[:k]] = True
+  parts = tuple({key: v[mask] for key, v in arrays.items()} for mask in (~held_out, held_out))
+  for part in parts:
+    if "prompt_index" in part:
+      part["prompt_index"] = np.arange(len(part["prompt_index"]), dtype=np.int32)
+  return parts
+
+
+def held_out(cfg, fmt: str, file_data, model, mesh) -> dict | None:
+  """The held-out records of a file source made ready as training records are (KTO's mismatched
+  completions, D2O's own samples), or None."""
+  if not file_data or file_data[3] is None:
+    return None
+  arrays, text = file_data[3], file_data[2]
+  return _file(cfg, fmt, (arrays, {}, text, None), model.graphdef, model.ref_params, mesh)[0]
 
 
 def check_tokenizer(text: tokenize.Text, vocab_size: int, init_checkpoint: str) -> None:
@@ -207,7 +255,7 @@ def batches(cfg, arrays: dict):
 
 def _file(cfg, fmt, file_data, graphdef, ref_params, mesh) -> tuple[dict, dict]:
   """A file source's records; negatives get the reference's own samples beside them."""
-  arrays, counts, _ = file_data
+  arrays, counts = file_data[:2]
   if fmt == "binary":
     arrays = preference.with_mismatched(arrays)
   if fmt == "negatives":  # The model's own samples beside each negative, drawn from π_ref.
