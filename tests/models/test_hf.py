@@ -1,9 +1,10 @@
 """Hugging Face import/export: logit parity with transformers for every family, sampler log-probs,
 sharded import, and DPO / BOND runs started from an HF checkpoint and exported back.
 
-Each family is a tiny random HF model built here with torch on the CPU (no download), its
-parameters redrawn at a scale where every option matters: the sliding window (4) is shorter than
-the sequence (12), the soft-caps are small, biases and norm weights are non-zero.
+Each family (Llama, Gemma 1/2/3, Qwen2/3 with irregular layer_types, Mistral, Phi-3, GPT-2) is a
+tiny random HF model built here with torch on the CPU (no download), its parameters redrawn at a
+scale where every option matters: the sliding window (4) is shorter than the sequence (12), the
+soft-caps are small, biases and norm weights are non-zero.
 """
 
 import dataclasses
@@ -92,8 +93,35 @@ FAMILIES = {
     ),
     dict(sliding_window=0, qk_norm=False, rope_local_theta=0.0, rope_scaling=""),
   ),
-  "qwen2": ("Qwen2Config", dict(SHAPE, tie_word_embeddings=True), dict(qkv_bias=False)),
-  "qwen3": ("Qwen3Config", SHAPE, dict(qk_norm=False)),
+  # Qwen's layer_types in any pattern (here not "every P-th layer global").
+  "qwen2": (
+    "Qwen2Config",
+    dict(
+      SHAPE,
+      tie_word_embeddings=True,
+      use_sliding_window=True,
+      sliding_window=4,
+      layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+    ),
+    dict(qkv_bias=False, window_layers=()),
+  ),
+  "qwen3": (
+    "Qwen3Config",
+    dict(
+      SHAPE,
+      use_sliding_window=True,
+      sliding_window=4,
+      layer_types=["full_attention", "full_attention", "sliding_attention"],
+    ),
+    dict(qk_norm=False, window_layers=()),
+  ),
+  "mistral": ("MistralConfig", dict(SHAPE, sliding_window=4), dict(sliding_window=0)),
+  # Fused q|k|v and gate|up projections.
+  "phi3": (
+    "Phi3Config",
+    dict(SHAPE, sliding_window=4, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+    dict(sliding_window=0),
+  ),
   "gpt2": (
     "GPT2Config",
     dict(
@@ -197,6 +225,43 @@ def test_import_parity_sampler_and_export_roundtrip(family, tmp_path, tokens_RxL
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   assert type(reloaded) is type(model)
   np.testing.assert_allclose(_hf_logits(reloaded, tokens_RxL), expected, atol=1e-5, rtol=0)
+
+
+def test_phi3_longrope_short_and_long_factors_and_export(tmp_path):
+  """Phi-3's su / LongRoPE: a call whose last position is within original_max_position_embeddings
+  (8) divides the frequencies by the short factors, a longer one by the long factors, and cos /
+  sin are scaled by sqrt(1 + ln(32/8) / ln 8); logits equal transformers' at both lengths, and the
+  export reloads to the same."""
+  rng = np.random.default_rng(0)
+  factors = {k: (1.0 + 3.0 * rng.random(8)).round(3).tolist() for k in ("short", "long")}
+  kwargs = dict(
+    SHAPE,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+    max_position_embeddings=32,
+    original_max_position_embeddings=8,
+    rope_scaling=dict(type="longrope", short_factor=factors["short"], long_factor=factors["long"]),
+  )
+  model = _hf_model("Phi3Config", kwargs)
+  model.save_pretrained(tmp_path / "hf")
+  cfg, graphdef, params = _import(tmp_path / "hf")
+  assert cfg.rope_scaling == "longrope" and cfg.rope_original_max_len == 8
+  assert cfg.rope_attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(8)))
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 12), 0, 96), np.int32)
+  for length in (6, 12):  # Short factors, then long ones.
+    expected = _hf_logits(model, tokens[:, :length])
+    np.testing.assert_allclose(_forward(graphdef, params, tokens[:, :length]), expected, atol=1e-4)
+    for other in ("short", "long"):  # Each factor set bites where it applies.
+      swapped = dict(rope_short_factor=cfg.rope_long_factor, rope_long_factor=cfg.rope_short_factor)
+      changed, _, _ = models.abstract(
+        dataclasses.replace(cfg, **{f"rope_{other}_factor": swapped[f"rope_{other}_factor"]})
+      )
+      gap = np.abs(_forward(changed, params, tokens[:, :length]) - expected).max()
+      assert (gap > 1e-2) == ((length > 8) == (other == "long")), (length, other, gap)
+  hf.save(tmp_path / "out", params, cfg)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(_hf_logits(reloaded, tokens), _hf_logits(model, tokens), atol=1e-5)
 
 
 def test_sharded_import_reads_only_each_device_block(tmp_path, devices8, monkeypatch):
