@@ -17,10 +17,10 @@ import jax
 from absl import logging
 
 from align_jax import checkpoint, metrics, models, objectives, preemption, rewards, rollout
-from align_jax import sharding, step
+from align_jax import sharding, step, validate
 from align_jax.data import pipeline, preference, records
 from align_jax.errors import ConfigError
-from align_jax.models import hf, loading, lora
+from align_jax.models import hf, loading, lora, presets
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import evaluate, target, task
 
@@ -38,7 +38,7 @@ class _Parts:
   objective: objectives.Objective
   model: loading.RunModel
   evaluator: evaluate.Evaluator | None  # Exact evaluation (testbed runs only).
-  file_data: tuple | None  # A file source's (records, counts, text format).
+  file_data: tuple | None  # A file source's (records, counts, text format, held-out records).
   data: dict  # The record arrays the pipeline batches.
   mesh: jax.sharding.Mesh
   table: dict  # The logical-axis rules.
@@ -74,7 +74,7 @@ def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
   if start:
     state = restored
     print(f"resuming from step {start} ({ckpt.directory})", flush=True)
-  evaluate_fn = parts.evaluator.evaluate if parts.evaluator else None
+  evaluate_fn = parts.evaluator.evaluate if parts.evaluator else validate.make(cfg, parts)
   initial = evaluate.initial_metrics(
     workdir, evaluate_fn, None if start else state.params, write=is_main
   )
@@ -116,7 +116,9 @@ def _checked(cfg):
     return cfg
   cfg = cfg.copy_and_resolve_references()  # The architecture is the checkpoint's config.json.
   with cfg.unlocked():
-    cfg.model.update(hf.model_config(cfg.init_checkpoint, cfg.model.to_dict()))
+    cfg.model = hf.model_config(
+      cfg.init_checkpoint, cfg.model.to_dict(), presets.fresh(cfg.get("model_preset", ""))
+    )
   return cfg
 
 
