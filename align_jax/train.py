@@ -2,7 +2,8 @@
 
 mesh → model and parameters → data → evaluator → train state and the jitted step → resume → loop →
 summary. Each piece lives in its room: parameters in `models/loading.py`, records in
-`data/records.py`, exact evaluation in `testbed/evaluate.py`, the testbed's base LM in
+`data/records.py`, exact evaluation in `testbed/evaluate.py` (file data: validation on held-out
+records in `validate.py`), the testbed's base LM in
 `testbed/base.py`, on-policy batches in `rollout.py`, the update in `step.py`, checkpoints in
 `checkpoint.py`. Resume order: a checkpoint in the workdir > `init_checkpoint` > a fresh init.
 """

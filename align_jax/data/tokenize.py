@@ -373,13 +373,17 @@ class Text:
     self.tail = len(ids) - starts[0] - len(text_ids) if starts else 0
     self.stop_id = tokenizer.eos_id
     self.chat_tail = self.tail
-    if self.messages:
-      _, after = self._render(self._messages("\x00", "user"), True).split("\x00")
-      self.chat_tail = len(tokenizer.encode(after))
-    if self.jinja is not None:  # Its end of turn: the first token after an assistant message.
-      turn = tokenizer.encode(self._turn("\x01", None).split("\x01", 1)[1].lstrip())
-      self.stop_id = turn[0] if turn else tokenizer.eos_id
-    elif self.chat:
+    try:
+      if self.messages:
+        _, after = self._render(self._messages("\x00", "user"), True).split("\x00")
+        self.chat_tail = len(tokenizer.encode(after))
+      if self.jinja is not None:  # Its end of turn: the first token after an assistant message.
+        turn = tokenizer.encode(self._turn("\x01", None).split("\x01", 1)[1].lstrip())
+        self.stop_id = turn[0] if turn else tokenizer.eos_id
+    except DataError:
+      if chat_template:  # Asked for: the template must work. '' : text records need none.
+        raise
+    if self.chat and self.jinja is None:
       self.stop_id = tokenizer.token_id(_END_OF_TURN[chat_template])
     if self.chat:
       self.tail = self.chat_tail

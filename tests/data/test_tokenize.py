@@ -535,3 +535,13 @@ def test_own_template_errors(tokenizers_dir, tmp_path):
     text.prompt([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}])
   with pytest.raises(ValueError, match="chat messages need a chat template"):
     tokenize.Text(bare).prompt([{"role": "user", "content": "a"}])
+  # A template that cannot render a plain user turn: text records ('') still read, messages fail
+  # on use, and asking for it ('tokenizer') fails at once.
+  directory = _with_template(tokenizers_dir, tmp_path, "bpe", "gemma2", as_file=True)
+  (tmp_path / "bpe_gemma2" / "chat_template.jinja").write_text("{{ raise_exception('no') }}")
+  raw = tokenize.Text(tokenize.load(directory))
+  assert raw.prompt("Hello") == bare.encode("Hello") and raw.stop_id == bare.eos_id
+  with pytest.raises(ValueError, match="chat template: no"):
+    raw.prompt([{"role": "user", "content": "a"}])
+  with pytest.raises(ValueError, match="chat template: no"):
+    tokenize.Text(tokenize.load(directory), "tokenizer")
