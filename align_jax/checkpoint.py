@@ -7,6 +7,7 @@ the current run's shardings, so a run saved on one mesh resumes on another. A ne
 not restore (no commit marker, a missing or truncated file) is set aside for the one before it.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -22,6 +23,13 @@ from align_jax.errors import CheckpointError, MissingFileError
 
 
 _COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, before the final rename.
+# What a failed write says (an OSError's strerror, or inside TensorStore's ValueError).
+_WRITE_FAILURES = (
+  "No space left on device",
+  "Disk quota exceeded",
+  "File too large",
+  "Read-only file system",
+)
 
 
 class Checkpointer:
@@ -54,7 +62,8 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(_as_dict(state))}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+    with _write_failures_named(self.directory):  # Also an earlier asynchronous save's failure.
+      saved = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
@@ -116,9 +125,32 @@ class Checkpointer:
     multihost_utils.sync_global_devices("checkpoint_set_aside")
     self._manager.reload()
 
+  def newest(self) -> int | None:
+    """The newest saved step once pending saves have finished; None if there is none."""
+    with _write_failures_named(self.directory):
+      self._manager.wait_until_finished()
+    return self._manager.latest_step()
+
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with _write_failures_named(self.directory):
+      self._manager.wait_until_finished()
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _write_failures_named(directory: str):
+  """A checkpoint write that fails for lack of space (or a read-only disk) is one CheckpointError;
+  the steps saved before it stay as they are."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (Orbax wraps TensorStore's errors)
+    reason = next((r for r in _WRITE_FAILURES if r in str(e)), None)
+    if reason is None:
+      raise
+    raise CheckpointError(
+      f"a checkpoint could not be written to {directory}: {reason}; the checkpoints saved "
+      "before it are kept (make room, then run the same command to resume)"
+    ) from e
 
 
 def _as_dict(state) -> dict:

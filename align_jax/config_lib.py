@@ -6,6 +6,7 @@ size, smoke) is chosen through the string after the colon: `--config=configs/dpo
 """
 
 import itertools
+import math
 import types
 from typing import Any
 
@@ -204,6 +205,103 @@ def base() -> mlc.ConfigDict:
     )
   )
   return c
+
+
+# ---- Start-up checks of the fields above -----------------------------------------------------
+# One row per field: (key, holds(value), requirement). `train.run` checks every row whose key the
+# config has before it touches the workdir; objectives add rows for their `loss.*` fields
+# (`objectives.Objective.checks`). A failing row is one ConfigError naming the key and its value.
+
+
+def interval(low: float, high: float = math.inf, *, open_low=False, open_high=False):
+  """(holds, requirement) of a finite real number in the interval."""
+
+  def holds(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      return False
+    return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+  if high == math.inf:
+    return holds, f"finite and {'>' if open_low else '>='} {low:g}"
+  brackets = "(" if open_low else "[", ")" if open_high else "]"
+  return holds, f"in {brackets[0]}{low:g}, {high:g}{brackets[1]}"
+
+
+def whole(low: int):
+  """(holds, requirement) of an integer >= low."""
+
+  def holds(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+  return holds, f"an integer >= {low}"
+
+
+POSITIVE = interval(0, open_low=True)
+NON_NEGATIVE = interval(0)
+PROBABILITY = interval(0, 1)
+
+CHECKS = (
+  ("seed", *whole(0)),
+  ("total_steps", *whole(1)),
+  ("log_every", *whole(0)),
+  ("eval_every", *whole(0)),
+  ("checkpoint_every", *whole(0)),
+  ("keep_checkpoints", whole(1)[0], "an integer >= 1 (0 would keep nothing to resume from)"),
+  ("optim.lr", *NON_NEGATIVE),
+  ("optim.warmup_steps", *whole(0)),
+  ("optim.b1", *interval(0, 1, open_high=True)),
+  ("optim.b2", *interval(0, 1, open_high=True)),
+  ("optim.eps", *NON_NEGATIVE),
+  ("optim.weight_decay", *NON_NEGATIVE),
+  ("optim.clip_norm", *NON_NEGATIVE),
+  ("data.batch_size", *whole(1)),
+  ("data.num_examples", *whole(1)),
+  ("data.list_size", *whole(0)),
+  ("data.num_samples", *whole(1)),
+  ("data.max_len", *whole(0)),
+  ("data.prompt_len", *whole(0)),
+  ("data.udm_per_class", *whole(1)),
+  ("data.udm_min_ratio", *POSITIVE),
+  ("data.udm_max_ratio", *POSITIVE),
+  ("sampling.temperature", *NON_NEGATIVE),
+  ("sampling.top_k", *whole(0)),
+  ("sampling.top_p", *interval(0, 1, open_low=True)),
+  ("sampling.max_new_tokens", *whole(1)),
+  ("rollout.num_policy", *whole(0)),
+  ("rollout.num_anchor", *whole(0)),
+  ("rollout.anchor_ema", *PROBABILITY),
+  ("rollout.anchor_every", *whole(1)),
+  ("target.beta", *POSITIVE),
+  *((f"model.{k}", *whole(1)) for k in ("vocab_size", "d_model", "n_layers", "n_heads")),
+  *((f"model.{k}", *whole(1)) for k in ("n_kv_heads", "head_dim", "mlp_dim")),
+  ("testbed.prompt_len", *whole(1)),
+  ("testbed.response_len", *whole(1)),
+  ("testbed.bt_temperature", *POSITIVE),
+  ("testbed.pretrain_steps", *whole(1)),
+  ("testbed.pretrain_batch", *whole(1)),
+  ("testbed.pretrain_lr", *NON_NEGATIVE),
+  ("testbed.pretrain_examples", *whole(1)),
+  ("testbed.eval_chunk", *whole(1)),
+  ("testbed.epsilon", *PROBABILITY),
+  ("testbed.moment", *interval(0, 1, open_low=True, open_high=True)),
+  ("testbed.target_n", *whole(1)),
+  ("testbed.target_jeffreys", *PROBABILITY),
+  ("testbed.eval_pairs", *whole(0)),
+  ("testbed.distinct_samples", *whole(0)),
+  ("testbed.categories", *whole(2)),
+  ("testbed.voters", *whole(1)),
+)
+
+
+def check(cfg: mlc.ConfigDict, rows, context: str = "") -> None:
+  """Raises a ConfigError for the first row whose key `cfg` has and whose value fails."""
+  for key, holds, requirement in rows:
+    node, *path = key.split(".")
+    value = cfg.get(node)
+    for name in path:
+      value = value.get(name) if isinstance(value, mlc.ConfigDict) else None
+    if value is not None and not holds(value):
+      raise ConfigError(f"{key}={value!r} must be {requirement}{context}")
 
 
 def testbed_preference(c: mlc.ConfigDict, *, rlhf_target: bool = False) -> None:

@@ -35,3 +35,8 @@ class HFDirError(Error, ValueError):
 
 class PlanError(Error, ValueError):
   """An ahead-of-time plan that cannot be made: topology, mesh or batch that do not fit."""
+
+
+class NonFiniteError(Error, ArithmeticError):
+  """A NaN or Inf in a step's loss, gradient norm or updated state (names the step and the newest
+  checkpoint, which only ever holds a finite state)."""

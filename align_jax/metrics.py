@@ -1,8 +1,13 @@
 """Metrics out of the loop: fetched one step late, checked for NaN/Inf, written three ways.
 
+The check covers the loss, the gradient norm and the step's `finite_state` (1 when every float of
+the updated parameters and optimizer state is finite, `step.train_step`); the loop flushes before
+each checkpoint, so only finite states are saved.
+
 Each logged step becomes one line of `metrics.jsonl` (always with "step"), TensorBoard scalars, and
 a console line with steps/s and ETA. Files are appended to across resumes, never rewritten. A resume
-from step s appends `{"step": s, "resumed_from": s}`: records of steps after s written before it
+from step s appends `{"step": s, "resumed_from": s}` (with `"config_change": {key: [old, new]}`
+when `--allow_config_change` let hyperparameters change): records of steps after s written before it
 (a run killed after its last checkpoint) are superseded by those that follow it. TensorBoard hides
 them itself (a new event file whose purge step is s + 1).
 """
@@ -16,9 +21,7 @@ import time
 import jax
 import numpy as np
 
-
-class NonFiniteError(RuntimeError):
-  """The loss or gradient norm became NaN or Inf."""
+from align_jax.errors import NonFiniteError
 
 
 class MetricWriter:
@@ -30,6 +33,7 @@ class MetricWriter:
     log_every: int,
     is_main: bool = True,
     resumed_from: int = 0,
+    config_change: dict | None = None,
   ):
     self._total, self._every, self._main = total_steps, max(log_every, 1), is_main
     self._pending: tuple[int, dict] | None = None
@@ -37,8 +41,10 @@ class MetricWriter:
     self._jsonl = self._tb = None
     if is_main:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      if resumed_from:
-        self._jsonl.write(json.dumps({"step": resumed_from, "resumed_from": resumed_from}) + "\n")
+      marker = {"resumed_from": resumed_from} if resumed_from else {}
+      marker |= {"config_change": config_change} if config_change else {}
+      if marker:
+        self._jsonl.write(json.dumps({"step": resumed_from, **marker}) + "\n")
         self._jsonl.flush()
       from tensorboardX import SummaryWriter
 
@@ -47,13 +53,16 @@ class MetricWriter:
       )
 
   @classmethod
-  def for_run(cls, cfg, workdir: str, *, is_main: bool, resumed_from: int) -> "MetricWriter":
+  def for_run(
+    cls, cfg, workdir: str, *, is_main: bool, resumed_from: int, config_change: dict | None = None
+  ) -> "MetricWriter":
     return cls(
       workdir,
       total_steps=cfg.total_steps,
       log_every=cfg.log_every,
       is_main=is_main,
       resumed_from=resumed_from,
+      config_change=config_change,
     )
 
   def submit(self, step: int, metrics: dict) -> None:
@@ -71,6 +80,8 @@ class MetricWriter:
     for key in ("loss", "grad_norm"):
       if key in values and not math.isfinite(values[key]):
         raise NonFiniteError(f"non-finite {key}={values[key]} at step {step}")
+    if values.get("finite_state", 1.0) != 1.0:
+      raise NonFiniteError(f"non-finite parameters or optimizer state after step {step}")
     if step % self._every == 0 or step == self._total:
       self._log(step, values)
 

@@ -1,7 +1,9 @@
 """SIGTERM (a scheduler's preemption notice) -> finish the step, checkpoint, exit 0.
 
 One process: a Python handler sets a flag that the loop reads after each step (no device sync).
-Several processes: JAX's preemption service (started by `jax.distributed.initialize`) catches
+The command line installs it first thing (`listen`): a notice during start-up stops the run after
+its first step, and one after the run has finished changes nothing (exit status 0). Several
+processes: JAX's preemption service (started by `jax.distributed.initialize`) catches
 SIGTERM on whichever processes get it and agrees, without blocking the loop, on the first step all
 processes can still reach; every process stops there, so their checkpoints are of the same step.
 """
@@ -25,6 +27,7 @@ class Preempted(Exception):
 
 _received = False
 _depth = 0
+_listening = False
 
 
 def _handle(signum, frame):
@@ -33,13 +36,22 @@ def _handle(signum, frame):
   _received = True
 
 
+def listen() -> None:
+  """From now on a SIGTERM only sets the flag that `reached` reads (one process, main thread;
+  several processes keep the preemption service's handler)."""
+  global _listening
+  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _handle)
+    _listening = True
+
+
 @contextlib.contextmanager
 def watch():
   """Within: SIGTERM no longer kills a single-process run but is reported by `reached`."""
   global _received, _depth
   # Several processes: the preemption service's own SIGTERM handler must stay in place.
   install = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
-  if _depth == 0:
+  if _depth == 0 and not _listening:  # A notice before the run counts once `listen` was called.
     _received = False
   previous = signal.signal(signal.SIGTERM, _handle) if install else None
   _depth += 1

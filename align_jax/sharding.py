@@ -72,6 +72,18 @@ def check_rules(rules: Rules, mesh: Mesh, used_names: set[str] = frozenset()) ->
   return table
 
 
+def check_batch(batch_size: int, mesh: Mesh, table: dict) -> None:
+  """The global batch splits evenly over the mesh axes of the `act_batch` rule."""
+  axes = table.get("act_batch") or ()
+  parts = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % parts:
+    raise ConfigError(
+      f"data.batch_size={batch_size} does not split over the {parts} devices of the mesh axes "
+      f"{' x '.join(axes)} (rules act_batch; mesh.shape={tuple(mesh.shape.values())}): use a "
+      f"multiple of {parts}"
+    )
+
+
 def spec(names: Sequence[str | None], table: dict) -> P:
   """Resolves logical names to a PartitionSpec; a mesh axis is used at most once per spec."""
   out, seen = [], set()

@@ -68,6 +68,12 @@ def init_state(
   )
 
 
+def _all_finite(tree) -> jax.Array:
+  """1.0 when every float in `tree` is finite, else 0.0: one reduction per leaf, fused by XLA."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])).astype(jnp.float32)
+
+
 def _weighted_mean(x_B: jax.Array, w_B: jax.Array) -> jax.Array:
   return jnp.sum(x_B.astype(jnp.float32) * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
 
@@ -140,5 +146,6 @@ def train_step(
     "update_norm": optax.tree.norm(updates),
     "param_norm": optax.tree.norm(state.params),
     "lr": lr_fn(state.step),
+    "finite_state": _all_finite((params, opt_state)),  # Checked before any checkpoint is saved.
     **{f"objective/{k}": v for k, v in metrics.items()},
   }

@@ -10,6 +10,7 @@ records in `validate.py`), the testbed's base LM in
 
 import dataclasses
 import functools
+import json
 import os
 import time
 import types
@@ -17,10 +18,11 @@ import types
 import jax
 from absl import logging
 
-from align_jax import checkpoint, metrics, models, objectives, preemption, rewards, rollout
-from align_jax import sharding, step, validate
+from align_jax import checkpoint, config_lib, metrics, models, objectives, preemption, rewards
+from align_jax import rollout, sharding, step, validate
+from align_jax import workdir as workdir_lib
 from align_jax.data import pipeline, preference, records
-from align_jax.errors import ConfigError
+from align_jax.errors import ConfigError, NonFiniteError
 from align_jax.models import hf, loading, lora, presets
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import evaluate, target, task
@@ -45,41 +47,49 @@ class _Parts:
   table: dict  # The logical-axis rules.
 
 
-def run(cfg, workdir: str) -> RunResult:
-  """Trains `cfg` into `workdir`, resuming from the newest checkpoint there."""
+def run(cfg, workdir: str, *, allow_config_change: bool = False) -> RunResult:
+  """Trains `cfg` into `workdir`, resuming from the newest checkpoint there.
+
+  Nothing in `workdir` is written or deleted before the config is validated, the workdir locked
+  and its fingerprint checked (`align_jax/workdir.py`); `allow_config_change` lets a resume change
+  the hyperparameters in `workdir.SAFE`, recorded in metrics.jsonl.
+  """
   cfg = _checked(cfg)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
   used = set(models.transformer.PARAM_AXES) | set(models.transformer.ACT_AXES)
   table = sharding.check_rules(cfg.rules, mesh, used)
+  sharding.check_batch(cfg.data.batch_size, mesh, table)
   logging.info(
     "mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
   )
-  with jax.set_mesh(mesh), sharding.use_rules(table), preemption.watch():
-    return _run(cfg, workdir, mesh, table, is_main)
+  resolved = json.loads(cfg.to_json_best_effort())
+  claim = workdir_lib.claim(
+    workdir, resolved, allow_change=allow_config_change, process=jax.process_index()
+  )
+  with claim as claimed, jax.set_mesh(mesh), sharding.use_rules(table), preemption.watch():
+    return _run(cfg, claimed, mesh, table)
 
 
-def _run(cfg, workdir, mesh, table, is_main) -> RunResult:
-  t_start = time.time()
+def _run(cfg, claimed: workdir_lib.Claim, mesh, table) -> RunResult:
+  t_start, is_main, workdir = time.time(), jax.process_index() == 0, claimed.path
   parts, counts = _assemble(cfg, workdir, mesh, table, is_main)
   data_iter = records.batches(cfg, parts.data)
   state, state_shardings = _init_state(cfg, parts)
   step_fn = _compile(cfg, parts, state, state_shardings)
 
-  ckpt = checkpoint.Checkpointer.for_run(cfg, os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoint.Checkpointer.for_run(cfg, os.path.join(workdir, workdir_lib.CHECKPOINTS))
   start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
   if start:
     state = restored
     print(f"resuming from step {start} ({ckpt.directory})", flush=True)
+  claimed.record()  # config.json and the fingerprint, now that the run has its state.
   evaluate_fn = parts.evaluator.evaluate if parts.evaluator else validate.make(cfg, parts)
   initial = evaluate.initial_metrics(
     workdir, evaluate_fn, None if start else state.params, write=is_main
   )
-  writer = metrics.MetricWriter.for_run(cfg, workdir, is_main=is_main, resumed_from=start)
+  writer = metrics.MetricWriter.for_run(
+    cfg, workdir, is_main=is_main, resumed_from=start, config_change=claimed.changes
+  )
   if counts and not start:
     writer.write(0, {f"data/{k}": v for k, v in counts.items()})
   state = _loop(cfg, state, start, step_fn, data_iter, ckpt, writer, evaluate_fn)
@@ -99,11 +109,8 @@ def _checked(cfg):
   objective = objectives.get(cfg.objective)
   if cfg.data.source != "testbed":
     preference.check_source(cfg.data.source)
-  if cfg.total_steps < 1:
-    raise ConfigError(f"total_steps={cfg.total_steps} must be >= 1")
-  for key in ("log_every", "eval_every", "checkpoint_every"):
-    if cfg[key] < 0:
-      raise ConfigError(f"{key}={cfg[key]} must be >= 0")
+  config_lib.check(cfg, objective.checks, f" (objective {cfg.objective!r})")
+  config_lib.check(cfg, config_lib.CHECKS)
   target.check(cfg)
   lora.check(cfg.lora)
   if lora.enabled(cfg.lora) and objective.scores:
@@ -257,8 +264,9 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
 
 
 def _loop(cfg, state, start, step_fn, data_iter, ckpt, writer, evaluate_fn):
-  """Steps start+1 .. total_steps: update, metrics one step late, evaluation, checkpoints, and a
-  clean stop after a SIGTERM (checkpoint, then `Preempted`)."""
+  """Steps start+1 .. total_steps: update, metrics one step late, evaluation, checkpoints (of
+  finite states only: metrics are flushed and checked first), and a clean stop after a SIGTERM
+  (checkpoint, then `Preempted`)."""
   last = cfg.total_steps
   try:
     for s in range(start + 1, last + 1):
@@ -268,11 +276,20 @@ def _loop(cfg, state, start, step_fn, data_iter, ckpt, writer, evaluate_fn):
       if evaluate_fn is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < last:
         writer.write(s, metrics.host(evaluate_fn(state.params)))
       if stop or ckpt.should_save(s) or s == last:
-        writer.flush()  # Never checkpoint a state whose step produced a non-finite loss.
+        writer.flush()  # Raises NonFiniteError before a non-finite state can be saved.
         ckpt.save(s, state, data_iter, force=True)
       if stop:
         raise preemption.Preempted(s, ckpt.directory)  # After `finally` has finished the save.
     writer.flush()
+  except NonFiniteError as e:  # Checkpoints hold finite states only: name the newest.
+    newest = ckpt.newest()
+    raise NonFiniteError(
+      f"{e}; stopped, no checkpoint was saved before it"
+      if newest is None
+      else f"{e}; stopped, the newest checkpoint (finite) is step {newest} in {ckpt.directory}: "
+      "resume from it with a changed optim.lr (or another loss.*/optim.* field) and "
+      "--allow_config_change"
+    ) from None
   finally:
     ckpt.close()
     writer.close()

@@ -61,7 +61,8 @@ def get_config(arg: str | None = None):
   c.loss.divergence = arg.divergence
   c.loss.alpha = 0.5  # Amari order α (divergence=amari only).
   # Samples with P = 0 get the table's limit pseudo-reward (the unbiased estimator); divergences
-  # whose limit is −∞ use a smoothed target instead, where no sample has P = 0.
+  # whose limit is −∞ use a smoothed target instead, where no sample has P = 0. "mask" (dropping
+  # them) would bias the TV and JS gradients: their limits −½ and −½ log 2 are finite.
   c.loss.outside_support = (
     "mask" if arg.divergence in ("reverse_kl", "pearson", "amari") else "limit"
   )

@@ -1,8 +1,9 @@
 r"""IPO (Azar et al. 2023, arXiv 2310.12036) on testbed preference pairs.
 
 Squared loss (h − 1/(2τ))² regressing the log-ratio margin onto a finite target, ALGORITHMS.md
-§5.3. `loss.per_token` uses length-averaged log-ratios (the IPO authors' setting, TRL's current
-one); the testbed's responses all have the same length, so it only rescales h there.
+§5.3. The default sums log-ratios over tokens (the paper's eq. 17); `loss.per_token=True` uses
+length-averaged log-ratios (the IPO authors' setting, and TRL's: set it to compare with TRL). The
+testbed's responses all have the same length, so it only rescales h there.
 
   python -m align_jax.main --config=configs/ipo.py
   python -m align_jax.main --config=configs/ipo.py:smoke --workdir=runs/ipo_smoke
@@ -20,7 +21,7 @@ def get_config(arg: str | None = None):
   c.name = "ipo"
   c.objective = "ipo"
   c.loss.tau = 0.5  # Regularisation τ > 0: the target margin is 1/(2τ).
-  c.loss.per_token = False  # Length-averaged log-ratios (÷ completion length).
+  c.loss.per_token = False  # True: length-averaged log-ratios (÷ completion length), as TRL.
   config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:

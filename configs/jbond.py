@@ -5,8 +5,10 @@ sample (a BoN_2 sample of the anchor); backward term: policy gradient with the c
 quantile reward r_J = −log 16 when the policy sample is worse than both anchor samples, else 0;
 plus γ times the policy-gradient estimate of KL(π‖π_anchor). After every update the anchor moves,
 θ_a ← (1 − η)·θ_a + η·θ (rollout.anchor_ema = η). β = 0.5 [3P/M], η = 0.02 [3P], γ unconfirmed
-(here 0.5, ABLATIONS.md §4.2 grid {0, 0.5, 1, 2}); whether the backward return also carries −log
-π/π_anchor is ambiguous, so it is the flag loss.kl_in_backward (default False, per §2.6).
+(here 0.5, ABLATIONS.md §4.2 grid {0, 0.5, 1, 2}). The paper's backward return also carries
+−log π/π_anchor (ABLATIONS.md §1.2): loss.kl_in_backward, off by default so that γ alone weighs the
+anchor KL. Its gradient equals the γ term's with weight β, so the paper's form (kl_in_backward=True,
+γ = 0) trains exactly as the default γ = β = 0.5 (`objectives.bond.jbond`).
 
   python -m align_jax.main --config=configs/jbond.py
   python -m align_jax.main --config=configs/jbond.py:smoke

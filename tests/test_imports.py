@@ -3,9 +3,10 @@
 
 The package's own imports (module level and inside functions) are read with `ast` and every edge
 is checked against the layer table below: a module may import its own layer or a lower one, never a
-higher one, and the module graph has no cycle. `checkpoint` and `errors` are leaves (they import
-no other module of the project), so they sit at the bottom where any room may use them: the
-models' loader reads Orbax parameters through `checkpoint`. A few edges the layers would allow are
+higher one, and the module graph has no cycle. `checkpoint`, `workdir` (the run's lock and
+fingerprint) and `errors` are leaves (they import no other module of the project but `errors`), so
+they sit at the bottom where any room may use them: the models' loader reads Orbax parameters
+through `checkpoint`. A few edges the layers would allow are
 forbidden outright: export does not import the trainer, the step no particular objective, data no
 objective.
 """
@@ -23,7 +24,7 @@ LAYERS = (
   ("step", "rollout", "rewards", "data", "testbed", "metrics", "preemption", "validate"),
   ("objectives", "sampling", "logps", "targets"),
   ("models", "config_lib"),
-  ("sharding", "checkpoint", "errors"),
+  ("sharding", "checkpoint", "workdir", "errors"),
 )
 FORBIDDEN = (  # (importer prefix, imported prefix)
   ("export", "train"),

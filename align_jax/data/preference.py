@@ -228,8 +228,20 @@ def check_source(source: str) -> None:
       f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
       "tfds:NAME/SPLIT[@DATA_DIR], or a path ending in .jsonl or .array_record"
     )
-  if not os.path.isfile(path):
-    raise MissingFileError(f"data source {source!r}: no such file")
+  readable(path, f"data source {source!r}")
+
+
+def readable(path: str, what: str) -> None:
+  """Fails with one line unless `path` is a file whose first bytes can be read."""
+  if os.path.isdir(path):
+    raise DataError(f"{what}: {path} is a directory, not a file")
+  if not os.path.exists(path):
+    raise MissingFileError(f"{what}: no such file")
+  try:
+    with open(path, "rb") as f:
+      f.read(1)
+  except OSError as e:
+    raise DataError(f"{what}: {path} cannot be read ({e.strerror})") from None
 
 
 def records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
@@ -247,8 +259,7 @@ def records(source: str) -> tuple[str, Iterator[tuple[str, dict]]]:
     if name and split:
       return f"tfds:{name_split}", _tfds_records(name, split, data_dir or None)
   elif kind and rest:
-    if not os.path.isfile(rest):
-      raise MissingFileError(f"data source {source!r}: no such file")
+    readable(rest, f"data source {source!r}")
     return rest, (_jsonl_records if kind == "jsonl" else _arrayrecord_records)(rest)
   raise DataError(
     f"data source {source!r}: expected jsonl:PATH, arrayrecord:PATH, "
@@ -270,9 +281,13 @@ def _decode(raw: bytes, where: str) -> dict:
 
 def _jsonl_records(path: str) -> Iterator[tuple[str, dict]]:
   with open(path, "rb") as f:
-    for line, raw in enumerate(f, start=1):
-      if raw.strip():
-        yield f"{path}:{line}", _decode(raw, f"{path}:{line}")
+    line = 0
+    try:
+      for line, raw in enumerate(f, start=1):
+        if raw.strip():
+          yield f"{path}:{line}", _decode(raw, f"{path}:{line}")
+    except OSError as e:  # A read that fails part-way (I/O error, a file removed under us).
+      raise DataError(f"{path}:{line + 1}: cannot be read ({e.strerror})") from None
 
 
 def _arrayrecord_records(path: str) -> Iterator[tuple[str, dict]]:
@@ -487,8 +502,10 @@ def with_mismatched(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Binary records (K = 1) gain K index 1: their prompt followed by the previous record's completion.
 
   KTO's reference point z0 is a batch estimate of KL(π‖π_ref) from such mismatched (prompt,
-  completion) pairs (ALGORITHMS.md §5.6). A mismatched sequence longer than L is cut from its end;
-  it only enters z0, never the loss. Its score is 0.
+  completion) pairs (ALGORITHMS.md §5.6). The pairs are drawn once over the dataset, here; TRL
+  rotates completions inside each batch instead (`objectives.binary.kto_reference_point`). A
+  mismatched sequence longer than L is cut from its end; it only enters z0, never the loss. Its
+  score is 0.
   """
   tokens_NxL, mask_NxL = arrays["tokens_KxL"][:, 0], arrays["loss_mask_KxL"][:, 0]
   n, length = tokens_NxL.shape

@@ -15,6 +15,7 @@ objective needs the reference. On-policy batches come from `align_jax.rollout`.
 import dataclasses
 from collections.abc import Callable
 
+from align_jax import config_lib
 from align_jax.errors import ConfigError
 from align_jax.objectives import (
   binary,
@@ -49,6 +50,8 @@ class Objective:
     greedy: on-policy: the rollout also decodes each prompt greedily (ReMax's baseline).
     granularity: what `fn` gets as `logp`: "sequence", each response's summed log-prob [B, K];
       "token", per-token log-probs [B, K, T] with their mask.
+    checks: start-up rows (key, holds, requirement) for its `loss.*` fields, checked with
+      `config_lib.CHECKS` before the run touches its workdir.
   """
 
   fn: Callable
@@ -59,6 +62,7 @@ class Objective:
   reward: Callable | None = None
   greedy: bool = False
   granularity: str = "sequence"
+  checks: tuple = ()
 
   def __post_init__(self):
     if self.granularity not in GRANULARITIES:
@@ -67,40 +71,97 @@ class Objective:
       )
 
 
+# Start-up checks of loss.* fields. β of the implicit reward β·log π/π_ref must be > 0: at 0 the
+# loss has no gradient (or divides by β), below 0 it prefers the rejected responses.
+_BETA = (("loss.beta", config_lib.POSITIVE[0], "finite and > 0 (it scales β·log π/π_ref)"),)
+_KL_WEIGHT = (("loss.beta", *config_lib.NON_NEGATIVE),)  # β of r − β·log π/π_ref; 0: no KL.
+_JEFFREYS = (("loss.beta", *config_lib.PROBABILITY),)  # BOND's mix (1 − β)·forward + β·backward.
+
 OBJECTIVES: dict[str, Objective] = {
   "sft": Objective(likelihood.sft_objective, needs_ref=False, data="corpus"),
-  "dpo": Objective(pairwise.dpo_objective, needs_ref=True, data="pairs"),
-  "cdpo": Objective(pairwise.cdpo_objective, needs_ref=True, data="pairs"),
-  "rdpo": Objective(pairwise.rdpo_objective, needs_ref=True, data="pairs"),
-  "ipo": Objective(pairwise.ipo_objective, needs_ref=True, data="pairs"),
+  "dpo": Objective(pairwise.dpo_objective, needs_ref=True, data="pairs", checks=_BETA),
+  "cdpo": Objective(
+    pairwise.cdpo_objective,
+    needs_ref=True,
+    data="pairs",
+    checks=_BETA + (("loss.label_smoothing", *config_lib.interval(0, 0.5)),),
+  ),
+  "rdpo": Objective(
+    pairwise.rdpo_objective,
+    needs_ref=True,
+    data="pairs",
+    checks=_BETA + (("loss.label_smoothing", *config_lib.interval(0, 0.5, open_high=True)),),
+  ),
+  "ipo": Objective(
+    pairwise.ipo_objective,
+    needs_ref=True,
+    data="pairs",
+    checks=(("loss.tau", *config_lib.POSITIVE),),
+  ),
   "slic": Objective(pairwise.slic_objective, needs_ref=False, data="pairs"),
-  "ln_dpo": Objective(pairwise.ln_dpo_objective, needs_ref=True, data="pairs"),
-  "simpo": Objective(pairwise.simpo_objective, needs_ref=False, data="pairs"),
+  "ln_dpo": Objective(pairwise.ln_dpo_objective, needs_ref=True, data="pairs", checks=_BETA),
+  "simpo": Objective(pairwise.simpo_objective, needs_ref=False, data="pairs", checks=_BETA),
   "orpo": Objective(pairwise.orpo_objective, needs_ref=False, data="pairs"),
-  "todo": Objective(pairwise.todo_objective, needs_ref=True, data="ternary"),
-  "kto": Objective(binary.kto_objective, needs_ref=True, data="binary"),
+  "todo": Objective(
+    pairwise.todo_objective,
+    needs_ref=True,
+    data="ternary",
+    checks=_BETA + (("loss.alpha", *config_lib.POSITIVE),),
+  ),
+  "kto": Objective(binary.kto_objective, needs_ref=True, data="binary", checks=_BETA),
   "bco": Objective(
-    binary.bco_objective, needs_ref=True, data="binary", init_stats=binary.bco_init_stats
+    binary.bco_objective,
+    needs_ref=True,
+    data="binary",
+    init_stats=binary.bco_init_stats,
+    checks=_BETA,
   ),
-  "lipo": Objective(listwise.lipo_objective, needs_ref=True, data="lists"),
-  "listmle": Objective(listwise.listmle_objective, needs_ref=True, data="lists"),
-  "list_softmax": Objective(listwise.list_softmax_objective, needs_ref=True, data="lists"),
+  "lipo": Objective(listwise.lipo_objective, needs_ref=True, data="lists", checks=_BETA),
+  "listmle": Objective(listwise.listmle_objective, needs_ref=True, data="lists", checks=_BETA),
+  "list_softmax": Objective(
+    listwise.list_softmax_objective, needs_ref=True, data="lists", checks=_BETA
+  ),
   "list_pair_logistic": Objective(
-    listwise.list_pair_logistic_objective, needs_ref=True, data="lists"
+    listwise.list_pair_logistic_objective, needs_ref=True, data="lists", checks=_BETA
   ),
-  "list_pair_hinge": Objective(listwise.list_pair_hinge_objective, needs_ref=True, data="lists"),
+  "list_pair_hinge": Objective(
+    listwise.list_pair_hinge_objective, needs_ref=True, data="lists", checks=_BETA
+  ),
   "pro": Objective(listwise.pro_objective, needs_ref=False, data="lists"),
-  "d2o": Objective(distributional.d2o_objective, needs_ref=True, data="negatives"),
-  "aot": Objective(distributional.aot_objective, needs_ref=True, data="pairs"),
-  "aot_unpaired": Objective(distributional.aot_unpaired_objective, needs_ref=True, data="pairs"),
+  "d2o": Objective(  # β = 0 is its negatives-only control.
+    distributional.d2o_objective,
+    needs_ref=True,
+    data="negatives",
+    checks=(("loss.beta", *config_lib.NON_NEGATIVE), ("loss.alpha", *config_lib.NON_NEGATIVE)),
+  ),
+  "aot": Objective(distributional.aot_objective, needs_ref=True, data="pairs", checks=_BETA),
+  "aot_unpaired": Objective(
+    distributional.aot_unpaired_objective, needs_ref=True, data="pairs", checks=_BETA
+  ),
   "fdpg": Objective(
     fdpg.fdpg_objective, needs_ref=True, data="prompts", init_stats=fdpg.fdpg_init_stats
   ),
-  "bond": Objective(bond.bond_objective, needs_ref=True, data="prompts"),
-  "jbond": Objective(bond.jbond_objective, needs_ref=True, data="prompts"),
-  "reinforce": Objective(policy_gradient.reinforce_objective, needs_ref=True, data="prompts"),
-  "rloo": Objective(policy_gradient.rloo_objective, needs_ref=True, data="prompts"),
-  "remax": Objective(policy_gradient.remax_objective, needs_ref=True, data="prompts", greedy=True),
+  "bond": Objective(
+    bond.bond_objective,
+    needs_ref=True,
+    data="prompts",
+    checks=_JEFFREYS + (("loss.n", *config_lib.whole(1)),),
+  ),
+  "jbond": Objective(
+    bond.jbond_objective,
+    needs_ref=True,
+    data="prompts",
+    checks=_JEFFREYS + (("loss.gamma", *config_lib.NON_NEGATIVE),),
+  ),
+  "reinforce": Objective(
+    policy_gradient.reinforce_objective, needs_ref=True, data="prompts", checks=_KL_WEIGHT
+  ),
+  "rloo": Objective(
+    policy_gradient.rloo_objective, needs_ref=True, data="prompts", checks=_KL_WEIGHT
+  ),
+  "remax": Objective(
+    policy_gradient.remax_objective, needs_ref=True, data="prompts", greedy=True, checks=_KL_WEIGHT
+  ),
   "bt_reward": Objective(
     reward_model.bt_reward_objective,
     needs_ref=False,
@@ -114,6 +175,7 @@ OBJECTIVES: dict[str, Objective] = {
     data="distribution",
     scores=True,
     reward=reward_model.dprm_model_reward,
+    checks=(("loss.cost", reward_model.is_cost, reward_model.COST_REQUIREMENT),),
   ),
 }
 

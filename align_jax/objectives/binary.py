@@ -25,10 +25,15 @@ def kto_reference_point(
 
   .. math:: z_0 = \mathrm{sg}\Big(\max\big(0,\ \mathrm{mean}_j[\log\pi_\theta(y'_j|x_j) - \log\pi_{\rm ref}(y'_j|x_j)]\big)\Big)
 
-  y'_j is a completion that does not belong to x_j: TRL pairs each prompt with the completion of another
-  example of the same batch (the batch's completions cycled by one) and computes those log-probs without
-  gradient (ALGORITHMS.md §5.6, [R]). Building the mismatched pairs is the data pipeline's job; this
-  function only reduces their log-probs.
+  y'_j is a completion that does not belong to x_j, its log-probs computed without gradient
+  (ALGORITHMS.md §5.6, [R]). Building the mismatched pairs is the data pipeline's job; this function
+  only reduces their log-probs.
+
+  Convention (differs from TRL): our pairs are drawn once over the dataset — record i is paired with
+  record i − 1's completion when the records are assembled (`data.preference.with_mismatched`), a
+  partner fixed for the run and shuffled with its record. TRL instead rotates the completions by one
+  inside each batch, so a prompt's mismatched completion changes with the batch it lands in. Both
+  average log π/π_ref over mismatched pairs of the batch; only which pairs those are differs.
 
   Args:
     mismatched_logp_B: policy sequence log-probs of the mismatched (x_j, y'_j) pairs.

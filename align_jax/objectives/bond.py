@@ -221,10 +221,16 @@ def jbond(
 
   with ρ = log π_θ − log π_anchor, r_J(y) = `log_penalty` (−log 16) if r(y) < min(r(y'_1), r(y'_2))
   else 0 (Sessa et al. 2024, eq. 17 per [3P]), y'_best the better anchor sample (first on ties) and
-  κ = 1 if `kl_in_backward` else 0. The γ term's expected gradient is ∇KL(π_θ‖π_anchor). Whether the
-  paper's backward return also carries −ρ is ambiguous (third-party code does); the default keeps
-  r_J alone and lets γ control the anchor KL, as §2.6 recommends. Move the anchor with
-  `rollout.ema`.
+  κ = 1 if `kl_in_backward` else 0. The γ term's expected gradient is ∇KL(π_θ‖π_anchor). Move the
+  anchor with `rollout.anchor = "ema"`.
+
+  Convention (differs from the paper's form, not from its gradient): the paper's backward return is
+  r_J − ρ, the KL-to-anchor term inside the return, with γ an additional regulariser that its Fig. 5
+  runs set to 0 (ABLATIONS.md §1.2, [3P]); that is `kl_in_backward=True`. The −ρ in the return adds
+  β·ρ·∇log π_θ(y), the very estimator the γ term uses, so (κ = 1, γ) and (κ = 0, γ + β) give the same
+  loss and gradient (tested). κ defaults to 0 so that γ alone is the anchor-KL weight (one knob
+  instead of β + γ through two fields); the paper's form is γ = β with κ = 0 — configs/jbond.py's
+  β = γ = 0.5 — and only the reported `return` metric differs.
 
   Args:
     logp_Bx3: policy log-probs of [y, y'_1, y'_2]: one policy sample, two anchor samples.
@@ -233,7 +239,7 @@ def jbond(
     beta: Jeffreys mix β ∈ [0, 1].
     gamma: weight γ of the KL-to-anchor regulariser.
     log_penalty: r_J of a policy sample worse than both anchor samples.
-    kl_in_backward: also subtract ρ inside the backward return.
+    kl_in_backward: also subtract ρ inside the backward return (the paper's form).
 
   Returns:
     loss_B and per-prompt metrics: the backward return (`return`), 1[r_J < 0] (`penalised`), the

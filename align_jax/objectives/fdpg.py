@@ -185,11 +185,13 @@ def fdpg(
   Samples outside the target's support (log P = −∞, a failed pointwise constraint) follow
   `outside_support`:
 
-  * "mask": they get zero weight (and no pseudo-reward), but still count in N. The expected
-    gradient is then E_π[1_S (R − B) ∇log π]; for forward KL with B = 0 that is still the exact
-    gradient (its pseudo-reward vanishes off the support S), otherwise it ignores the push away from
-    x ∉ S. The only rule under which reverse KL, Pearson and Amari α > 1 are finite (their
-    divergence is +∞).
+  * "mask" (this function's default): they get zero weight (and no pseudo-reward), but still count
+    in N. The expected gradient is then E_π[1_S (R − B) ∇log π]; for forward KL with B = 0 that is
+    still the exact gradient (its pseudo-reward vanishes off the support S), otherwise it ignores
+    the push away from x ∉ S. In particular "mask" biases the TV and JS gradients: their limit
+    pseudo-rewards (−½, −½ log 2) are finite, and the dropped term E_π[1_{S^c} (R_lim − B) ∇log π]
+    is not 0 — use "limit" for them (configs/fdpg.py does). The only rule under which reverse KL,
+    Pearson and Amari α > 1 are finite (their divergence is +∞).
   * "limit": they get the table's limit pseudo-reward (forward KL 0, TV −½, JS −½ log 2, Neyman −1,
     Amari 1/(α−1) for α < 1): the unbiased estimator. A ConfigError for divergences whose limit is
     −∞.
@@ -210,7 +212,7 @@ def fdpg(
     divergence: one of `DIVERGENCES`.
     alpha: the Amari order (only for "amari").
     sample_mask_BxK: 1 for real samples, 0 for padding (None: all real); N counts the real ones.
-    outside_support: "mask" or "limit", see above.
+    outside_support: "mask" or "limit", see above ("mask" biases TV and JS).
     clip_log_ratio: if set, the finite ℓ are clipped to [−c, c] before the pseudo-reward (§1.10: the
       exponential pseudo-rewards are heavy-tailed and overflow); None for the exact estimator.
 

@@ -319,6 +319,12 @@ def listmle(
   list order even with ties, gives exactly 0 (and gradient 0) when all labels are equal, and is 0 for
   a tied pair, as for the pairwise losses. DPO at K = 2 (§3.5).
 
+  Convention with ties: the loss is then a Plackett–Luce likelihood — of the partial ranking, every
+  order of the tied responses summed — only when all ties are in the lowest label group (their
+  terms are 0 and the orders of the tail sum to 1). Ties higher up, e.g. ψ = [2, 2, 1, 0], give a
+  tie-aware surrogate that is no Plackett–Luce likelihood (tested against brute force); the
+  implementations that break ties by list position instead are not invariant to the list order.
+
   Args:
     logp_BxK: sequence log-probs of the K responses under the policy.
     ref_logp_BxK: the same under the frozen reference (no gradient flows into it).
@@ -434,8 +440,10 @@ def pro(
 
   with n the number of real responses and y^top the best-rewarded one (sequence-sum NLL; ties for
   the best reward share the term equally, as the mean NLL of the tied responses). `temperature=False`
-  uses T ≡ 1. Responses with equal rewards are not contrasted with each other (in the official code a
-  tied response would enter with T = 0); a response without a strictly worse one has L_k = 0. The
+  uses T ≡ 1. Convention with ties: responses with equal rewards are left out of each other's
+  contrast (W_k holds the strictly worse ones only), where the paper's formula, over the list in
+  ranked order, would contrast a tied response placed later (in the official code with T = 0); a
+  response without a strictly worse one has L_k = 0. The
   official code adds 1e-10 inside a log; this uses logsumexp (ALGORITHMS.md §5.9). With n = 2 and
   T ≡ 1 the ranking part is softplus(s_2 − s_1).
 

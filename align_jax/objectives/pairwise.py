@@ -152,10 +152,13 @@ def ipo(
 
   .. math:: \ell = \left(h - \tfrac{1}{2\tau}\right)^2
 
-  With `num_tokens_Bx2`, h is built from per-token log-ratios, h = ρ_w/|y_w| − ρ_l/|y_l| (the IPO
-  authors' results use length-averaged log-probs; TRL divides each log-ratio by its completion length),
-  otherwise from sequence sums. TRL passes τ as `beta` (ALGORITHMS.md §5.3). The gradient vanishes at
-  h = 1/(2τ), so the margin is regressed onto a finite target instead of pushed to ∞.
+  Convention (differs from TRL by default): without `num_tokens_Bx2`, h is built from the sequence
+  sums of the log-ratios ρ = log π − log π_ref, as eq. 17 writes it. TRL's IPO (`loss_type="ipo"`)
+  averages per token, h = ρ_w/|y_w| − ρ_l/|y_l| — pass `num_tokens_Bx2` (`loss.per_token=True`) to
+  match TRL; the IPO authors' reported results also use length-averaged log-probs. The two differ
+  by the completion lengths, so the same τ sets a different target for each. TRL passes τ as `beta`
+  (ALGORITHMS.md §5.3). The gradient vanishes at h = 1/(2τ), so the margin is regressed onto a finite
+  target instead of pushed to ∞.
 
   Args:
     logp_Bx2: sequence log-probs of [chosen, rejected] under the policy.

@@ -7,6 +7,7 @@ numbers refer to ALGORITHMS.md.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from align_jax.errors import ConfigError
 
@@ -55,16 +56,34 @@ def bt_reward(
   return loss_B, metrics
 
 
+COST_REQUIREMENT = (
+  "'abs', 'squared' or a square matrix with the Monge property c[j, k] + c[j+1, k+1] <= "
+  "c[j, k+1] + c[j+1, k] (the monotone coupling's transport cost is the optimum only then)"
+)
+
+
+def is_cost(cost) -> bool:
+  """A DPRM ground cost: "abs", "squared", or a finite square matrix with the Monge property
+  (checked on adjacent rows and columns, which implies it for all j < j', k < k')."""
+  if isinstance(cost, str):
+    return cost in ("abs", "squared")
+  c_CxC = np.asarray(cost, dtype=np.float64)
+  if c_CxC.ndim != 2 or c_CxC.shape[0] != c_CxC.shape[1] or not np.all(np.isfinite(c_CxC)):
+    return False
+  excess = c_CxC[:-1, :-1] + c_CxC[1:, 1:] - c_CxC[:-1, 1:] - c_CxC[1:, :-1]
+  return bool(np.all(excess <= 1e-9 * max(1.0, np.abs(c_CxC).max())))
+
+
 def _cost_matrix(cost, num_categories: int) -> jax.Array:
-  """The [C, C] ground cost for "abs" |j − k|, "squared" |j − k|² or a given matrix."""
+  """The [C, C] ground cost for "abs" |j − k|, "squared" |j − k|² or a given Monge matrix."""
+  if isinstance(cost, str) and not is_cost(cost):
+    raise ConfigError(f"dprm cost {cost!r} is unknown; use {COST_REQUIREMENT}")
+  if not isinstance(cost, (str, jax.core.Tracer)) and not is_cost(cost):  # A traced one: unchecked.
+    raise ConfigError(f"dprm cost {np.asarray(cost).tolist()} must be {COST_REQUIREMENT}")
   if isinstance(cost, str):
     j_C = jnp.arange(num_categories, dtype=jnp.float32)
     d_CxC = jnp.abs(j_C[:, None] - j_C[None, :])
-    if cost == "abs":
-      return d_CxC
-    if cost == "squared":
-      return jnp.square(d_CxC)
-    raise ConfigError(f"dprm cost {cost!r} is unknown; use 'abs', 'squared' or a [C, C] matrix")
+    return d_CxC if cost == "abs" else jnp.square(d_CxC)
   cost_CxC = jnp.asarray(cost)
   if cost_CxC.shape != (num_categories, num_categories):
     raise ConfigError(
@@ -118,7 +137,8 @@ def dprm_ot_loss(
   Args:
     logits_BxC: reward-head logits, category 0 the worst.
     target_BxC: target distributions p (rows sum to 1).
-    cost: "abs", "squared" or a Monge [C, C] cost matrix.
+    cost: "abs", "squared" or a Monge [C, C] cost matrix (any other is a ConfigError: the
+      monotone coupling's cost would not be the optimal transport cost).
     category_scores_C: scores s_k for the expected-reward metrics (None: evenly spaced on [0, 1]).
 
   Returns:

@@ -560,3 +560,26 @@ def test_finite_on_extreme_inputs(case):
   if case == "ties_everywhere":
     np.testing.assert_array_equal(metrics["quantile"], 1.0)
     np.testing.assert_array_equal(metrics["clipped"], 0.0)
+
+
+@pytest.mark.parametrize("beta, gamma", [(0.5, 0.0), (0.3, 0.7)])
+def test_jbond_kl_in_the_return_is_the_gamma_term_with_weight_beta(beta, gamma):
+  """The paper's return r_J − ρ (kl_in_backward) adds β·ρ·∇log π, the γ term's estimator: the
+  loss and its gradient equal the default's with γ + β (the docstring's convention)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    logp = jnp.asarray(rng.normal(-3.0, 1.0, (6, 3)))
+    anchor = jnp.asarray(rng.normal(-3.0, 1.0, (6, 3)))
+    reward = jnp.asarray(rng.integers(0, 3, (6, 3)).astype(np.float64))
+
+    def loss(lp, kl_in_backward, g):
+      out, _ = bond.jbond(lp, anchor, reward, beta=beta, gamma=g, kl_in_backward=kl_in_backward)
+      return out.sum()
+
+    paper = jax.value_and_grad(loss)(logp, True, gamma)
+    default = jax.value_and_grad(loss)(logp, False, gamma + beta)
+    np.testing.assert_allclose(paper[0], default[0], rtol=1e-12)
+    np.testing.assert_allclose(paper[1], default[1], rtol=1e-12, atol=1e-15)
+    assert np.abs(np.asarray(paper[1][:, 0])).max() > 1e-3  # the policy sample's term is live
+    without = jax.value_and_grad(loss)(logp, False, gamma)  # The KL term does matter.
+    assert not np.allclose(without[1], paper[1])

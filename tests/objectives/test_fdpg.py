@@ -717,6 +717,27 @@ def test_limit_rule_is_unbiased_outside_the_support(divergence):
     assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize("divergence", ["tv", "js"])
+def test_mask_rule_biases_tv_and_js(divergence):
+  """The docstring's warning: dropping the samples off the support loses their finite limit
+  pseudo-reward, so the expected surrogate gradient under "mask" is not ∇D_f (under "limit" it is,
+  above)."""
+  log_a, _, _, _, _ = _rlhf_7_1()
+  log_P = targets.pointwise(log_a, jnp.asarray(B_POINTWISE))[None]
+  theta = jnp.asarray([THETA], jnp.float64)
+  exact_grad = _exact_grad(theta, log_P, jnp.zeros(1), divergence)
+  masked = _expected_surrogate_grad(
+    theta,
+    log_P,
+    log_a[None],
+    jnp.zeros(1),
+    jnp.asarray([0.2]),
+    divergence=divergence,
+    outside_support="mask",
+  )
+  assert np.max(np.abs(np.asarray(masked) - np.asarray(exact_grad))) > 1e-2
+
+
 def test_mask_rule_excludes_samples_outside_the_support():
   log_a, _, _, _, logpi = _rlhf_7_1()
   log_P = targets.pointwise(log_a, jnp.asarray(B_POINTWISE))

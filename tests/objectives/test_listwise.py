@@ -3,6 +3,7 @@ permutation invariance, gradients and extreme inputs."""
 
 import doctest
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -411,6 +412,39 @@ def test_listmle_gradient_closed_form():
     np.testing.assert_allclose(g_logp, BETA * expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(g_ref, 0.0)
     np.testing.assert_array_equal(g_psi, 0.0)
+
+
+def _plackett_luce_nll_of_partial_order(s, psi) -> float:
+  """−log Σ over every order consistent with ψ (decreasing, tied responses in any order) of the
+  Plackett–Luce probability Π_k e^{s_σ(k)} / Σ_{j ≥ k} e^{s_σ(j)}: brute force."""
+  total = 0.0
+  for order in itertools.permutations(range(len(s))):
+    if all(psi[order[i]] >= psi[order[i + 1]] for i in range(len(s) - 1)):
+      e = np.exp(np.asarray(s)[list(order)])
+      total += np.prod(e / np.cumsum(e[::-1])[::-1])
+  return -np.log(total)
+
+
+@pytest.mark.parametrize(
+  "psi, equal",
+  [
+    ([4.0, 3.0, 2.0, 1.0], True),  # no ties: the Plackett–Luce likelihood of the order
+    ([3.0, 2.0, 1.0, 1.0], True),  # ties in the lowest group only
+    ([3.0, 1.0, 1.0, 1.0], True),
+    ([2.0, 2.0, 1.0, 0.0], False),  # ties above the lowest group: a tie-aware surrogate
+    ([3.0, 2.0, 2.0, 1.0], False),
+  ],
+)
+def test_listmle_with_ties_is_plackett_luce_only_when_ties_are_lowest(psi, equal):
+  """The docstring's convention: tied responses do not compete, which equals the likelihood of the
+  partial ranking (all orders of the tied responses summed) only for ties in the lowest group."""
+  with jax.enable_x64(True):
+    s = np.array([-0.3, 1.1, 0.4, -0.8])
+    loss, _ = listwise.listmle(jnp.asarray([s]), jnp.zeros((1, 4)), jnp.asarray([psi]), beta=1.0)
+    expected = _plackett_luce_nll_of_partial_order(s, psi)
+    assert np.isclose(float(loss[0]), expected, rtol=1e-12) == equal
+    if not equal:  # Not a rounding difference: here the surrogate charges visibly more.
+      assert float(loss[0]) > expected + 0.05
 
 
 def test_list_softmax_gradient_closed_form():
