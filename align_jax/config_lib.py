@@ -151,8 +151,20 @@ def base() -> mlc.ConfigDict:
 
   # On-policy objectives: per prompt, num_policy samples of the policy and num_anchor of the
   # anchor; the anchor is the frozen reference, an EMA of the policy, or a periodic copy of it.
+  # One rollout feeds updates_per_batch passes of `minibatches` updates each (one step each, on
+  # consecutive slices of its prompts); informative_prompts > 0 keeps that many of the
+  # data.batch_size prompts rolled out, those whose samples' rewards differ first (DAPO).
   c.rollout = mlc.ConfigDict(
-    dict(num_policy=2, num_anchor=0, anchor="reference", anchor_ema=0.02, anchor_every=50)
+    dict(
+      num_policy=2,
+      num_anchor=0,
+      anchor="reference",
+      anchor_ema=0.02,
+      anchor_every=50,
+      updates_per_batch=1,
+      minibatches=1,
+      informative_prompts=0,
+    )
   )
 
   # The run's target distribution, for exact divergences and for f-DPG's / GDC's energy-based

@@ -77,3 +77,28 @@ def sequence_scores(
   last_R = L - 1 - jnp.argmax(mask_RxL[:, ::-1], axis=1)
   picked_RxO = jnp.take_along_axis(scores_RxLxO, last_R[:, None, None], axis=1)[:, 0]
   return picked_RxO.astype(models.wide(picked_RxO.dtype)).reshape(B, K, -1)
+
+
+AGREEMENT_BAND = (0.999, 1.002)  # MLPerf's trainer/sampler probability-ratio band (PEERS-2026-12).
+
+
+def agreement(
+  logp_BxKxT: jax.Array, sample_logp_BxKxT: jax.Array, mask_BxKxT: jax.Array
+) -> dict[str, jax.Array]:
+  """How far the trainer's token log-probs are from the sampler's, over the masked tokens.
+
+  Returns scalars: `max_abs_logp_diff` and `mean_abs_logp_diff` of |log π_trainer − log π_sampler|,
+  and `ratio_outside_band`, the share of tokens whose ratio π_trainer/π_sampler lies outside
+  `AGREEMENT_BAND` [0.999, 1.002]. No gradient flows.
+  """
+  diff_BxKxT = jax.lax.stop_gradient(logp_BxKxT - sample_logp_BxKxT)
+  on_BxKxT = mask_BxKxT > 0
+  count = jnp.maximum(jnp.sum(on_BxKxT), 1)
+  abs_BxKxT = jnp.where(on_BxKxT, jnp.abs(diff_BxKxT), 0.0)
+  ratio_BxKxT = jnp.exp(diff_BxKxT)
+  outside_BxKxT = on_BxKxT & ((ratio_BxKxT < AGREEMENT_BAND[0]) | (ratio_BxKxT > AGREEMENT_BAND[1]))
+  return {
+    "max_abs_logp_diff": jnp.max(abs_BxKxT),
+    "mean_abs_logp_diff": jnp.sum(abs_BxKxT) / count,
+    "ratio_outside_band": jnp.sum(outside_BxKxT) / count,
+  }

@@ -1,6 +1,6 @@
 """Objective registry: a config's `objective` name -> the function that scores a batch, and flags.
 
-Each family file (pairwise, binary, listwise, distributional, bond, fdpg, policy_gradient,
+Each family file (pairwise, binary, listwise, distributional, bond, fdpg, policy_gradient, grpo,
 reward_model, likelihood) holds the pure math and, in its "Objectives on a batch" section, one
 function per objective, `fn(logp, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`, that
 binds it to the batch fields; `loss_cfg` is the config's `loss` block. This file only names them.
@@ -21,6 +21,7 @@ from align_jax.objectives import (
   bond,
   distributional,
   fdpg,
+  grpo,
   likelihood,
   listwise,
   pairwise,
@@ -101,6 +102,16 @@ OBJECTIVES: dict[str, Objective] = {
   "reinforce": Objective(policy_gradient.reinforce_objective, needs_ref=True, data="prompts"),
   "rloo": Objective(policy_gradient.rloo_objective, needs_ref=True, data="prompts"),
   "remax": Objective(policy_gradient.remax_objective, needs_ref=True, data="prompts", greedy=True),
+  # The GRPO family: token log-probs, ratios to the sampler's token log-probs (objectives/grpo.py).
+  **{
+    name: Objective(fn, needs_ref=True, data="prompts", granularity="token")
+    for name, fn in (
+      ("grpo", grpo.grpo_objective),
+      ("dr_grpo", grpo.dr_grpo_objective),
+      ("dapo", grpo.dapo_objective),
+      ("gspo", grpo.gspo_objective),
+    )
+  },
   "bt_reward": Objective(
     reward_model.bt_reward_objective,
     needs_ref=False,
