@@ -219,10 +219,13 @@ def test_bond_default_config_halves_the_jeffreys_divergence_to_best_of_n(tmp_pat
   assert final["exact/reward"] > initial["exact/reward"]
 
 
-@pytest.mark.parametrize("name, arg", [("bond", "smoke,anchor=ema"), ("fdpg", "smoke")])
+@pytest.mark.parametrize(
+  "name, arg", [("bond", "smoke,anchor=ema"), ("fdpg", "smoke"), ("grpo", "smoke")]
+)
 def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg):
   """Three steps (rollout + update) on meshes of 1 and 8 devices give the same losses: sampling
-  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor) are global."""
+  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor, GRPO's
+  token-mean over the batch) are global; GRPO takes two mini-batches of 8 prompts per rollout."""
   losses = {}
   for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:  # The Foundation issue's meshes.
     cfg = load_config(name, arg)
@@ -231,6 +234,8 @@ def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg):
       cfg.total_steps, cfg.log_every, cfg.testbed.exact_eval = 3, 1, False
       if name == "bond":
         cfg.rollout.num_anchor = 4  # One group of n = 4 (the default 16 only costs time here).
+      if name == "grpo":
+        cfg.rollout.minibatches, cfg.loss.aggregation = 2, "token-mean"
     workdir = tmp_path / "_".join(map(str, shape))
     train.run(cfg, str(workdir))
     losses[shape] = [r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
