@@ -91,6 +91,11 @@ def base() -> mlc.ConfigDict:
   c.loss = mlc.ConfigDict()  # The objective's keyword arguments.
   c.model = mlc.ConfigDict()  # Filled from align_jax.models.presets.
   c.init_checkpoint = ""  # Orbax params directory to start from (default: testbed base).
+  # A frozen teacher LM (objective gkd; target.kind = teacher; rollout.anchor = teacher): path ''
+  # (none), a run's workdir (its newest checkpoint), an Orbax params or Hugging Face directory,
+  # testbed (the cached testbed base LM of teacher.model's architecture) or init:<seed> (a fresh
+  # init); model: a preset name ('' = the student's architecture; a workdir or HF dir has its own).
+  c.teacher = mlc.ConfigDict(dict(path="", model=""))
   c.reward_model = ""  # On-policy: the workdir of a trained reward-model run to use as
   # the reward instead of the task's rule (testbed: gold reward).
   # LoRA (align_jax/models/lora.py): only adapters W + (alpha/rank)·A·B are trained and

@@ -7,7 +7,8 @@ enters the sum. Position 0 is never scored (nothing predicts it).
 
 Two granularities (DESIGN.md §9): token log-probs `[B, K, T]`, T = L - 1, where position t is
 log π(tokens[t + 1] | tokens[≤t]) and its mask is `loss_mask[..., 1:]`; and sequence log-probs
-`[B, K]`, their sum under that mask.
+`[B, K]`, their sum under that mask. Distillation objectives take the whole next-token
+distributions `[B, K, T, V]` at the same positions.
 """
 
 import jax
@@ -50,6 +51,15 @@ def token_logps_BxK(
   B, K, L = tokens_BxKxL.shape
   logp_BxKxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L)).reshape(B, K, L - 1)
   return logp_BxKxT, loss_mask_BxKxL[..., 1:].astype(logp_BxKxT.dtype)
+
+
+def next_token_logprobs_BxK(graphdef, params, tokens_BxKxL: jax.Array) -> jax.Array:
+  """The whole next-token distribution at every scored position: float32 [B, K, T, V], T = L - 1;
+  position t is log π(· | tokens[≤t]), the layout of `token_logps_BxK` (whose entries are these
+  at tokens[t + 1])."""
+  B, K, L = tokens_BxKxL.shape
+  logp_RxLxV = next_token_logprobs(graphdef, params, tokens_BxKxL.reshape(B * K, L))
+  return logp_RxLxV[:, :-1].reshape(B, K, L - 1, -1)
 
 
 def sum_tokens(logp_BxKxT: jax.Array, mask_BxKxT: jax.Array) -> jax.Array:

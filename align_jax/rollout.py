@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from align_jax import sampling
 from align_jax.errors import ConfigError
-from align_jax.logps import sequence_logps
+from align_jax.logps import next_token_logprobs_BxK, sequence_logps
 
 
 def _draw(graphdef, params, prompts_BxP, count, key, cfg):
@@ -41,6 +41,7 @@ def rollout(
   prompt_index_B: jax.Array,
   ref_params: dict,
   reward_params: dict | None = None,
+  teacher_params: dict | None = None,
   *,
   graphdef,
   sampling_cfg: sampling.SamplingConfig,
@@ -51,6 +52,9 @@ def rollout(
   greedy: bool = False,
   merge=None,
   informative_prompts: int = 0,
+  teacher_graphdef=None,
+  anchor_is_teacher: bool = False,
+  teacher_distributions: bool = False,
 ) -> dict[str, jax.Array]:
   """The batch of one on-policy step.
 
@@ -60,6 +64,7 @@ def rollout(
     prompt_index_B: each prompt's id (its row of per-prompt statistics and tables).
     ref_params: the frozen reference.
     reward_params: a learned reward model's parameters, passed to `score_fn` (None: a rule reward).
+    teacher_params: a teacher LM (distillation), or None.
     graphdef: the model's graph definition.
     sampling_cfg: how to sample (temperature 1 without truncation for unbiased estimators).
     num_policy: samples per prompt from the policy.
@@ -73,6 +78,9 @@ def rollout(
     merge: (ref_params, trainable) -> a model's params when the state's params and anchor are
       LoRA adapters of the frozen base `ref_params` (see step.train_step); None: whole models.
     informative_prompts: 0, or return only this many prompts: `keep_informative`'s choice.
+    teacher_graphdef: the teacher's graph definition (its architecture may differ).
+    anchor_is_teacher: the anchor's samples are the teacher's (GKD's mixture of samples).
+    teacher_distributions: add the teacher's next-token distributions (distillation objectives).
 
   Returns:
     tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
@@ -80,7 +88,8 @@ def rollout(
     T = L - 1, in the layout of `logps.token_logps_BxK`: position t is the log-prob of token
     t + 1, 0 where loss_mask_BxKxL[..., 1:] is 0; for token ratios π / π_behaviour),
     from_policy_BxK (1 for the policy's samples, 0 for the anchor's), ref_logp_BxK,
-    anchor_logp_BxK (with an anchor), reward_BxK and target_logp_BxK.
+    anchor_logp_BxK (with an anchor), reward_BxK and target_logp_BxK; with
+    teacher_distributions, teacher_logp_BxKxTxV (`logps.next_token_logprobs_BxK`).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   model = (lambda p: p) if merge is None else (lambda p: merge(ref_params, p))
@@ -91,10 +100,12 @@ def rollout(
       _draw(graphdef, policy, prompts_BxP, num_policy, jax.random.fold_in(key, 0), sampling_cfg)
     )
   anchor = ref_params if anchor_is_ref else model(state.anchor.get("params"))
+  anchor_graphdef = graphdef
+  if anchor_is_teacher:
+    anchor, anchor_graphdef = teacher_params, teacher_graphdef
   if num_anchor:
-    parts.append(
-      _draw(graphdef, anchor, prompts_BxP, num_anchor, jax.random.fold_in(key, 1), sampling_cfg)
-    )
+    key_1 = jax.random.fold_in(key, 1)
+    parts.append(_draw(anchor_graphdef, anchor, prompts_BxP, num_anchor, key_1, sampling_cfg))
   tokens, mask, sample_logp, sample_token_logp = (jnp.concatenate(x, axis=1) for x in zip(*parts))
   ref_logp = jax.lax.stop_gradient(sequence_logps(graphdef, ref_params, tokens, mask))
   from_policy = jnp.arange(tokens.shape[1]) < num_policy
@@ -110,7 +121,11 @@ def rollout(
   }
   if num_anchor:
     batch["anchor_logp_BxK"] = (
-      ref_logp if anchor_is_ref else sequence_logps(graphdef, anchor, tokens, mask)
+      ref_logp if anchor_is_ref else sequence_logps(anchor_graphdef, anchor, tokens, mask)
+    )
+  if teacher_distributions:
+    batch["teacher_logp_BxKxTxV"] = jax.lax.stop_gradient(
+      next_token_logprobs_BxK(teacher_graphdef, teacher_params, tokens)
     )
   batch |= score_fn(tokens, mask, prompt_index_B, ref_logp, reward_params)
   if greedy:  # Temperature 0: the first argmax at every step, no randomness.
@@ -178,10 +193,10 @@ def ema(anchor_params, params, eta):
 
 def anchor_update(mode: str, *, ema_rate: float, every: int):
   """How the anchor follows the policy after each update, (anchor, params, step, stats) -> anchor:
-  None for a fixed anchor (the reference), an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), a hard copy
+  None for a fixed anchor (the reference, or a teacher LM), an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), a hard copy
   every `every` steps (iterative BOND), or f-DPG's offline proposal q ← π every `every` steps
   when the objective's statistics say the policy is closer to the target (stats["q_update"])."""
-  if mode == "reference":
+  if mode in ("reference", "teacher"):  # Fixed anchors.
     return None
   if mode == "ema":
     return lambda anchor, params, step, stats: ema(anchor, params, ema_rate)
@@ -195,7 +210,9 @@ def anchor_update(mode: str, *, ema_rate: float, every: int):
     return lambda anchor, params, step, stats: jax.tree.map(
       lambda a, p: jnp.where((step % every == 0) & stats["q_update"], p, a), anchor, params
     )
-  raise ConfigError(f"rollout.anchor {mode!r} is unknown; use reference, ema, periodic or proposal")
+  raise ConfigError(
+    f"rollout.anchor {mode!r} is unknown; use reference, teacher, ema, periodic or proposal"
+  )
 
 
 # -------------------------------------------------------------------------------------------------

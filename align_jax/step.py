@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 
 from align_jax import objectives as objectives_lib
-from align_jax.logps import agreement, sequence_logps, sequence_scores, sum_tokens, token_logps_BxK
+from align_jax.logps import agreement, next_token_logprobs_BxK, sequence_logps, sequence_scores
+from align_jax.logps import sum_tokens, token_logps_BxK
 
 
 @jax.tree_util.register_dataclass
@@ -96,6 +97,7 @@ def train_step(
 
   The objective's granularity picks what its first argument is: "sequence", the policy's sequence
   log-probs [B, K]; "token", its token log-probs logp_BxKxT (T = L - 1, `logps.token_logps_BxK`),
+  or "distribution", the next-token distributions logp_BxKxTxV at those positions;
   with the step adding token_mask_BxKxT (float32, loss_mask_BxKxL[..., 1:]) to the batch and,
   when the objective needs the reference, ref_token_logp_BxKxT next to ref_logp_BxK (their sum
   under the mask, unless the batch has it).
@@ -106,7 +108,7 @@ def train_step(
   movement since on later ones.
   """
   tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
-  if objective.granularity == "token":
+  if objective.granularity != "sequence":  # Token log-probs [B, K, T] or distributions.
     if objective.scores:
       raise ValueError("a reward model's objective takes its scores [B, K, O], not token log-probs")
     batch = {**batch, "token_mask_BxKxT": mask_BxKxL[..., 1:].astype(jnp.float32)}
@@ -126,7 +128,11 @@ def train_step(
 
   def loss_fn(params):
     params = params if merge is None else merge(ref_params, params)
-    if objective.granularity == "token" or sampled:  # sequence_logps is their masked sum.
+    if objective.granularity == "distribution":  # The token log-probs are entries of these.
+      out = next_token_logprobs_BxK(graphdef, params, tokens_BxKxL)
+      picked_BxKxTx1 = jnp.take_along_axis(out, tokens_BxKxL[..., 1:, None], axis=-1)
+      token_logp_BxKxT = picked_BxKxTx1[..., 0]
+    elif objective.granularity == "token" or sampled:  # sequence_logps is their masked sum.
       token_logp_BxKxT, token_mask_BxKxT = token_logps_BxK(
         graphdef, params, tokens_BxKxL, mask_BxKxL
       )

@@ -44,6 +44,7 @@ class _Parts:
   data: dict  # The record arrays the pipeline batches.
   mesh: jax.sharding.Mesh
   table: dict  # The logical-axis rules.
+  teacher: loading.Teacher | None = None  # A frozen teacher LM (distillation).
 
 
 def run(cfg, workdir: str) -> RunResult:
@@ -133,6 +134,11 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
   if is_main:
     metrics.banner(cfg, workdir, model, mesh)
   tb = task.make(cfg.testbed) if cfg.data.source == "testbed" else None
+  teacher = _teacher(cfg, objective, mesh, table)
+  teacher_XxY = None
+  if tb is not None and teacher is not None:  # Its exact distribution: the distillation target.
+    exact_fn = task.exact_logp_fn(teacher.graphdef, tb, cfg.testbed.eval_chunk)
+    teacher_XxY = jax.jit(exact_fn, out_shardings=sharding.replicated(mesh))(teacher.params)
   evaluator = None
   if tb is not None and objective.scores:  # Reward models: pair accuracy on chain samples.
     evaluator = evaluate.make_reward_model_evaluator(
@@ -142,7 +148,14 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
     merge = functools.partial(jax.jit(model.merge), model.ref_params) if model.merge else None
     start = model.ref_params if merge else model.trainable
     evaluator = evaluate.make_evaluator(
-      cfg, objective.data, tb, model.graphdef, start, mesh, to_model=merge or (lambda p: p)
+      cfg,
+      objective.data,
+      tb,
+      model.graphdef,
+      start,
+      mesh,
+      to_model=merge or (lambda p: p),
+      teacher_XxY=teacher_XxY,
     )
   data, counts = records.assemble(
     cfg,
@@ -155,7 +168,29 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
     mesh=mesh,
     workdir=workdir,
   )
-  return _Parts(objective, model, evaluator, file_data, data, mesh, table), counts
+  return _Parts(objective, model, evaluator, file_data, data, mesh, table, teacher), counts
+
+
+def _teacher(cfg, objective, mesh, table) -> loading.Teacher | None:
+  """The run's teacher LM (`teacher.path`), or None; "testbed" is the cached base LM of
+  `teacher.model`'s architecture, pretrained on first use."""
+  needs = {
+    f"objective {cfg.objective!r}": objective.granularity == "distribution",
+    "rollout.anchor=teacher": cfg.rollout.anchor == "teacher",
+  }
+  if not cfg.teacher.path:
+    for what, needed in needs.items():
+      if needed:
+        raise ConfigError(f"{what} needs a teacher: set teacher.path (a teacher LM)")
+    return None
+  path = cfg.teacher.path
+  loading.teacher_model(cfg, path)  # Its vocabulary is checked before anything is loaded.
+  if path == "testbed":
+    base_cfg = cfg.copy_and_resolve_references()
+    with base_cfg.unlocked():
+      base_cfg.model = models.preset(cfg.teacher.model) if cfg.teacher.model else cfg.model
+    path = os.path.join(testbed_base.ensure(base_cfg, pretrain=run), "params")
+  return loading.build_teacher(cfg, path=path, mesh=mesh, table=table)
 
 
 def _init_state(cfg, parts: _Parts):
@@ -163,7 +198,7 @@ def _init_state(cfg, parts: _Parts):
   tb = parts.evaluator.tb if parts.evaluator else None
   num_contexts = len(tb.prompts_XxP) if tb else len(parts.data.get("prompt_index", ()))
   stats = parts.objective.init_stats(num_contexts, cfg.loss.to_dict())
-  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor != "reference"
+  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor not in ("reference", "teacher")
   init = lambda p: step.init_state(p, tx, cfg.seed, stats, moving_anchor=moving)
   state = jax.jit(init)(parts.model.trainable)
   replicated = sharding.replicated(parts.mesh)
@@ -232,6 +267,7 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
           batch["prompt_index_B"],
           model.ref_params,
           reward_params,
+          _teacher_inputs(cfg, parts)[0],
         )
       if take is None:
         return update(state, batch, model.ref_params)
@@ -240,6 +276,15 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
       return update(state, take(state.rollout, (s - 1) % r.minibatches), model.ref_params)
 
   return step_fn, state, state_shardings
+
+
+def _teacher_inputs(cfg, parts: _Parts) -> tuple:
+  """(params, shardings) of the teacher for the rollout, which reads it for its distributions
+  (distillation objectives) or its samples (a teacher anchor); (None, None) otherwise."""
+  t, reads = parts.teacher, parts.objective.granularity == "distribution"
+  if t is None or not (reads or cfg.rollout.anchor == "teacher"):
+    return None, None
+  return t.params, t.shardings
 
 
 def _prompt_shapes(cfg, parts: _Parts) -> list:
@@ -292,8 +337,14 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
     anchor_is_ref=anchor_is_ref,
     greedy=parts.objective.greedy,
     informative_prompts=cfg.rollout.informative_prompts,
+    teacher_graphdef=parts.teacher.graphdef if parts.teacher else None,
+    anchor_is_teacher=cfg.rollout.anchor == "teacher",
+    teacher_distributions=parts.objective.granularity == "distribution",
   )
-  shapes = jax.eval_shape(roll, state, *_prompt_shapes(cfg, parts), model.ref_params, reward_params)
+  teacher_params, teacher_shardings = _teacher_inputs(cfg, parts)
+  shapes = jax.eval_shape(
+    roll, state, *_prompt_shapes(cfg, parts), model.ref_params, reward_params, teacher_params
+  )
   out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
   in_shardings = (
     state_shardings,
@@ -301,6 +352,7 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
     prompt_shardings["prompt_index_B"],
     model.shardings,
     reward_shardings,
+    teacher_shardings,
   )
   make_batch = jax.jit(roll, in_shardings=in_shardings, out_shardings=out_shardings)
   return make_batch, reward_params, shapes

@@ -22,6 +22,7 @@ ON_POLICY = [
   "dr_grpo",
   "dapo",
   "gspo",
+  "gkd",
 ]
 # The exact divergence each f-DPG divergence minimises (ALGORITHMS.md §1.4).
 OWN_DIVERGENCE = {
@@ -78,6 +79,33 @@ def test_grpo_family_smoke_raises_the_exact_reward(tmp_path, name):
   assert all(r["objective/clip_fraction"] == 0.0 for r in records)  # Ratio 1: nothing clipped.
   if name == "dapo":  # 16 of 24 drawn prompts kept, those with a reward signal first.
     assert all(r["objective/informative"] == 1.0 for r in records)
+
+
+@pytest.mark.parametrize(
+  "name, arg, overrides, own",
+  [
+    ("gkd", "smoke", {}, "exact/kl_policy_target"),  # Reverse KL on the student's samples.
+    ("gkd", "smoke,divergence=jsd", {"anchor": "teacher", "num_anchor": 2}, "exact/js"),
+    ("fdpg", "smoke,task=teacher,divergence=forward_kl", {}, "exact/kl_target_policy"),
+  ],
+)
+def test_distillation_smoke_moves_the_student_towards_the_teacher(
+  tmp_path, name, arg, overrides, own
+):
+  """The teacher is the testbed base LM of the larger `testbed` preset, the student the `tiny`
+  one; target.kind = teacher makes its exact sequence distribution the run's target. Six steps:
+  the run's own exact divergence to the teacher falls by a fifth (measured: GKD reverse KL
+  0.034 → 0.019, JSD(0.5) with two teacher samples per prompt 0.0086 → 0.0046, f-DPG forward
+  KL 0.036 → 0.031)."""
+  cfg = load_config(name, arg)
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.rollout.update(overrides)
+  result = train.run(cfg, str(tmp_path))
+  initial, final = result.summary["initial"], result.summary["final"]
+  assert initial["exact/kl_policy_target"] > 0.01  # The teacher is not the student.
+  limit = 0.9 if name == "fdpg" else 0.8
+  assert final[own] < limit * initial[own], (own, initial[own], final[own])
 
 
 def _several_updates(steps, **rollout):

@@ -1,7 +1,7 @@
 """Objective registry: a config's `objective` name -> the function that scores a batch, and flags.
 
 Each family file (pairwise, binary, listwise, distributional, bond, fdpg, policy_gradient, grpo,
-reward_model, likelihood) holds the pure math and, in its "Objectives on a batch" section, one
+distill, reward_model, likelihood) holds the pure math and, in its "Objectives on a batch" section, one
 function per objective, `fn(logp, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`, that
 binds it to the batch fields; `loss_cfg` is the config's `loss` block. This file only names them.
 A new objective is that function, one line here and one config file (README "Adding an objective").
@@ -19,6 +19,7 @@ from align_jax.errors import ConfigError
 from align_jax.objectives import (
   binary,
   bond,
+  distill,
   distributional,
   fdpg,
   grpo,
@@ -29,7 +30,7 @@ from align_jax.objectives import (
   reward_model,
 )
 
-GRANULARITIES = ("sequence", "token")
+GRANULARITIES = ("sequence", "token", "distribution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,8 @@ class Objective:
       model gives to other objectives.
     greedy: on-policy: the rollout also decodes each prompt greedily (ReMax's baseline).
     granularity: what `fn` gets as `logp`: "sequence", each response's summed log-prob [B, K];
-      "token", per-token log-probs [B, K, T] with their mask.
+      "token", per-token log-probs [B, K, T] with their mask; "distribution", the whole
+      next-token distributions [B, K, T, V] at those positions (distillation), with the mask.
   """
 
   fn: Callable
@@ -112,6 +114,10 @@ OBJECTIVES: dict[str, Objective] = {
       ("gspo", grpo.gspo_objective),
     )
   },
+  # On-policy distillation to a teacher LM (objectives/distill.py): the rollout adds its logits.
+  "gkd": Objective(
+    distill.gkd_objective, needs_ref=True, data="prompts", granularity="distribution"
+  ),
   "bt_reward": Objective(
     reward_model.bt_reward_objective,
     needs_ref=False,
