@@ -124,8 +124,9 @@ def teacher_model(cfg, path: str) -> ModelConfig:
   model_cfg = ModelConfig(**{**fields, "num_scores": 0})
   if model_cfg.vocab_size != cfg.model.vocab_size:
     raise ConfigError(
-      f"teacher {path or cfg.teacher.model!r} has a vocabulary of {model_cfg.vocab_size} tokens, "
-      f"the student {cfg.model.vocab_size}: distillation needs one vocabulary"
+      f"teacher (teacher.path={path!r}, teacher.model={cfg.teacher.model!r}) has a vocabulary "
+      f"of {model_cfg.vocab_size} tokens, the student {cfg.model.vocab_size}: distillation "
+      "needs one vocabulary"
     )
   return model_cfg
 

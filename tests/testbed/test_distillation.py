@@ -157,5 +157,5 @@ def test_a_teacher_of_another_vocabulary_is_a_config_error():
   cfg = config_lib.base()
   cfg.model = models.preset("tiny")
   cfg.teacher.path, cfg.teacher.model = "testbed", "gpt2"
-  with pytest.raises(ConfigError, match="vocabulary of 50257 tokens, the student 8"):
+  with pytest.raises(ConfigError, match="of 50257 tokens, the student 8: distillation needs one"):
     loading.teacher_model(cfg, cfg.teacher.path)
