@@ -193,9 +193,10 @@ def ema(anchor_params, params, eta):
 
 def anchor_update(mode: str, *, ema_rate: float, every: int):
   """How the anchor follows the policy after each update, (anchor, params, step, stats) -> anchor:
-  None for a fixed anchor (the reference, or a teacher LM), an EMA θ_a ← (1 − η)θ_a + ηθ (J-BOND), a hard copy
-  every `every` steps (iterative BOND), or f-DPG's offline proposal q ← π every `every` steps
-  when the objective's statistics say the policy is closer to the target (stats["q_update"])."""
+  None for a fixed anchor (the reference, or a teacher LM), an EMA θ_a ← (1 − η)θ_a + ηθ
+  (J-BOND), a hard copy every `every` steps (iterative BOND), or f-DPG's offline proposal q ← π
+  every `every` steps when the objective's statistics say the policy is closer to the target
+  (stats["q_update"])."""
   if mode in ("reference", "teacher"):  # Fixed anchors.
     return None
   if mode == "ema":

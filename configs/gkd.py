@@ -14,8 +14,9 @@ run's target: exact/kl_target_policy = KL(p_teacher‖π), exact/kl_policy_targe
   python -m align_jax.main --config=configs/gkd.py
   python -m align_jax.main --config=configs/gkd.py:smoke
   python -m align_jax.main --config=configs/gkd.py:divergence=jsd --config.loss.beta=0.9
-  python -m align_jax.main --config=configs/gkd.py --config.teacher.path=runs/bond --config.model.d_model=64
-  python -m align_jax.main --config=configs/gkd.py --config.rollout.anchor=teacher --config.rollout.num_anchor=2
+  python -m align_jax.main --config=configs/gkd.py:model=testbed --config.teacher.path=runs/bond
+  python -m align_jax.main --config=configs/gkd.py --config.rollout.anchor=teacher \
+    --config.rollout.num_anchor=2
 
 Expected (default): exact/kl_policy_target (the reverse KL to the teacher) falls.
 """

@@ -9,8 +9,10 @@ rollout.minibatches.
 
   python -m align_jax.main --config=configs/grpo.py
   python -m align_jax.main --config=configs/grpo.py:smoke
-  python -m align_jax.main --config=configs/grpo.py --config.rollout.updates_per_batch=2 --config.rollout.minibatches=2
-  python -m align_jax.main --config=configs/grpo.py --config.loss.kl_in=reward --config.loss.kl_estimator=k1
+  python -m align_jax.main --config=configs/grpo.py --config.rollout.updates_per_batch=2 \
+    --config.rollout.minibatches=2
+  python -m align_jax.main --config=configs/grpo.py --config.loss.kl_in=reward \
+    --config.loss.kl_estimator=k1
   python -m align_jax.main --config=configs/grpo.py --config.loss.aggregation=token-mean
 
 Expected (default): exact/reward rises; exact/kl_policy_ref grows from 0.

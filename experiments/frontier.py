@@ -24,17 +24,18 @@ import study  # noqa: E402
 
 BUDGET = {"total_steps": 200, "eval_every": 20}
 QUICK = {"total_steps": 4, "eval_every": 2, "checkpoint_every": 0, "mesh.shape": (1, 1, 1)}
-METHODS = (  # (label, config, its arg): each config's defaults.
-  ("GRPO", "configs/grpo.py", ""),
-  ("Dr. GRPO", "configs/dr_grpo.py", ""),
-  ("DAPO", "configs/dapo.py", ""),
-  ("GSPO", "configs/gspo.py", ""),
-  ("RLOO", "configs/rloo.py", ""),
-  ("REINFORCE-KL", "configs/reinforce.py", ""),
-  ("J-BOND", "configs/jbond.py", ""),
-  ("BOND", "configs/bond.py", ""),
-  ("f-DPG", "configs/fdpg.py", "task=rlhf,divergence=reverse_kl"),
+METHODS = (  # (group: its runs' folder, label, config, its arg): each config's defaults.
+  ("GRPO", "GRPO", "configs/grpo.py", ""),
+  ("dr_grpo", "Dr. GRPO", "configs/dr_grpo.py", ""),
+  ("DAPO", "DAPO", "configs/dapo.py", ""),
+  ("GSPO", "GSPO", "configs/gspo.py", ""),
+  ("RLOO", "RLOO", "configs/rloo.py", ""),
+  ("REINFORCE-KL", "REINFORCE-KL", "configs/reinforce.py", ""),
+  ("J-BOND", "J-BOND", "configs/jbond.py", ""),
+  ("BOND", "BOND", "configs/bond.py", ""),
+  ("f-DPG", "f-DPG", "configs/fdpg.py", "task=rlhf,divergence=reverse_kl"),
 )
+LABELS = {group: label for group, label, _, _ in METHODS}
 QUICK_METHODS = ("GRPO", "RLOO")
 BETAS = np.append(np.geomspace(0.02, 300.0, 70), np.inf)  # The plotted frontier; β = ∞: π_ref.
 DISTINCT_SAMPLES = 16  # testbed.distinct_samples of every config: Distinct-n of 16 samples.
@@ -43,9 +44,9 @@ DISTINCT_SAMPLES = 16  # testbed.distinct_samples of every config: Distinct-n of
 def grids(quick: bool) -> list[study.Grid]:
   arg_suffix, sets = ("smoke", QUICK) if quick else ("", BUDGET)
   return [
-    study.Grid(label, config, arg=",".join(filter(None, (arg, arg_suffix))), sets=sets, points=[{}])
-    for label, config, arg in METHODS
-    if not quick or label in QUICK_METHODS
+    study.Grid(group, config, arg=",".join(filter(None, (arg, arg_suffix))), sets=sets, points=[{}])
+    for group, _, config, arg in METHODS
+    if not quick or group in QUICK_METHODS
   ]
 
 
@@ -148,7 +149,7 @@ def analyze(records: list[study.Record], args):
   data = {"frontier": {k: v.tolist() for k, v in front.items()}, "methods": {}}
   data["frontier"]["beta"] = [b if np.isfinite(b) else None for b in front["beta"]]  # None: ∞.
   rows, sentences = [], []
-  for label, rs in study.group_by(records, lambda r: r.group).items():
+  for label, rs in study.group_by(records, lambda r: LABELS[r.group]).items():
     paths = [_path(r) for r in rs]
     optima = [frontier.at_kl(p["kl"]) for p in paths]
     regret = [o["reward"] - p["reward"] for p, o in zip(paths, optima)]

@@ -1,9 +1,10 @@
 """Objective registry: a config's `objective` name -> the function that scores a batch, and flags.
 
 Each family file (pairwise, binary, listwise, distributional, bond, fdpg, policy_gradient, grpo,
-distill, reward_model, likelihood) holds the pure math and, in its "Objectives on a batch" section, one
-function per objective, `fn(logp, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`, that
-binds it to the batch fields; `loss_cfg` is the config's `loss` block. This file only names them.
+distill, reward_model, likelihood) holds the pure math and, in its "Objectives on a batch"
+section, one function per objective, `fn(logp, batch, stats, **loss_cfg) -> (loss_B, metrics_B,
+stats)`, that binds it to the batch fields; `loss_cfg` is the config's `loss` block. This file
+only names them.
 A new objective is that function, one line here and one config file (README "Adding an objective").
 
 Batch fields (see align_jax/data/): tokens_BxKxL, loss_mask_BxKxL, example_mask_B (0 for padding

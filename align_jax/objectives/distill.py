@@ -7,7 +7,8 @@ p_t = p(·|x, y_<t), the arrays [B, K, T, V] (`logps.next_token_logprobs` at the
 
 .. math::
   \mathrm{KL}(p_t\|\pi_t) \text{ (forward)},\qquad \mathrm{KL}(\pi_t\|p_t) \text{ (reverse)},\qquad
-  \mathrm{JSD}_\beta(p_t\|\pi_t) = \beta\,\mathrm{KL}(p_t\|m_t) + (1-\beta)\,\mathrm{KL}(\pi_t\|m_t),
+  \mathrm{JSD}_\beta(p_t\|\pi_t) = \beta\,\mathrm{KL}(p_t\|m_t)
+    + (1-\beta)\,\mathrm{KL}(\pi_t\|m_t),
   \ m_t = \beta p_t + (1-\beta)\pi_t
 
 (TRL's convention: β → 0 tends to β·forward KL, β → 1 to (1 − β)·reverse KL). Samples come from
@@ -142,7 +143,8 @@ def gkd(
 
 # -------------------------------------------------------------------------------------------------
 # Objectives on a batch: fn(logp_BxKxTxV, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats).
-# The rollout adds the teacher's teacher_logp_BxKxTxV and from_policy_BxK; the step token_mask_BxKxT.
+# The rollout adds the teacher's teacher_logp_BxKxTxV and from_policy_BxK, the step
+# token_mask_BxKxT.
 
 
 def gkd_objective(logp_BxKxTxV: jax.Array, batch: dict, stats: dict, **cfg):

@@ -74,7 +74,8 @@ def group_advantage(reward_BxK: jax.Array, *, scale: bool, eps: float = 1e-4) ->
   num = reward_BxK.shape[-1]
   if num < 2:
     raise ConfigError(
-      f"group-normalised advantages need at least 2 samples per prompt (rollout.num_policy); got {num}"
+      "group-normalised advantages need at least 2 samples per prompt (rollout.num_policy); "
+      f"got {num}"
     )
   reward_BxK = jax.lax.stop_gradient(reward_BxK)
   centred_BxK = reward_BxK - jnp.mean(reward_BxK, axis=-1, keepdims=True)
@@ -196,7 +197,8 @@ def aggregate(
     raise ConfigError(f"loss aggregation {mode!r} is unknown; use one of {AGGREGATIONS}")
   if mode == "seq-mean-token-sum-norm" and norm_len <= 0:
     raise ConfigError(
-      f"aggregation seq-mean-token-sum-norm needs norm_len > 0 (the generation budget); got {norm_len}"
+      "aggregation seq-mean-token-sum-norm needs norm_len > 0 (the generation budget); "
+      f"got {norm_len}"
     )
   weight_B = jax.lax.stop_gradient(weight_B).astype(loss_BxKxT.dtype)
   total_e = jnp.sum(example_mask_B.astype(loss_BxKxT.dtype))

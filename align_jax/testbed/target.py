@@ -34,7 +34,8 @@ def potential(cfg, tb, ref_XxY, teacher_XxY=None) -> jax.Array | None:
   """log P − log π_ref of the run's energy-based target on every (prompt, response), or None.
 
   teacher: log p_teacher − log π_ref, the teacher LM's sequence distribution `teacher_XxY`
-  (on-policy distillation's target; f-DPG with it distils the teacher). rlhf: r/β. pointwise: log max(b, ε) with b = the response contains testbed.constraint_token
+  (on-policy distillation's target; f-DPG with it distils the teacher).
+  rlhf: r/β. pointwise: log max(b, ε) with b = the response contains testbed.constraint_token
   (GDC's hard constraint; ε > 0 smooths it). distributional: λ·φ with φ = [the response's first
   token is e or f] and λ fitted exactly (enumeration) so that E_p[φ] = testbed.moment (GDC's
   I-projection; λ shared by all prompts). hybrid: both, λ fitted on a·b.

@@ -1,4 +1,4 @@
-"""Which KL-penalty configurations of the GRPO family estimate ∇KL(π‖π_ref)? Exactly, on the testbed.
+"""Which KL penalties of the GRPO family estimate ∇KL(π‖π_ref)? Exactly, on the testbed.
 
 Every response of 8 prompts (response length 2: 64 responses each) and every ordered pair of them
 (K = 2 samples per prompt) are enumerated; the expected gradient of a configuration is
@@ -6,28 +6,28 @@ Every response of 8 prompts (response length 2: 64 responses each) and every ord
 π_old = π), ℓ being `objectives.grpo.dr_grpo`'s surrogate with zero task reward, β = 1 and the
 per-sequence token sum (so a sample's loss is Σ_t of its tokens' terms). Each is compared in
 parameter space (float64, one tiny LM for π and another for π_ref) with the exact gradient it is
-claimed to be:
+claimed to be (c = (K − 1)/K from the group-mean baseline; ρ = log π(y|x) − log π_ref(y|x);
+π_t = π(·|x, y_<t); "prefixes fixed": E_{y<t} with the prefix's probability not differentiated):
 
-| KL placement       | estimator   | expected gradient (c = (K − 1)/K for the group-mean baseline)   |
-|--------------------|-------------|-----------------------------------------------------------------|
-| reward             | k1          | c·∇KL(π‖π_ref): unbiased (token or sequence: Σ_t k1_t = k1)      |
-| reward, sequence   | k2          | c·(∇E_π[½ρ²] − ∇KL) : biased                                    |
-| reward, sequence   | k3          | c·(∇KL(π‖π_ref) − ∇KL(π_ref‖π)): biased                         |
-| reward, token      | k2, k3      | biased                                                          |
-| loss, sequence     | k1          | 0                                                               |
-| loss, sequence     | k2          | ∇KL(π‖π_ref): unbiased                                          |
-| loss, sequence     | k3          | ∇KL(π_ref‖π), the forward KL: biased                             |
-| loss, seq., ×ratio | k1, k3      | ∇E_π[k] = ∇KL(π‖π_ref): unbiased (DeepSeek-V3.2's correction)    |
-| loss, seq., ×ratio | k2          | ∇E_π[½ρ²]: biased                                               |
-| loss, token        | k1          | 0                                                               |
-| loss, token        | k2; k1, k3 ×ratio | G = Σ_t E_{y<t}[∇KL(π_t‖π_ref,t)], prefixes held fixed: biased |
-| loss, token        | k3          | Σ_t E_{y<t}[∇KL(π_ref,t‖π_t)], prefixes held fixed: biased       |
-| loss, token, ×ratio| k2          | biased                                                          |
+| KL placement         | estimator        | expected gradient                             |
+|----------------------|------------------|-----------------------------------------------|
+| reward               | k1               | c·∇KL(π‖π_ref): unbiased (Σ_t k1_t = k1)      |
+| reward, sequence     | k2               | c·(∇E_π[½ρ²] − ∇KL): biased                   |
+| reward, sequence     | k3               | c·(∇KL(π‖π_ref) − ∇KL(π_ref‖π)): biased       |
+| reward, token        | k2, k3           | biased                                        |
+| loss, sequence       | k1               | 0                                             |
+| loss, sequence       | k2               | ∇KL(π‖π_ref): unbiased                        |
+| loss, sequence       | k3               | ∇KL(π_ref‖π), the forward KL: biased          |
+| loss, seq., × ratio  | k1, k3           | ∇E_π[k] = ∇KL(π‖π_ref): unbiased (DeepSeek)   |
+| loss, seq., × ratio  | k2               | ∇E_π[½ρ²]: biased                             |
+| loss, token          | k1               | 0                                             |
+| loss, token          | k2; k1, k3 ×ratio | Σ_t E[∇KL(π_t‖π_ref,t)], prefixes fixed      |
+| loss, token          | k3               | Σ_t E[∇KL(π_ref,t‖π_t)], prefixes fixed       |
+| loss, token, × ratio | k2               | biased                                        |
 
-ρ = log π(y|x) − log π_ref(y|x); π_t = π(·|x, y_<t). GRPO's default (k3 per token in the loss)
-is the row "loss, token, k3": on-policy it follows the forward KL of each next-token distribution,
-not ∇KL(π‖π_ref). Per-token placements in the loss miss Σ_t E[KL_t·∇log π(y_<t)], the term that
-flows through the probability of the prefix.
+GRPO's default (k3 per token in the loss) is the row "loss, token, k3": on-policy it follows the
+forward KL of each next-token distribution, not ∇KL(π‖π_ref). Per-token placements in the loss
+miss Σ_t E[KL_t·∇log π(y_<t)], the term that flows through the probability of the prefix.
 """
 
 import dataclasses
