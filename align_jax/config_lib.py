@@ -101,6 +101,11 @@ def base() -> mlc.ConfigDict:
   # What the parameters start from: '' (fresh init from the seed), "testbed" (the cached testbed
   # base LM), an Orbax params directory, or a Hugging Face model directory.
   c.init_checkpoint = ""
+  # A frozen teacher LM (objective gkd; target.kind = teacher; rollout.anchor = teacher): path ''
+  # (none), a run's workdir (its newest checkpoint), an Orbax params or Hugging Face directory,
+  # testbed (the cached testbed base LM of teacher.model's architecture) or init:<seed> (a fresh
+  # init); model: a preset name ('' = the student's architecture; a workdir or HF dir has its own).
+  c.teacher = mlc.ConfigDict(dict(path="", model=""))
   c.reward_model = ""  # On-policy: the workdir of a trained reward-model run to use as
   # the reward instead of the task's rule (testbed: gold reward).
   # LoRA (align_jax/models/lora.py): only adapters W + (alpha/rank)·A·B are trained and
@@ -167,8 +172,20 @@ def base() -> mlc.ConfigDict:
 
   # On-policy objectives: per prompt, num_policy samples of the policy and num_anchor of the
   # anchor; the anchor is the frozen reference, an EMA of the policy, or a periodic copy of it.
+  # One rollout feeds updates_per_batch passes of `minibatches` updates each (one step each, on
+  # consecutive slices of its prompts); informative_prompts > 0 keeps that many of the
+  # data.batch_size prompts rolled out, those whose samples' rewards differ first (DAPO).
   c.rollout = mlc.ConfigDict(
-    dict(num_policy=2, num_anchor=0, anchor="reference", anchor_ema=0.02, anchor_every=50)
+    dict(
+      num_policy=2,
+      num_anchor=0,
+      anchor="reference",
+      anchor_ema=0.02,
+      anchor_every=50,
+      updates_per_batch=1,
+      minibatches=1,
+      informative_prompts=0,
+    )
   )
 
   # The run's target distribution, for exact divergences and for f-DPG's / GDC's energy-based

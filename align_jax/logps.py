@@ -7,7 +7,8 @@ enters the sum. Position 0 is never scored (nothing predicts it).
 
 Two granularities (DESIGN.md §9): token log-probs `[B, K, T]`, T = L - 1, where position t is
 log π(tokens[t + 1] | tokens[≤t]) and its mask is `loss_mask[..., 1:]`; and sequence log-probs
-`[B, K]`, their sum under that mask.
+`[B, K]`, their sum under that mask. Distillation objectives take the whole next-token
+distributions `[B, K, T, V]` at the same positions.
 """
 
 import jax
@@ -52,6 +53,15 @@ def token_logps_BxK(
   return logp_BxKxT, loss_mask_BxKxL[..., 1:].astype(logp_BxKxT.dtype)
 
 
+def next_token_logprobs_BxK(graphdef, params, tokens_BxKxL: jax.Array) -> jax.Array:
+  """The whole next-token distribution at every scored position: float32 [B, K, T, V], T = L - 1;
+  position t is log π(· | tokens[≤t]), the layout of `token_logps_BxK` (whose entries are these
+  at tokens[t + 1])."""
+  B, K, L = tokens_BxKxL.shape
+  logp_RxLxV = next_token_logprobs(graphdef, params, tokens_BxKxL.reshape(B * K, L))
+  return logp_RxLxV[:, :-1].reshape(B, K, L - 1, -1)
+
+
 def sum_tokens(logp_BxKxT: jax.Array, mask_BxKxT: jax.Array) -> jax.Array:
   """Σ_t mask[t] · logp[t]: token log-probs to sequence log-probs [B, K] (`sequence_logps`)."""
   return jnp.sum(logp_BxKxT * mask_BxKxT, axis=-1)
@@ -77,3 +87,28 @@ def sequence_scores(
   last_R = L - 1 - jnp.argmax(mask_RxL[:, ::-1], axis=1)
   picked_RxO = jnp.take_along_axis(scores_RxLxO, last_R[:, None, None], axis=1)[:, 0]
   return picked_RxO.astype(models.wide(picked_RxO.dtype)).reshape(B, K, -1)
+
+
+AGREEMENT_BAND = (0.999, 1.002)  # MLPerf's trainer/sampler probability-ratio band (PEERS-2026-12).
+
+
+def agreement(
+  logp_BxKxT: jax.Array, sample_logp_BxKxT: jax.Array, mask_BxKxT: jax.Array
+) -> dict[str, jax.Array]:
+  """How far the trainer's token log-probs are from the sampler's, over the masked tokens.
+
+  Returns scalars: `max_abs_logp_diff` and `mean_abs_logp_diff` of |log π_trainer − log π_sampler|,
+  and `ratio_outside_band`, the share of tokens whose ratio π_trainer/π_sampler lies outside
+  `AGREEMENT_BAND` [0.999, 1.002]. No gradient flows.
+  """
+  diff_BxKxT = jax.lax.stop_gradient(logp_BxKxT - sample_logp_BxKxT)
+  on_BxKxT = mask_BxKxT > 0
+  count = jnp.maximum(jnp.sum(on_BxKxT), 1)
+  abs_BxKxT = jnp.where(on_BxKxT, jnp.abs(diff_BxKxT), 0.0)
+  ratio_BxKxT = jnp.exp(diff_BxKxT)
+  outside_BxKxT = on_BxKxT & ((ratio_BxKxT < AGREEMENT_BAND[0]) | (ratio_BxKxT > AGREEMENT_BAND[1]))
+  return {
+    "max_abs_logp_diff": jnp.max(abs_BxKxT),
+    "mean_abs_logp_diff": jnp.sum(abs_BxKxT) / count,
+    "ratio_outside_band": jnp.sum(outside_BxKxT) / count,
+  }

@@ -139,6 +139,12 @@ def batch_sharding(mesh: Mesh, ndim: int, table: dict | None = None) -> NamedSha
   return NamedSharding(mesh, spec(("act_batch",) + (None,) * (ndim - 1), table))
 
 
+def batch_shards(mesh: Mesh, table: dict | None = None) -> int:
+  """How many ways `batch_sharding` splits the rows: the product of its mesh axes' sizes."""
+  axes = batch_sharding(mesh, 1, table).spec[0] or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

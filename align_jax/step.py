@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 
 from align_jax import objectives as objectives_lib
-from align_jax.logps import sequence_logps, sequence_scores, sum_tokens, token_logps_BxK
+from align_jax.logps import agreement, next_token_logprobs_BxK, sequence_logps, sequence_scores
+from align_jax.logps import sum_tokens, token_logps_BxK
 
 
 @jax.tree_util.register_dataclass
@@ -20,6 +21,8 @@ class TrainState:
   rng: jax.Array  # uint32[2] raw key; the step folds in `step`.
   anchor: dict  # Moving anchor (J-BOND EMA / iterative BOND); {} when unused.
   stats: dict  # Objective running statistics (Ẑ, baselines, ...); {} when unused.
+  # The batch of the current rollout when one rollout feeds several updates (train.py); {} else.
+  rollout: dict = dataclasses.field(default_factory=dict)
 
 
 def learning_rate(optim) -> optax.Schedule:
@@ -100,12 +103,18 @@ def train_step(
 
   The objective's granularity picks what its first argument is: "sequence", the policy's sequence
   log-probs [B, K]; "token", its token log-probs logp_BxKxT (T = L - 1, `logps.token_logps_BxK`),
+  or "distribution", the next-token distributions logp_BxKxTxV at those positions;
   with the step adding token_mask_BxKxT (float32, loss_mask_BxKxL[..., 1:]) to the batch and,
   when the objective needs the reference, ref_token_logp_BxKxT next to ref_logp_BxK (their sum
   under the mask, unless the batch has it).
+
+  On a rollout's batch (it carries the sampler's sample_token_logp_BxKxT) the metrics add
+  `agreement/*` (`logps.agreement`) between the trainer's token log-probs of the policy's samples
+  and the sampler's: their numerical agreement on the first update of a rollout, the policy's
+  movement since on later ones.
   """
   tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
-  if objective.granularity == "token":
+  if objective.granularity != "sequence":  # Token log-probs [B, K, T] or distributions.
     if objective.scores:
       raise ValueError("a reward model's objective takes its scores [B, K, O], not token log-probs")
     batch = {**batch, "token_mask_BxKxT": mask_BxKxL[..., 1:].astype(jnp.float32)}
@@ -115,20 +124,38 @@ def train_step(
       )
       batch["ref_token_logp_BxKxT"] = ref_BxKxT
       batch.setdefault("ref_logp_BxK", sum_tokens(ref_BxKxT, ref_mask_BxKxT))  # Keep a cached one.
-    model_fn = lambda params, t, m: token_logps_BxK(graphdef, params, t, m)[0]
   else:
     logps = functools.partial(sequence_logps, graphdef)
     if objective.needs_ref and "ref_logp_BxK" not in batch:
       ref_logp_BxK = jax.lax.stop_gradient(logps(ref_params, tokens_BxKxL, mask_BxKxL))
       batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
-    # Policies are trained on sequence log-probs [B, K]; reward models on head outputs [B, K, O].
-    model_fn = functools.partial(sequence_scores if objective.scores else sequence_logps, graphdef)
   w_B = batch["example_mask_B"].astype(jnp.float32)
+  sampled = "sample_token_logp_BxKxT" in batch and not objective.scores  # A rollout's batch.
 
   def loss_fn(params):
-    out = model_fn(params if merge is None else merge(ref_params, params), tokens_BxKxL, mask_BxKxL)
+    params = params if merge is None else merge(ref_params, params)
+    if objective.granularity == "distribution":  # The token log-probs are entries of these.
+      out = next_token_logprobs_BxK(graphdef, params, tokens_BxKxL)
+      picked_BxKxTx1 = jnp.take_along_axis(out, tokens_BxKxL[..., 1:, None], axis=-1)
+      token_logp_BxKxT = picked_BxKxTx1[..., 0]
+    elif objective.granularity == "token" or sampled:  # sequence_logps is their masked sum.
+      token_logp_BxKxT, token_mask_BxKxT = token_logps_BxK(
+        graphdef, params, tokens_BxKxL, mask_BxKxL
+      )
+      out = token_logp_BxKxT
+      if objective.granularity == "sequence":
+        out = sum_tokens(token_logp_BxKxT, token_mask_BxKxT)
+    else:  # Sequence log-probs [B, K]; reward models: head outputs [B, K, O].
+      out = (sequence_scores if objective.scores else sequence_logps)(
+        graphdef, params, tokens_BxKxL, mask_BxKxL
+      )
     loss_B, metrics_B, stats = objective.fn(out, batch, state.stats, **loss_cfg)
-    metrics = {k: _weighted_mean(v, w_B) for k, v in metrics_B.items()}
+    metrics = {f"objective/{k}": _weighted_mean(v, w_B) for k, v in metrics_B.items()}
+    if sampled:  # The policy's samples of real prompts.
+      policy_BxK = batch.get("from_policy_BxK", jnp.ones(w_B.shape + tokens_BxKxL.shape[1:2]))
+      on_BxKxT = mask_BxKxL[..., 1:] * (policy_BxK * w_B[:, None])[..., None]
+      agree = agreement(token_logp_BxKxT, batch["sample_token_logp_BxKxT"], on_BxKxT)
+      metrics |= {f"agreement/{k}": v for k, v in agree.items()}
     return _weighted_mean(loss_B, w_B), (metrics, stats)
 
   (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -147,5 +174,5 @@ def train_step(
     "param_norm": optax.tree.norm(state.params),
     "lr": lr_fn(state.step),
     "finite_state": _all_finite((params, opt_state)),  # Checked before any checkpoint is saved.
-    **{f"objective/{k}": v for k, v in metrics.items()},
+    **metrics,
   }

@@ -103,15 +103,18 @@ def runs(
   root: str = "",
   sets: dict[str, Any] | None = None,
   quick: bool = False,
+  points: list | None = None,
 ) -> list[Run]:
   """The runs of `get_sweep` (each point × each seed), with `sets` applied to every run.
 
   `quick` passes `quick=True` to a `get_sweep` that accepts it (a reduced grid for tests).
+  `points` (same form as get_sweep's) are run instead of get_sweep's, e.g. [{}]: the config.
   """
   mod = module(config_path)
-  if not hasattr(mod, "get_sweep"):
+  if points is None and not hasattr(mod, "get_sweep"):
     raise ConfigError(f"{config_path} defines no get_sweep()")
-  points = mod.get_sweep(arg or None, quick=True) if quick else mod.get_sweep(arg or None)
+  if points is None:
+    points = mod.get_sweep(arg or None, quick=True) if quick else mod.get_sweep(arg or None)
   if not points:
     raise ConfigError(f"{config_path}: get_sweep({arg!r}) returned no runs")
   stem = os.path.splitext(os.path.basename(config_path))[0]

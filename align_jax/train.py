@@ -16,6 +16,8 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from align_jax import checkpoint, config_lib, metrics, models, objectives, preemption, rewards
@@ -45,6 +47,7 @@ class _Parts:
   data: dict  # The record arrays the pipeline batches.
   mesh: jax.sharding.Mesh
   table: dict  # The logical-axis rules.
+  teacher: loading.Teacher | None = None  # A frozen teacher LM (distillation).
 
 
 def run(cfg, workdir: str, *, allow_config_change: bool = False) -> RunResult:
@@ -75,7 +78,7 @@ def _run(cfg, claimed: workdir_lib.Claim, mesh, table) -> RunResult:
   parts, counts = _assemble(cfg, workdir, mesh, table, is_main)
   data_iter = records.batches(cfg, parts.data)
   state, state_shardings = _init_state(cfg, parts)
-  step_fn = _compile(cfg, parts, state, state_shardings)
+  step_fn, state, state_shardings = _compile(cfg, parts, state, state_shardings)
 
   ckpt = checkpoint.Checkpointer.for_run(cfg, os.path.join(workdir, workdir_lib.CHECKPOINTS))
   start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
@@ -141,6 +144,11 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
   if is_main:
     metrics.banner(cfg, workdir, model, mesh)
   tb = task.make(cfg.testbed) if cfg.data.source == "testbed" else None
+  teacher = _teacher(cfg, objective, mesh, table)
+  teacher_XxY = None
+  if tb is not None and teacher is not None:  # Its exact distribution: the distillation target.
+    exact_fn = task.exact_logp_fn(teacher.graphdef, tb, cfg.testbed.eval_chunk)
+    teacher_XxY = jax.jit(exact_fn, out_shardings=sharding.replicated(mesh))(teacher.params)
   evaluator = None
   if tb is not None and objective.scores:  # Reward models: pair accuracy on chain samples.
     evaluator = evaluate.make_reward_model_evaluator(
@@ -150,7 +158,14 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
     merge = functools.partial(jax.jit(model.merge), model.ref_params) if model.merge else None
     start = model.ref_params if merge else model.trainable
     evaluator = evaluate.make_evaluator(
-      cfg, objective.data, tb, model.graphdef, start, mesh, to_model=merge or (lambda p: p)
+      cfg,
+      objective.data,
+      tb,
+      model.graphdef,
+      start,
+      mesh,
+      to_model=merge or (lambda p: p),
+      teacher_XxY=teacher_XxY,
     )
   data, counts = records.assemble(
     cfg,
@@ -163,7 +178,29 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
     mesh=mesh,
     workdir=workdir,
   )
-  return _Parts(objective, model, evaluator, file_data, data, mesh, table), counts
+  return _Parts(objective, model, evaluator, file_data, data, mesh, table, teacher), counts
+
+
+def _teacher(cfg, objective, mesh, table) -> loading.Teacher | None:
+  """The run's teacher LM (`teacher.path`), or None; "testbed" is the cached base LM of
+  `teacher.model`'s architecture, pretrained on first use."""
+  needs = {
+    f"objective {cfg.objective!r}": objective.granularity == "distribution",
+    "rollout.anchor=teacher": cfg.rollout.anchor == "teacher",
+  }
+  if not cfg.teacher.path:
+    for what, needed in needs.items():
+      if needed:
+        raise ConfigError(f"{what} needs a teacher: set teacher.path (a teacher LM)")
+    return None
+  path = cfg.teacher.path
+  loading.teacher_model(cfg, path)  # Its vocabulary is checked before anything is loaded.
+  if path == "testbed":
+    base_cfg = cfg.copy_and_resolve_references()
+    with base_cfg.unlocked():
+      base_cfg.model = models.preset(cfg.teacher.model) if cfg.teacher.model else cfg.model
+    path = os.path.join(testbed_base.ensure(base_cfg, pretrain=run), "params")
+  return loading.build_teacher(cfg, path=path, mesh=mesh, table=table)
 
 
 def _init_state(cfg, parts: _Parts):
@@ -171,7 +208,7 @@ def _init_state(cfg, parts: _Parts):
   tb = parts.evaluator.tb if parts.evaluator else None
   num_contexts = len(tb.prompts_XxP) if tb else len(parts.data.get("prompt_index", ()))
   stats = parts.objective.init_stats(num_contexts, cfg.loss.to_dict())
-  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor != "reference"
+  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor not in ("reference", "teacher")
   init = lambda p: step.init_state(p, tx, cfg.seed, stats, moving_anchor=moving)
   state = jax.jit(init)(parts.model.trainable)
   replicated = sharding.replicated(parts.mesh)
@@ -181,8 +218,10 @@ def _init_state(cfg, parts: _Parts):
 
 
 def _compile(cfg, parts: _Parts, state, state_shardings):
-  """(state, host batch) -> (state, device metrics): the one host -> device copy, the rollout
-  for on-policy objectives, and the jitted update, each with explicit shardings."""
+  """(step_fn, state, state shardings): step_fn(state, host batch, step) -> (state, device
+  metrics) is the one host -> device copy, the rollout for on-policy objectives, and the jitted
+  update, each with explicit shardings. When one rollout feeds several updates the state carries
+  the rollout (`TrainState.rollout`), and the host batch is None between rollouts."""
   mesh, model, optim = parts.mesh, parts.model, _optim(cfg)
   move_anchor = rollout.anchor_update(
     cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema, every=cfg.rollout.anchor_every
@@ -191,10 +230,23 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
     pipeline.batch_key(k): sharding.batch_sharding(mesh, v.ndim) for k, v in parts.data.items()
   }
   batch_shardings["example_mask_B"] = sharding.batch_sharding(mesh, 1)
-  make_batch = reward_params = None
+  make_batch = reward_params = take = None
   if parts.objective.data == "prompts":  # On-policy: the rollout turns prompts into the batch.
-    make_batch, reward_params, batch_shardings = _compile_rollout(
+    make_batch, reward_params, batch_shapes = _compile_rollout(
       cfg, parts, state, state_shardings, batch_shardings, anchor_is_ref=move_anchor is None
+    )
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_shapes.items()}
+  r = cfg.rollout
+  if (r.updates_per_batch, r.minibatches) != (1, 1):  # One rollout, several updates.
+    rows = rollout.minibatch_rows(
+      cfg.data.batch_size if make_batch is None else batch_shapes["example_mask_B"].shape[0],
+      updates_per_batch=r.updates_per_batch,
+      minibatches=r.minibatches,
+      on_policy=make_batch is not None,
+      shards=sharding.batch_shards(mesh),
+    )
+    state, state_shardings, take = _rollout_buffer(
+      cfg, state, state_shardings, batch_shapes, batch_shardings, rows
     )
   bound = functools.partial(
     step.train_step,
@@ -214,20 +266,69 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
     donate_argnums=0,
   )
 
-  def step_fn(state, host_batch):
-    batch = pipeline.to_global(host_batch, mesh)  # The one explicit host->device copy.
+  def step_fn(state, host_batch, s):
+    if host_batch is not None:
+      batch = pipeline.to_global(host_batch, mesh)  # The one explicit host->device copy.
     with jax.transfer_guard("disallow"):  # Anything else implicit in the step is a bug.
-      if make_batch is not None:
+      if host_batch is not None and make_batch is not None:
         batch = make_batch(
-          state, batch["prompt_BxP"], batch["prompt_index_B"], model.ref_params, reward_params
+          dataclasses.replace(state, rollout={}),  # The previous rollout is not an input.
+          batch["prompt_BxP"],
+          batch["prompt_index_B"],
+          model.ref_params,
+          reward_params,
+          _teacher_inputs(cfg, parts)[0],
         )
-      return update(state, batch, model.ref_params)
+      if take is None:
+        return update(state, batch, model.ref_params)
+      if host_batch is not None:
+        state = dataclasses.replace(state, rollout=batch)
+      return update(state, take(state.rollout, (s - 1) % r.minibatches), model.ref_params)
 
-  return step_fn
+  return step_fn, state, state_shardings
+
+
+def _teacher_inputs(cfg, parts: _Parts) -> tuple:
+  """(params, shardings) of the teacher for the rollout, which reads it for its distributions
+  (distillation objectives) or its samples (a teacher anchor); (None, None) otherwise."""
+  t, reads = parts.teacher, parts.objective.granularity == "distribution"
+  if t is None or not (reads or cfg.rollout.anchor == "teacher"):
+    return None, None
+  return t.params, t.shardings
+
+
+def _prompt_shapes(cfg, parts: _Parts) -> list:
+  return [
+    jax.ShapeDtypeStruct((cfg.data.batch_size, *parts.data[k].shape[1:]), parts.data[k].dtype)
+    for k in ("prompt_P", "prompt_index")
+  ]
+
+
+def _rollout_buffer(cfg, state, state_shardings, shapes, shardings, rows):
+  """(state with a zero rollout buffer, its shardings, take(buffer, m) -> mini-batch m: its rows
+  [m·rows, (m + 1)·rows)) for several updates on each rollout, whose fields have `shapes`."""
+  mesh = next(iter(shardings.values())).mesh
+  zeros = jax.jit(
+    lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()},
+    out_shardings=shardings,
+  )()
+  state = dataclasses.replace(state, rollout=zeros)
+  state_shardings = dataclasses.replace(state_shardings, rollout=shardings)
+  starts = [
+    jax.device_put(np.int32(m * rows), sharding.replicated(mesh))
+    for m in range(cfg.rollout.minibatches)
+  ]
+  slice_fn = jax.jit(
+    lambda buffer, start: {
+      k: jax.lax.dynamic_slice_in_dim(v, start, rows) for k, v in buffer.items()
+    },
+    out_shardings=shardings,
+  )
+  return state, state_shardings, lambda buffer, m: slice_fn(buffer, starts[m])
 
 
 def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_shardings, anchor_is_ref):
-  """(the jitted rollout, the reward model's params, the shardings of the batches it makes)."""
+  """(the jitted rollout, the reward model's params, the shapes of the batches it makes)."""
   mesh, model, ev = parts.mesh, parts.model, parts.evaluator
   reward_fn, reward_params, reward_shardings = rewards.learned(cfg.reward_model, mesh, parts.table)
   if ev is None:
@@ -245,12 +346,15 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
     num_anchor=cfg.rollout.num_anchor,
     anchor_is_ref=anchor_is_ref,
     greedy=parts.objective.greedy,
+    informative_prompts=cfg.rollout.informative_prompts,
+    teacher_graphdef=parts.teacher.graphdef if parts.teacher else None,
+    anchor_is_teacher=cfg.rollout.anchor == "teacher",
+    teacher_distributions=parts.objective.granularity == "distribution",
   )
-  prompts = [
-    jax.ShapeDtypeStruct((cfg.data.batch_size, *parts.data[k].shape[1:]), parts.data[k].dtype)
-    for k in ("prompt_P", "prompt_index")
-  ]
-  shapes = jax.eval_shape(roll, state, *prompts, model.ref_params, reward_params)
+  teacher_params, teacher_shardings = _teacher_inputs(cfg, parts)
+  shapes = jax.eval_shape(
+    roll, state, *_prompt_shapes(cfg, parts), model.ref_params, reward_params, teacher_params
+  )
   out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
   in_shardings = (
     state_shardings,
@@ -258,19 +362,20 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
     prompt_shardings["prompt_index_B"],
     model.shardings,
     reward_shardings,
+    teacher_shardings,
   )
   make_batch = jax.jit(roll, in_shardings=in_shardings, out_shardings=out_shardings)
-  return make_batch, reward_params, out_shardings
+  return make_batch, reward_params, shapes
 
 
 def _loop(cfg, state, start, step_fn, data_iter, ckpt, writer, evaluate_fn):
   """Steps start+1 .. total_steps: update, metrics one step late, evaluation, checkpoints (of
   finite states only: metrics are flushed and checked first), and a clean stop after a SIGTERM
   (checkpoint, then `Preempted`)."""
-  last = cfg.total_steps
+  last, period = cfg.total_steps, cfg.rollout.updates_per_batch * cfg.rollout.minibatches
   try:
-    for s in range(start + 1, last + 1):
-      state, step_metrics = step_fn(state, next(data_iter))
+    for s in range(start + 1, last + 1):  # A rollout's later updates take no new batch.
+      state, step_metrics = step_fn(state, next(data_iter) if (s - 1) % period == 0 else None, s)
       writer.submit(s, step_metrics)
       stop = preemption.reached(s) and s < last
       if evaluate_fn is not None and cfg.eval_every and s % cfg.eval_every == 0 and s < last:

@@ -3,8 +3,10 @@ r"""f-DPG (Go et al. 2023, arXiv 2302.08215): approximate an energy-based target
 The target is P(y|x) = π_ref(y|x)·φ(x, y) on the testbed, one partition function per prompt:
 `task` pointwise (GDC: the response must contain token g; P = a·b), distributional (GDC: the
 response's first token is e or f with probability 0.5 overall; P = a·exp(λφ), λ fitted exactly by
-moment matching), hybrid (both: P = a·b·exp(λφ), λ fitted on a·b) or rlhf (P = a·exp(r/β);
-testbed.reward_transform = lsc uses log σ(r − E_ref[r|x]) instead of r). The policy samples rollout.num_policy responses per
+moment matching), hybrid (both: P = a·b·exp(λφ), λ fitted on a·b), rlhf (P = a·exp(r/β);
+testbed.reward_transform = lsc uses log σ(r − E_ref[r|x]) instead of r) or teacher (P = a teacher
+LM's sequence distribution, Z = 1: distillation; the testbed base LM of preset `testbed` into a
+`tiny` student, or teacher.path). The policy samples rollout.num_policy responses per
 prompt (on-policy: the proposal q is the policy, weights π/q = 1), or with proposal=offline a
 frozen copy q samples them (importance weights π/q) and is replaced by π every
 rollout.anchor_every steps when the IS estimate of D(p‖π) is below D(p‖q) (§1.6); each sample's pseudo-reward
@@ -19,6 +21,7 @@ disco's defaults: JS, window 1024. The exact metrics are the divergences to the 
   python -m align_jax.main --config=configs/fdpg.py                       # JS, pointwise
   python -m align_jax.main --config=configs/fdpg.py:divergence=forward_kl,task=distributional
   python -m align_jax.main --config=configs/fdpg.py:divergence=reverse_kl,task=rlhf
+  python -m align_jax.main --config=configs/fdpg.py:divergence=forward_kl,task=teacher
   python -m align_jax.main --config=configs/fdpg.py:divergence=amari --config.loss.alpha=0.5
   python -m align_jax.main --config=configs/fdpg.py:divergence=forward_kl,proposal=offline   # DPG with q
   python -m align_jax.main --config=configs/fdpg.py:smoke
@@ -33,7 +36,7 @@ exact/tv for TV); pointwise: exact/constraint_rate rises towards 1.
 from align_jax import config_lib
 from align_jax.objectives import fdpg
 
-TASKS = ("pointwise", "distributional", "hybrid", "rlhf")
+TASKS = ("pointwise", "distributional", "hybrid", "rlhf", "teacher")
 
 
 def get_config(arg: str | None = None):
@@ -52,6 +55,9 @@ def get_config(arg: str | None = None):
   c.name = f"fdpg_{arg.divergence}_{arg.task}"
   c.objective = "fdpg"
   config_lib.set_model(c, arg.model)
+  if arg.task == "teacher":  # Distil the testbed base LM of preset `testbed` into a smaller one.
+    config_lib.set_model(c, "tiny" if arg.model == "testbed" else arg.model)
+    c.teacher.path, c.teacher.model = "testbed", "testbed"
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4  # Samples per prompt (the proposal is the policy itself).
   if arg.proposal == "offline":  # Samples from a frozen copy q, replaced by π when π is closer.

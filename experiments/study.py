@@ -34,12 +34,14 @@ from align_jax import sweep  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """The runs of one config's `get_sweep(arg)`, each with `sets` applied; `group` labels them."""
+  """The runs of one config's `get_sweep(arg)` (or of `points`), each with `sets` applied;
+  `group` labels them."""
 
   group: str
   config: str  # Relative to the project root, e.g. configs/lipo.py.
   arg: str = ""
   sets: dict = dataclasses.field(default_factory=dict)
+  points: list | None = None  # Instead of get_sweep's: e.g. [{}], the config as it is.
 
 
 @dataclasses.dataclass
@@ -115,6 +117,7 @@ def execute(args: argparse.Namespace, grids: list[Grid]) -> list[Record]:
       quick=args.quick,
       root=os.path.join(args.root, grid.group),
       sets=grid.sets,
+      points=grid.points,
     )
     sweep.write_index(os.path.join(args.root, grid.group), config, runs)
     if args.analyze_only:

@@ -10,7 +10,20 @@ from align_jax.testbed import task
 from conftest import load_config, read_jsonl
 
 
-ON_POLICY = ["bond", "jbond", "reinforce", "rloo", "remax", "fdpg", "gdc"]
+ON_POLICY = [
+  "bond",
+  "jbond",
+  "reinforce",
+  "rloo",
+  "remax",
+  "fdpg",
+  "gdc",
+  "grpo",
+  "dr_grpo",
+  "dapo",
+  "gspo",
+  "gkd",
+]
 # The exact divergence each f-DPG divergence minimises (ALGORITHMS.md §1.4).
 OWN_DIVERGENCE = {
   "forward_kl": "exact/kl_target_policy",
@@ -48,6 +61,99 @@ def test_policy_gradient_smoke_approaches_the_rlhf_optimum(tmp_path, name):
   initial, final = result.summary["initial"], result.summary["final"]
   assert final["exact/reward"] > initial["exact/reward"] + 0.05
   assert final["exact/kl_policy_target"] < initial["exact/kl_policy_target"]
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_grpo_family_smoke_raises_the_exact_reward(tmp_path, name):
+  """Six steps, one update per rollout (measured rises: 0.41 GRPO, DAPO, GSPO; 0.4 Dr. GRPO).
+  Every step is on-policy, so the trainer's token log-probs equal the sampler's in fp32: the
+  agreement metrics bound them (max |Δ log π| ≤ 1e-5, every ratio in [0.999, 1.002])."""
+  _, result = _smoke(name, tmp_path)
+  initial, final = result.summary["initial"], result.summary["final"]
+  assert final["exact/reward"] > initial["exact/reward"] + 0.05
+  assert final["exact/kl_policy_ref"] > initial["exact/kl_policy_ref"]
+  records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert records and all(r["agreement/max_abs_logp_diff"] <= 1e-5 for r in records)
+  assert all(r["agreement/mean_abs_logp_diff"] <= 1e-6 for r in records)
+  assert all(r["agreement/ratio_outside_band"] == 0.0 for r in records)
+  assert all(r["objective/clip_fraction"] == 0.0 for r in records)  # Ratio 1: nothing clipped.
+  if name == "dapo":  # 16 of 24 drawn prompts kept, those with a reward signal first.
+    assert all(r["objective/informative"] == 1.0 for r in records)
+
+
+@pytest.mark.parametrize(
+  "name, arg, overrides, own",
+  [
+    ("gkd", "smoke", {}, "exact/kl_policy_target"),  # Reverse KL on the student's samples.
+    ("gkd", "smoke,divergence=jsd", {"anchor": "teacher", "num_anchor": 2}, "exact/js"),
+    ("fdpg", "smoke,task=teacher,divergence=forward_kl", {}, "exact/kl_target_policy"),
+  ],
+)
+def test_distillation_smoke_moves_the_student_towards_the_teacher(
+  tmp_path, name, arg, overrides, own
+):
+  """The teacher is the testbed base LM of the larger `testbed` preset, the student the `tiny`
+  one; target.kind = teacher makes its exact sequence distribution the run's target. Six steps:
+  the run's own exact divergence to the teacher falls by a fifth (measured: GKD reverse KL
+  0.034 → 0.019, JSD(0.5) with two teacher samples per prompt 0.0086 → 0.0046, f-DPG forward
+  KL 0.036 → 0.031)."""
+  cfg = load_config(name, arg)
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.rollout.update(overrides)
+  result = train.run(cfg, str(tmp_path))
+  initial, final = result.summary["initial"], result.summary["final"]
+  assert initial["exact/kl_policy_target"] > 0.01  # The teacher is not the student.
+  limit = 0.9 if name == "fdpg" else 0.8
+  assert final[own] < limit * initial[own], (own, initial[own], final[own])
+
+
+def _several_updates(steps, **rollout):
+  cfg = load_config("grpo", "smoke")
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 1, 1)
+    cfg.total_steps, cfg.checkpoint_every, cfg.log_every, cfg.eval_every = steps, 3, 1, 0
+    cfg.rollout.update(rollout)
+  return cfg
+
+
+def test_several_updates_per_rollout_resume_mid_rollout_bit_identically(tmp_path):
+  """Two passes of two mini-batches per rollout: steps 1–4 share one rollout, 5–8 the next. A run
+  stopped at step 3 (a checkpoint in the middle of the first rollout) and resumed matches the
+  straight run bit for bit; only the first update of a rollout is on-policy (ratio 1)."""
+  schedule = dict(updates_per_batch=2, minibatches=2)
+  straight = train.run(_several_updates(8, **schedule), str(tmp_path / "straight"))
+  train.run(_several_updates(3, **schedule), str(tmp_path / "resumed"))
+  resumed = train.run(_several_updates(8, **schedule), str(tmp_path / "resumed"))
+  for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  records = {
+    r["step"]: r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r
+  }
+  for s in (1, 5):  # A new rollout: the policy is the sampler.
+    assert records[s]["agreement/max_abs_logp_diff"] <= 1e-5
+    assert records[s]["objective/ratio"] == pytest.approx(1.0, abs=1e-6)
+  for s in (2, 3, 4, 6, 7, 8):  # Later updates on the same samples: the policy has moved.
+    assert records[s]["agreement/mean_abs_logp_diff"] > 1e-3
+  resumed_records = [r for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
+  assert [r["loss"] for r in resumed_records if r["step"] > 3] == [
+    records[s]["loss"] for s in range(4, 9)
+  ]
+  assert int(straight.state.step) == 8 and straight.state.rollout["tokens_BxKxL"].shape[0] == 16
+
+
+@pytest.mark.parametrize(
+  "rollout, message",
+  [
+    (dict(minibatches=3), "rollout.minibatches=3 does not divide the rollout's 16 prompts"),
+    (dict(updates_per_batch=0), "must both be >= 1"),
+  ],
+)
+def test_a_schedule_that_cannot_run_is_a_config_error(tmp_path, rollout, message):
+  from align_jax.errors import ConfigError
+
+  with pytest.raises(ConfigError, match=message):
+    train.run(_several_updates(2, **rollout), str(tmp_path))
 
 
 def test_jbond_raises_reward_and_its_anchor_is_the_ema_of_the_policy(tmp_path):
@@ -141,10 +247,13 @@ def test_bond_default_config_halves_the_jeffreys_divergence_to_best_of_n(tmp_pat
   assert final["exact/reward"] > initial["exact/reward"]
 
 
-@pytest.mark.parametrize("name, arg", [("bond", "smoke,anchor=ema"), ("fdpg", "smoke")])
+@pytest.mark.parametrize(
+  "name, arg", [("bond", "smoke,anchor=ema"), ("fdpg", "smoke"), ("grpo", "smoke")]
+)
 def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg):
   """Three steps (rollout + update) on meshes of 1 and 8 devices give the same losses: sampling
-  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor) are global."""
+  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor, GRPO's
+  token-mean over the batch) are global; GRPO takes two mini-batches of 8 prompts per rollout."""
   losses = {}
   for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:  # The Foundation issue's meshes.
     cfg = load_config(name, arg)
@@ -153,6 +262,8 @@ def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg):
       cfg.total_steps, cfg.log_every, cfg.testbed.exact_eval = 3, 1, False
       if name == "bond":
         cfg.rollout.num_anchor = 4  # One group of n = 4 (the default 16 only costs time here).
+      if name == "grpo":
+        cfg.rollout.minibatches, cfg.loss.aggregation = 2, "token-mean"
     workdir = tmp_path / "_".join(map(str, shape))
     train.run(cfg, str(workdir))
     losses[shape] = [r["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]

@@ -4,16 +4,20 @@ Sources, by `init_checkpoint`: none (a fresh init from the seed), an Orbax param
 a Hugging Face directory (`lm_dir`; the testbed's cached base LM is an Orbax directory). A scoring
 model (`num_scores > 0`, reward models) takes a language model's body and a freshly initialised
 head. With LoRA the loaded model is the frozen base and the trainable parameters are adapters.
+A teacher (`teacher.*`, on-policy distillation) is a frozen LM of its own architecture.
 """
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Callable
 
 import jax
 
 from align_jax import checkpoint, sharding
-from align_jax.models import hf, lora
+from align_jax.errors import ConfigError
+from align_jax.models import hf, lora, presets
 from align_jax.models.transformer import ModelConfig, abstract, init_params
 
 
@@ -86,3 +90,60 @@ def build(cfg, *, lm_dir: str, needs_ref: bool, mesh, table: dict) -> RunModel:
     ref_params=params,
     merge=functools.partial(lora.merge, cfg=lora_cfg),
   )
+
+
+# -------------------------------------------------------------------------------------------------
+# A teacher: a frozen language model of its own architecture (on-policy distillation).
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen teacher LM: its structure, parameters and their shardings."""
+
+  graphdef: object
+  params: dict
+  shardings: dict
+  model: ModelConfig
+
+
+def teacher_model(cfg, path: str) -> ModelConfig:
+  """The teacher's architecture: a run workdir's (its config.json's `model`), a Hugging Face
+  directory's, the preset `teacher.model`, or the student's; a ConfigError unless its vocabulary
+  is the student's (the divergences compare distributions over one vocabulary)."""
+  fields = cfg.model.to_dict()
+  if cfg.teacher.model:
+    fields = presets.preset(cfg.teacher.model).to_dict()
+  if path and os.path.isfile(os.path.join(path, "config.json")) and not hf.is_hf_dir(path):
+    with open(os.path.join(path, "config.json")) as f:
+      run = json.load(f)
+    if run.get("lora", {}).get("rank", 0):
+      raise ConfigError(f"teacher.path {path!r} is a LoRA run: use a run that trains every weight")
+    fields = run["model"]
+  elif path and hf.is_hf_dir(path):
+    fields = hf.model_config(path, fields)
+  model_cfg = ModelConfig(**{**fields, "num_scores": 0})
+  if model_cfg.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(
+      f"teacher (teacher.path={path!r}, teacher.model={cfg.teacher.model!r}) has a vocabulary "
+      f"of {model_cfg.vocab_size} tokens, the student {cfg.model.vocab_size}: distillation "
+      "needs one vocabulary"
+    )
+  return model_cfg
+
+
+def build_teacher(cfg, *, path: str, mesh, table: dict) -> Teacher:
+  """The teacher at `path`: a run workdir (its newest checkpoint's parameters), an Orbax params or
+  Hugging Face directory, or `init:<seed>` (a fresh random init, for tests), sharded by `table`."""
+  model_cfg = teacher_model(cfg, path)
+  graphdef, shapes, names = abstract(model_cfg)
+  shardings = sharding.tree_shardings(names, mesh, table)
+  if path.startswith("init:"):
+    seed = int(path.split(":", 1)[1])
+    init = jax.jit(functools.partial(init_params, model_cfg), out_shardings=shardings)
+    return Teacher(graphdef, init(jax.random.key(seed)), shardings, model_cfg)
+  checkpoints = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints):  # A run's workdir.
+    abstract_params = checkpoint.abstract_like(shapes, shardings)
+    _, params = checkpoint.load_state_params(checkpoints, abstract_params)
+    return Teacher(graphdef, params, shardings, model_cfg)
+  return Teacher(graphdef, read_lm(path, model_cfg, shardings), shardings, model_cfg)

@@ -1,9 +1,10 @@
 """Objective registry: a config's `objective` name -> the function that scores a batch, and flags.
 
-Each family file (pairwise, binary, listwise, distributional, bond, fdpg, policy_gradient,
-reward_model, likelihood) holds the pure math and, in its "Objectives on a batch" section, one
-function per objective, `fn(logp, batch, stats, **loss_cfg) -> (loss_B, metrics_B, stats)`, that
-binds it to the batch fields; `loss_cfg` is the config's `loss` block. This file only names them.
+Each family file (pairwise, binary, listwise, distributional, bond, fdpg, policy_gradient, grpo,
+distill, reward_model, likelihood) holds the pure math and, in its "Objectives on a batch"
+section, one function per objective, `fn(logp, batch, stats, **loss_cfg) -> (loss_B, metrics_B,
+stats)`, that binds it to the batch fields; `loss_cfg` is the config's `loss` block. This file
+only names them.
 A new objective is that function, one line here and one config file (README "Adding an objective").
 
 Batch fields (see align_jax/data/): tokens_BxKxL, loss_mask_BxKxL, example_mask_B (0 for padding
@@ -20,8 +21,10 @@ from align_jax.errors import ConfigError
 from align_jax.objectives import (
   binary,
   bond,
+  distill,
   distributional,
   fdpg,
+  grpo,
   likelihood,
   listwise,
   pairwise,
@@ -29,7 +32,7 @@ from align_jax.objectives import (
   reward_model,
 )
 
-GRANULARITIES = ("sequence", "token")
+GRANULARITIES = ("sequence", "token", "distribution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,8 @@ class Objective:
       model gives to other objectives.
     greedy: on-policy: the rollout also decodes each prompt greedily (ReMax's baseline).
     granularity: what `fn` gets as `logp`: "sequence", each response's summed log-prob [B, K];
-      "token", per-token log-probs [B, K, T] with their mask.
+      "token", per-token log-probs [B, K, T] with their mask; "distribution", the whole
+      next-token distributions [B, K, T, V] at those positions (distillation), with the mask.
     checks: start-up rows (key, holds, requirement) for its `loss.*` fields, checked with
       `config_lib.CHECKS` before the run touches its workdir.
   """
@@ -161,6 +165,20 @@ OBJECTIVES: dict[str, Objective] = {
   ),
   "remax": Objective(
     policy_gradient.remax_objective, needs_ref=True, data="prompts", greedy=True, checks=_KL_WEIGHT
+  ),
+  # The GRPO family: token log-probs, ratios to the sampler's token log-probs (objectives/grpo.py).
+  **{
+    name: Objective(fn, needs_ref=True, data="prompts", granularity="token")
+    for name, fn in (
+      ("grpo", grpo.grpo_objective),
+      ("dr_grpo", grpo.dr_grpo_objective),
+      ("dapo", grpo.dapo_objective),
+      ("gspo", grpo.gspo_objective),
+    )
+  },
+  # On-policy distillation to a teacher LM (objectives/distill.py): the rollout adds its logits.
+  "gkd": Objective(
+    distill.gkd_objective, needs_ref=True, data="prompts", granularity="distribution"
   ),
   "bt_reward": Objective(
     reward_model.bt_reward_objective,

@@ -140,6 +140,7 @@ def make_evaluator(
   mesh,
   *,
   to_model: Callable = lambda p: p,
+  teacher_XxY: jax.Array | None = None,
 ) -> Evaluator:
   """The exact evaluation of a policy run with record format `data` starting at `start_params`.
 
@@ -147,6 +148,7 @@ def make_evaluator(
   as the frozen reference where there is one), or the chain itself for pretraining (`corpus`
   records from a fresh init).
   `to_model` maps the trained parameters to the model's (LoRA: merges adapters into the base).
+  `teacher_XxY`: a teacher LM's exact log-probs (target.kind = teacher).
   """
   replicated = sharding.replicated(mesh)
   logp_fn = jax.jit(
@@ -154,7 +156,7 @@ def make_evaluator(
   )
   pretraining = data == "corpus" and not cfg.init_checkpoint
   ref_XxY = jnp.asarray(tb.chain_logp_XxY, jnp.float32) if pretraining else logp_fn(start_params)
-  potential_XxY = target.potential(cfg, tb, ref_XxY)
+  potential_XxY = target.potential(cfg, tb, ref_XxY, teacher_XxY)
   if not cfg.testbed.exact_eval:
     return Evaluator(tb, None, ref_XxY, potential_XxY)
   held = held_out_pairs(cfg, tb, ref_XxY) if not pretraining and cfg.testbed.eval_pairs else None

@@ -13,7 +13,7 @@ from align_jax import targets
 from align_jax.errors import ConfigError
 from align_jax.testbed import bon, exact, language
 
-KINDS = ("", "chain", "rlhf", "bon", "pointwise", "distributional", "hybrid")
+KINDS = ("", "chain", "rlhf", "bon", "pointwise", "distributional", "hybrid", "teacher")
 
 
 def check(cfg) -> None:
@@ -21,21 +21,27 @@ def check(cfg) -> None:
     raise ConfigError(
       f"target.kind {cfg.target.kind!r} is unknown; use one of {', '.join(repr(k) for k in KINDS)}"
     )
+  if cfg.target.kind == "teacher" and not cfg.teacher.path:
+    raise ConfigError("target.kind=teacher: set teacher.path (the teacher LM)")
   if cfg.testbed.reward_transform not in ("", "lsc"):
     raise ConfigError(
       f"testbed.reward_transform {cfg.testbed.reward_transform!r} is unknown; use '' or lsc"
     )
 
 
-def potential(cfg, tb, ref_XxY) -> jax.Array | None:
+def potential(cfg, tb, ref_XxY, teacher_XxY=None) -> jax.Array | None:
   """log P − log π_ref of the run's energy-based target on every (prompt, response), or None.
 
+  teacher: log p_teacher − log π_ref, the teacher LM's sequence distribution `teacher_XxY`
+  (on-policy distillation's target; f-DPG with it distils the teacher).
   rlhf: r/β. pointwise: log max(b, ε) with b = the response contains testbed.constraint_token
   (GDC's hard constraint; ε > 0 smooths it). distributional: λ·φ with φ = [the response's first
   token is e or f] and λ fitted exactly (enumeration) so that E_p[φ] = testbed.moment (GDC's
   I-projection; λ shared by all prompts). hybrid: both, λ fitted on a·b.
   """
   kind, t = cfg.target.kind, cfg.testbed
+  if kind == "teacher":
+    return teacher_XxY - ref_XxY
   if kind == "rlhf":
     return training_reward(cfg, tb, ref_XxY) / cfg.target.beta
   log_b = None

@@ -118,3 +118,24 @@ def test_jbond_vs_reinforce_quick(tmp_path):
       assert np.all(value_PxB <= reward_B - beta_B * kl_B + 1e-4)
   assert len(path["step"]) == 3  # Step 0, the evaluation at 2, the final one.
   assert "**Finding (paper Fig. 7" in md
+
+
+def test_frontier_quick(tmp_path):
+  """GRPO and RLOO smoke runs on the exact reward–KL plane: the frontier (π_β by bisection on β
+  at each run's own KL) is never beaten — every evaluated point's regret is ≥ 0 — and the
+  frontier's entropy falls as KL grows (the optimum spends diversity to gain reward)."""
+  out, md = _run("frontier", tmp_path)
+  assert {r["group"] for r in out["runs"]} == {"GRPO", "RLOO"}
+  assert all(_finite(r) for r in out["runs"])
+  front = out["frontier"]
+  assert np.all(np.diff(front["kl"]) > 0) and np.all(np.diff(front["reward"]) > 0)
+  assert np.all(np.diff(front["entropy"]) < 0)
+  for label, method in out["methods"].items():
+    assert method["min_regret"] >= -1e-4, label  # π_β is optimal at equal KL.
+    for path in method["paths"]:
+      assert len(path["step"]) == 3  # Step 0, the evaluation at 2, the final one.
+      # π = π_ref = π_∞ at KL 0, where the frontier's slope is infinite (E[r] grows like
+      # √(2·Var·KL)): float32's KL ~1e-8 at the start is worth ~1e-4 of reward.
+      assert path["regret"][0] == pytest.approx(0.0, abs=1e-3)
+    assert method["final_regret"][0] > 0 and method["final_kl"][0] > 0
+  assert md.count("ends at KL") == 2 and "**What the exact numbers show.**" in md
