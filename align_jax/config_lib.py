@@ -59,7 +59,9 @@ def base() -> mlc.ConfigDict:
   c.seed = 0
   c.total_steps = 100
   c.log_every = 10  # Console / metrics.jsonl / TensorBoard interval (steps).
-  c.eval_every = 50  # Exact testbed evaluation interval (steps); 0 = start and end only.
+  c.eval_every = (
+    50  # Evaluation interval (steps; testbed: exact, files: validation); 0 = start and end.
+  )
   c.checkpoint_every = 50  # Orbax save interval (steps); the last step is always saved.
   c.keep_checkpoints = 2  # How many recent checkpoints to keep.
   c.async_checkpointing = True
@@ -90,8 +92,15 @@ def base() -> mlc.ConfigDict:
 
   c.objective = ""
   c.loss = mlc.ConfigDict()  # The objective's keyword arguments.
-  c.model = mlc.ConfigDict()  # Filled from align_jax.models.presets.
-  c.init_checkpoint = ""  # Orbax params directory to start from (default: testbed base).
+  c.model = mlc.ConfigDict()  # Filled from align_jax.models.presets by set_model.
+  # The preset `model` was built from ('' = by hand). A Hugging Face init_checkpoint's config.json
+  # is the architecture: a fresh-init preset (presets.FRESH: testbed, tiny) yields to it, and
+  # only the model fields that differ from that preset (overrides) must agree with it; any other
+  # preset, or a hand-built model, must agree with it in every field that changes the computation.
+  c.model_preset = ""
+  # What the parameters start from: '' (fresh init from the seed), "testbed" (the cached testbed
+  # base LM), an Orbax params directory, or a Hugging Face model directory.
+  c.init_checkpoint = ""
   c.reward_model = ""  # On-policy: the workdir of a trained reward-model run to use as
   # the reward instead of the task's rule (testbed: gold reward).
   # LoRA (align_jax/models/lora.py): only adapters W + (alpha/rank)·A·B are trained and
@@ -124,8 +133,9 @@ def base() -> mlc.ConfigDict:
       # objective decides the record format.
       source="testbed",
       # Text fields (align_jax/data/tokenize.py): a tokenizer.json, tokenizer.model or HF
-      # tokenizer directory; the chat template '' | plain | llama3 | gemma | chatml | qwen2 |
-      # qwen2.5 formatting prompts and responses; a system message put before each prompt.
+      # tokenizer directory; the chat template: '' (text as it is, messages through the
+      # tokenizer's own template) | tokenizer (its own, for text too) | PATH.jinja | plain |
+      # llama3 | gemma | chatml | qwen2 | qwen2.5 (built in); a system message before each prompt.
       tokenizer="",
       chat_template="",
       system_prompt="",
@@ -143,6 +153,11 @@ def base() -> mlc.ConfigDict:
       udm_min_ratio=0.5,  # Clip range of the density ratio (TRL: 0.5, 10).
       udm_max_ratio=10.0,
       shuffle=True,
+      # Validation on file data (align_jax/validate.py): a held-out random share of the
+      # source's records, or another source in the same format; evaluated at the start, every
+      # eval_every steps and at the end.
+      eval_fraction=0.0,
+      eval_source="",
     )
   )
 
@@ -349,7 +364,7 @@ def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
     c.loss.discount = "log2"  # Rank discount D(τ) = log2(1 + τ) (LambdaRank); ln rescales.
   if objective == "list_pair_hinge":
     c.loss.delta = 1.0  # Hinge margin (LiPO / RSO / TRL).
-  c.model = models.preset(arg.model)
+  set_model(c, arg.model)
   testbed_preference(c)
   c.data.list_size = arg.k
   if arg.smoke:
@@ -357,9 +372,15 @@ def listwise(name: str, objective: str, arg: str | None) -> mlc.ConfigDict:
   return c
 
 
+def set_model(c: mlc.ConfigDict, name: str) -> None:
+  """c.model from the preset `name`, recorded in c.model_preset (see `base`)."""
+  c.model = models.preset(name)
+  c.model_preset = name
+
+
 def smoke(c: mlc.ConfigDict) -> None:
   """Shrinks any config to seconds on a CPU; the code path is unchanged."""
-  c.model = models.preset("tiny")
+  set_model(c, "tiny")
   c.testbed.response_len = 3
   c.testbed.pretrain_steps = 60
   c.testbed.pretrain_batch = 64

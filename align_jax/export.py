@@ -22,7 +22,7 @@ from absl import app, flags
 from align_jax import checkpoint, errors, models
 from align_jax.models import hf, loading, lora
 from align_jax.testbed import base as testbed_base
-from align_jax.errors import MissingFileError
+from align_jax.errors import CheckpointError, MissingFileError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (config.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
@@ -38,8 +38,14 @@ def export(workdir: str, out: str, *, step: int = 0, dtype: str = "") -> int:
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise MissingFileError(f"--workdir {workdir!r}: no config.json (not a run directory)")
-  with open(config_path) as f:
-    run_cfg = json.load(f)
+  try:
+    with open(config_path) as f:
+      run_cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"--workdir {workdir!r}: its config.json is not JSON ({e})") from None
+  if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get("model"), dict):
+    kind = "a Hugging Face model directory" if hf.is_hf_dir(workdir) else "not a run directory"
+    raise CheckpointError(f"--workdir {workdir!r}: its config.json has no model section ({kind})")
   model_cfg = models.ModelConfig(**run_cfg["model"])
   _, shapes, names = models.abstract(model_cfg)
   lora_cfg = mlc.ConfigDict(run_cfg.get("lora", {"rank": 0}))

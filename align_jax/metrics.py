@@ -157,12 +157,14 @@ def banner(cfg, workdir, model, mesh) -> None:
 
 
 def report(workdir, summary) -> None:
-  """Writes summary.json; prints the exact metrics' table and where the results are."""
+  """Writes summary.json; prints the evaluation's table (exact or validation metrics) and where
+  the results are."""
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   if "final" in summary:
     initial, final = summary["initial"], summary["final"]
-    print(f"\n{'exact metric':<36}{'initial':>12}{'final':>12}")
+    title = "validation metric" if all(k.startswith("eval/") for k in final) else "exact metric"
+    print(f"\n{title:<36}{'initial':>12}{'final':>12}")
     for k in final:
       print(f"{k:<36}{initial.get(k, float('nan')):>12.5f}{final[k]:>12.5f}")
   print(

@@ -4,9 +4,10 @@ checks → mesh → the workdir's claim → model and parameters → data → ev
 jitted step → resume → loop → summary. Each piece lives in its room: the start-up checks in
 `config_lib.py` (and each objective's), the workdir's lock and fingerprint in `workdir.py`,
 parameters in `models/loading.py`, records in `data/records.py`, exact evaluation in
-`testbed/evaluate.py`, the testbed's base LM in `testbed/base.py`, on-policy batches in
-`rollout.py`, the update in `step.py`, checkpoints in `checkpoint.py`. Resume order: a checkpoint
-in the workdir > `init_checkpoint` > a fresh init.
+`testbed/evaluate.py` (file data: validation on held-out records in `validate.py`), the testbed's
+base LM in `testbed/base.py`, on-policy batches in `rollout.py`, the update in `step.py`,
+checkpoints in `checkpoint.py`. Resume order: a checkpoint in the workdir > `init_checkpoint` > a
+fresh init.
 """
 
 import dataclasses
@@ -20,12 +21,11 @@ import jax
 from absl import logging
 
 from align_jax import checkpoint, config_lib, metrics, models, objectives, preemption, rewards
-from align_jax import rollout
-from align_jax import sharding, step
+from align_jax import rollout, sharding, step, validate
 from align_jax import workdir as workdir_lib
 from align_jax.data import pipeline, preference, records
 from align_jax.errors import ConfigError, NonFiniteError
-from align_jax.models import hf, loading, lora
+from align_jax.models import hf, loading, lora, presets
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import evaluate, target, task
 
@@ -43,7 +43,7 @@ class _Parts:
   objective: objectives.Objective
   model: loading.RunModel
   evaluator: evaluate.Evaluator | None  # Exact evaluation (testbed runs only).
-  file_data: tuple | None  # A file source's (records, counts, text format).
+  file_data: tuple | None  # A file source's (records, counts, text format, held-out records).
   data: dict  # The record arrays the pipeline batches.
   mesh: jax.sharding.Mesh
   table: dict  # The logical-axis rules.
@@ -85,7 +85,7 @@ def _run(cfg, claimed: workdir_lib.Claim, mesh, table) -> RunResult:
     state = restored
     print(f"resuming from step {start} ({ckpt.directory})", flush=True)
   claimed.record()  # config.json and the fingerprint, now that the run has its state.
-  evaluate_fn = parts.evaluator.evaluate if parts.evaluator else None
+  evaluate_fn = parts.evaluator.evaluate if parts.evaluator else validate.make(cfg, parts)
   initial = evaluate.initial_metrics(
     workdir, evaluate_fn, None if start else state.params, write=is_main
   )
@@ -126,7 +126,9 @@ def _checked(cfg):
     return cfg
   cfg = cfg.copy_and_resolve_references()  # The architecture is the checkpoint's config.json.
   with cfg.unlocked():
-    cfg.model.update(hf.model_config(cfg.init_checkpoint, cfg.model.to_dict()))
+    cfg.model = hf.model_config(
+      cfg.init_checkpoint, cfg.model.to_dict(), presets.fresh(cfg.get("model_preset", ""))
+    )
   return cfg
 
 

@@ -14,7 +14,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c.loss.beta = 0.5  # Scale of the margin in the surrogate h.
   c.loss.label_smoothing = 0.0  # ε of the logistic h (TRL).
   c.loss.h = "logistic"  # logistic | squared_hinge | least_squares.
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

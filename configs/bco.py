@@ -14,7 +14,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
   c.objective = "bco"
   c.loss.beta = 0.1  # Inverse temperature of the implicit reward.
   c.loss.delta_momentum = -1.0  # < 0: δ = mean of everything seen (TRL); in [0, 1): EMA.
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

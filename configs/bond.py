@@ -25,7 +25,7 @@ Expected (default, 2-core CPU, a few minutes including the base LM's pretraining
 falls by more than half from the base, exact/bon_quantile and exact/reward rise.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 ANCHORS = {"fixed": "reference", "periodic": "periodic", "ema": "ema"}
 
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "bond"
   c.objective = "bond"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 2  # Policy samples per prompt (≥ 2 for the leave-one-out baseline).
   c.rollout.num_anchor = 16  # k anchor samples: quantiles, and k/n groups for the forward term.

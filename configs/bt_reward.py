@@ -16,7 +16,7 @@ trained parameters are in runs/bt_reward/checkpoints. `objectives.get("bt_reward
 model's outputs to the scalar reward other objectives use.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c.name = "bt_reward"
   c.objective = "bt_reward"
   c.loss.center_weight = 0.0  # c ≥ 0: weight of the reward-centering regulariser.
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

@@ -19,7 +19,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c.objective = "d2o"
   c.loss.beta = 0.1  # Weight β of the mean self-sample log-ratio [3P].
   c.loss.alpha = 0.1  # Weight α of the negative's log-ratio [3P].
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   c.data.num_samples = 11  # Self-samples per negative, N [3P].
   if arg.smoke:

@@ -19,7 +19,7 @@ Expected (default): summary.json's final exact/reward above its initial value, w
 exact/kl_policy_ref > 0 reported; the console prints the initial-vs-final table.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   c.name = "dpo"
   c.objective = "dpo"
   c.loss.beta = 0.1  # Inverse temperature of the implicit reward β·log(π/π_ref).
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c, rlhf_target=True)
   if arg.smoke:
     config_lib.smoke(c)

@@ -17,7 +17,7 @@ Expected (default): exact/gold_pair_accuracy (held-out pairs ordered by the expe
 gold reward) rises well above 0.5.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
   c.name = "dprm"
   c.objective = "dprm"
   c.loss.cost = "abs"  # Ground cost between categories: abs |j − k| | squared.
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

@@ -30,7 +30,7 @@ Expected (default): the run's own divergence to the target falls by more than ha
 exact/tv for TV); pointwise: exact/constraint_rate rises towards 1.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 from align_jax.objectives import fdpg
 
 TASKS = ("pointwise", "distributional", "hybrid", "rlhf")
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = f"fdpg_{arg.divergence}_{arg.task}"
   c.objective = "fdpg"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4  # Samples per prompt (the proposal is the policy itself).
   if arg.proposal == "offline":  # Samples from a frozen copy q, replaced by π when π is closer.

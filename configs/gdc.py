@@ -11,7 +11,7 @@ Expected (default): exact/kl_target_policy = KL(p‖π) falls by more than half 
 exact/constraint_rate rises from the base's rate towards 1.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "gdc"
   c.objective = "fdpg"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4
   c.loss.divergence = "forward_kl"

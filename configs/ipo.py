@@ -12,7 +12,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.objective = "ipo"
   c.loss.tau = 0.5  # Regularisation τ > 0: the target margin is 1/(2τ).
   c.loss.per_token = False  # True: length-averaged log-ratios (÷ completion length), as TRL.
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

@@ -22,7 +22,7 @@ reported; the anchor (an EMA of the policy) is part of the checkpoint.
 
 import math
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "jbond"
   c.objective = "jbond"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 1
   c.rollout.num_anchor = 2

@@ -11,7 +11,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c.name = "ln_dpo"
   c.objective = "ln_dpo"
   c.loss.beta = 0.4  # Inverse temperature of the per-token implicit reward [M].
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

@@ -10,7 +10,7 @@ labels are the testbed's BT win shares (task.lists). Official defaults: w_sft = 
 Expected (default, testbed): final exact/reward and exact/ranking_accuracy above their initial values.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c.objective = "pro"
   c.loss.sft_weight = 0.05  # w_sft of the best response's NLL (official: 0.05).
   c.loss.temperature = True  # Reward-gap temperatures T (False: T ≡ 1).
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   c.data.list_size = arg.k
   if arg.smoke:

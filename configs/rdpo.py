@@ -10,7 +10,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c.objective = "rdpo"
   c.loss.beta = 0.1  # Inverse temperature of the implicit reward.
   c.loss.label_smoothing = 0.1  # ε ∈ [0, 0.5): the assumed symmetric flip rate.
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c, rlhf_target=True)
   if arg.smoke:
     config_lib.smoke(c)

@@ -12,7 +12,7 @@ policy with that objective's optimum π_ref·exp(r/β) (target.kind = rlhf, β t
 Expected (default): exact/reward rises and exact/kl_policy_target = KL(π‖π_ref·e^{r/β}/Z) falls.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "reinforce"
   c.objective = "reinforce"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4
   c.loss.beta = 1.0  # KL coefficient of the penalised reward.

@@ -11,7 +11,7 @@ compare the policy with π_ref·exp(r/β).
 Expected (default): exact/reward rises and exact/kl_policy_target falls.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "remax"
   c.objective = "remax"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 2
   c.loss.beta = 1.0  # KL coefficient of the penalised reward.

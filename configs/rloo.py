@@ -14,7 +14,7 @@ exact metrics compare the policy with the optimum π_ref·exp(r/β) of E_π[r] �
 Expected (default): exact/reward rises and exact/kl_policy_target falls.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base()
   c.name = "rloo"
   c.objective = "rloo"
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_on_policy(c)
   c.rollout.num_policy = 4  # K ≥ 2 samples per prompt for the leave-one-out baseline.
   c.loss.beta = 1.0  # KL coefficient of the penalised reward.

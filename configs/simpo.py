@@ -13,7 +13,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
   c.objective = "simpo"
   c.loss.beta = 2.0  # Scale β of the length-averaged log-likelihood reward [M].
   c.loss.gamma = 1.0  # Target reward margin γ (γ/β = 0.5) [M].
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

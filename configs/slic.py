@@ -12,7 +12,7 @@ Expected (default, testbed): summary.json's final exact/reward above its initial
 exact/ranking_accuracy (held-out BT pairs) above its initial value; exact/kl_policy_ref reported.
 """
 
-from align_jax import config_lib, models
+from align_jax import config_lib
 
 
 def get_config(arg: str | None = None):
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.objective = "slic"
   c.loss.delta = 1.0  # Calibration margin δ on the log-likelihood gap [M].
   c.loss.lam = 0.5  # Weight λ of the cross-entropy regulariser [M].
-  c.model = models.preset(arg.model)
+  config_lib.set_model(c, arg.model)
   config_lib.testbed_preference(c)
   if arg.smoke:
     config_lib.smoke(c)

@@ -81,7 +81,7 @@ def target_stats(record: study.Record, reference) -> dict:
   task = cfg.target.kind
   values = {
     "pointwise": language.contains(tb.responses_YxT, cfg.testbed.constraint_token)[None],
-    "distributional": np.isin(tb.responses_YxT[:, 0], target.MOMENT_TOKENS)[None],
+    "distributional": language.female_feature(tb.responses_YxT)[None],
     "rlhf": tb.reward_XxY,
   }[task]
   value = float(exact.expectation(target_XxY, jnp.asarray(values, jnp.float32), w_X))

@@ -21,7 +21,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = (
   ("main", "sweep", "export", "plan"),
   ("train",),
-  ("step", "rollout", "rewards", "data", "testbed", "metrics", "preemption"),
+  ("step", "rollout", "rewards", "data", "testbed", "metrics", "preemption", "validate"),
   ("objectives", "sampling", "logps", "targets"),
   ("models", "config_lib"),
   ("sharding", "checkpoint", "workdir", "errors"),

@@ -63,10 +63,11 @@ def test_two_processes_match_one_through_sigterm_and_resume(tmp_path):
   assert len(stops) == 2 and stops[0] == stops[1], stdout[-2000:]  # One common step.
   stopped = int(stops[0])
   assert 2 <= stopped < STEPS
+  logs = (multi / "log.txt").read_text() + (multi / "log.1.txt").read_text()  # INFO records.
   for p in (0, 1):  # Each process reads only its half of every global batch of 16.
     assert (
       f"data: process {p} of 2 reads rows [{8 * p}, {8 * p + 8}) of every global batch "
-      "of 16" in stderr
+      "of 16" in logs
     )
   assert max(int(d) for d in os.listdir(multi / "checkpoints") if d.isdigit()) == stopped
 

@@ -102,16 +102,20 @@ def test_negatives_from_a_file_gain_reference_samples_after_their_own_prompt(tmp
   graphdef, _, _ = models.abstract(cfg)
   params = models.init_params(cfg, jax.random.key(0))
   mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
-  out = reference.append_samples(
-    records,
-    graphdef=graphdef,
-    ref_params=params,
-    mesh=mesh,
-    sampling_cfg=sampling.SamplingConfig(max_new_tokens=3, temperature=0.0),
-    num_samples=2,
-    rows_per_call=4,
-    seed=0,
-  )
+  from align_jax import config_lib
+
+  table = sharding.check_rules(config_lib.base().rules, mesh)
+  with jax.set_mesh(mesh), sharding.use_rules(table):  # As in a run: rows over act_batch.
+    out = reference.append_samples(
+      records,
+      graphdef=graphdef,
+      ref_params=params,
+      mesh=mesh,
+      sampling_cfg=sampling.SamplingConfig(max_new_tokens=3, temperature=0.0),
+      num_samples=2,
+      rows_per_call=4,
+      seed=0,
+    )
   assert out["tokens_KxL"].shape == (3, 3, 6)
   np.testing.assert_array_equal(out["tokens_KxL"][:, 0, :5], records["tokens_KxL"][:, 0])
   np.testing.assert_array_equal(out["loss_mask_KxL"][:, 0, :5], records["loss_mask_KxL"][:, 0])

@@ -1,10 +1,10 @@
-"""Pre-tokenized preference data in six formats, from JSONL, ArrayRecord or TFDS, as padded arrays.
+"""Preference data in six formats, from JSONL, ArrayRecord or TFDS, as padded arrays.
 
 Formats (`fmt`); every record also has "prompt". Prompts and responses are token ids (lists of
 non-negative ints) or, with a tokenizer (`text`: data.tokenizer, data.chat_template), text or chat
 messages as Hugging Face datasets write them (`tokenize.Text`: a prompt is text or a message list;
-a response is text, or a message list ending with the assistant's). Unknown extra fields are
-ignored.
+a response is text, or the assistant's message after the prompt's messages, which it may repeat
+first). Unknown extra fields are ignored.
 
 | fmt       | fields besides prompt                   | K         | score_K            | extra     |
 |-----------|-----------------------------------------|-----------|--------------------|-----------|
@@ -15,6 +15,10 @@ ignored.
 | ternary   | a, b, label ("a" / "b" / "tie")         | 2         | [1, 0]; tie [½, ½] | is_tie    |
 | distribution | completion, distribution or votes [C] | 1        | [mean category/(C−1)] | label_dist_C |
 
+TRL's dataset types read as they are: "pairs" and "binary" records may leave the prompt implicit
+(`implicit_prompt`: the shared start of "chosen" and "rejected", TRL's `extract_prompt`), and a
+"binary" (KTO / BCO) source may hold pairs, each read as a desirable chosen and an undesirable
+rejected record (TRL's `unpair_preference_dataset`; every rejected one after the chosen ones).
 "distribution" (DPRM): the share of a population choosing each of C ordered categories (worst
 first), given directly ("distribution", non-negative, normalised here) or as vote counts ("votes",
 non-negative ints, turned into the posterior mean (1 + n_c)/Σ(1 + n) of a uniform Dirichlet prior);
@@ -110,9 +114,9 @@ def read(
     raise DataError(f"list_size={list_size}: format {fmt!r} has {_FIXED_K[fmt]} responses")
   label, rows = records(source)
   counts = dict.fromkeys(COUNTS, 0)
-  kept, seen, categories = [], 0, 0
-  for where, record in rows:
-    seen += 1
+  kept, undesirable, seen, categories = [], [], 0, 0
+  for where, record, unpaired in _entries(rows, fmt):
+    seen += unpaired != "rejected"
     prompt, responses, scores, extra = _parse(record, fmt, where, vocab_size, text)
     if list_size and len(responses) > list_size:
       raise DataError(f"{where}: {len(responses)} responses exceed list_size={list_size}")
@@ -139,12 +143,76 @@ def read(
       counts["skipped_all_tied"] += 1
       continue
     counts["truncated_responses"] += truncated
-    kept.append((prompt, responses, scores, extra))
+    # An unpaired pair's rejected half goes after every chosen one (TRL's order), so the KTO
+    # mismatched completion of a record (the previous one's) is another prompt's.
+    (undesirable if unpaired == "rejected" else kept).append((prompt, responses, scores, extra))
+  kept += undesirable
   if not seen:
     raise DataError(f"{label}: no records")
   if not kept:
     raise DataError(f"{label}: all {seen} records were skipped ({counts})")
   return _arrays(kept, fmt, max_len, list_size, counts), counts
+
+
+def is_messages(value) -> bool:
+  """Whether a field holds chat messages (a list of {"role", "content"} dicts), as TRL decides."""
+  return (
+    isinstance(value, (list, tuple))
+    and bool(value)
+    and isinstance(value[0], dict)
+    and "role" in value[0]
+    and "content" in value[0]
+  )
+
+
+def implicit_prompt(record: dict) -> dict:
+  """A preference record with its prompt made explicit, as TRL's `maybe_extract_prompt` does.
+
+  Without a "prompt" field, or with one of another kind than "chosen" (text vs messages), the
+  prompt is the shared start of "chosen" and "rejected": characters of text (less a space just
+  before the first difference), messages of a conversation, or token ids; both keep the rest.
+  (TRL's one quirk is not copied: a first difference at index 0 never moves the cut to -1.)
+
+  Examples:
+    >>> implicit_prompt({"chosen": "The sky is blue.", "rejected": "The sky is green."})
+    {'chosen': ' blue.', 'rejected': ' green.', 'prompt': 'The sky is'}
+  """
+  if "chosen" not in record or "rejected" not in record:
+    return record
+  chosen, rejected = (_listed(plain(record[k])) for k in ("chosen", "rejected"))
+  if "prompt" in record and is_messages(plain(record["prompt"])) == is_messages(chosen):
+    return record
+  n = min(len(chosen), len(rejected))
+  if not n or isinstance(chosen, (int, float)):  # The field checks name what is wrong.
+    return record
+  for idx in range(n):
+    if chosen[idx] != rejected[idx]:
+      if idx and chosen[idx - 1] == " ":
+        idx -= 1
+      break
+  return {**record, "chosen": chosen[idx:], "rejected": rejected[idx:], "prompt": chosen[:idx]}
+
+
+def _listed(value):
+  """A 1-d integer array as a list (token ids from TFDS); anything else as it is."""
+  return value.tolist() if isinstance(value, np.ndarray) and value.ndim == 1 else value
+
+
+def _entries(rows, fmt: str) -> Iterator[tuple[str, dict, str]]:
+  """(where, record, unpaired) of each source record, its implicit prompt made explicit. For
+  "binary", a pair without "completion" gives two records, as TRL's `unpair_preference_dataset`
+  does: the chosen one desirable, the rejected one not (unpaired says which half)."""
+  for where, record in rows:
+    if fmt in ("pairs", "binary"):
+      record = implicit_prompt(record)
+    if fmt == "binary" and "completion" not in record and "chosen" in record:
+      for half, label in (("chosen", True), ("rejected", False)):
+        if half not in record:
+          raise DataError(f"{where}: record has no field {half!r}")
+        prompt = {"prompt": record["prompt"]} if "prompt" in record else {}
+        yield where, {**prompt, "completion": record[half], "label": label}, half
+    else:
+      yield where, record, ""
 
 
 def check_source(source: str) -> None:

@@ -1,7 +1,9 @@
 """Prompt-only records for on-policy objectives, from the sources of preference.py, as P-token rows.
 
 A record's prompt is its "prompt" field (text, chat messages, or token ids), else its "messages"
-field (chat messages, the user's last), else, for these TFDS text datasets, the field below. Text
+field (chat messages, the user's last), else, for these TFDS text datasets, the field below; a
+preference record's implicit prompt counts (`preference.implicit_prompt`: TRL's prompt-only view
+of a preference dataset). Text
 is formatted and tokenized by a `tokenize.Text` (data.tokenizer, data.chat_template).
 
 | TFDS name     | prompt field | what                                  | splits                    |
@@ -63,6 +65,7 @@ def read(
     if limit and seen == limit:
       break
     seen += 1
+    record = preference.implicit_prompt(record)
     key = next((k for k in ("prompt", "messages", field) if k in record), None)
     if key is None:
       wanted = " or ".join(repr(k) for k in ("prompt", "messages", field) if k)
@@ -76,7 +79,7 @@ def read(
       counts["skipped_short_prompts"] += 1
       continue
     if len(ids) > prompt_len:  # Cut the text's end; keep the template's tail.
-      tail = text.tail if formatted else 0
+      tail = text.prompt_tail(value) if formatted else 0
       ids = ids[: prompt_len - tail] + ids[len(ids) - tail :]
       counts["truncated_prompts"] += 1
     rows.append(ids)

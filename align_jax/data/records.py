@@ -9,14 +9,17 @@ log-probs computed once per dataset (`data.precompute_ref`).
 import os
 
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from align_jax import sampling
-from align_jax.data import pipeline, preference, prompts, reference, tokenize, udm
+from align_jax.data import corpus, pipeline, preference, prompts, reference, tokenize, udm
 from align_jax.errors import ConfigError
+from align_jax.models import hf
 from align_jax.testbed import base as testbed_base
-from align_jax.testbed import task
+from align_jax.testbed import target, task
 
+HELD_OUT_SEED = 7919  # Added to the run's seed to draw data.eval_fraction's held-out records.
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = (
   "tokens_KxL",
@@ -33,12 +36,25 @@ BATCH_FIELDS = (
 )
 
 
-def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text | None] | None:
-  """(records, counts, text format) of a file source in record format `fmt`, read before any
-  model work (bad data fails fast); None for the testbed."""
+def read_file(cfg, fmt: str, vocab_size: int) -> tuple | None:
+  """(records, counts, text format, held-out records or None) of a file source in record format
+  `fmt`, read before any model work (bad data fails fast); None for the testbed.
+
+  The held-out records (validation, align_jax/validate.py) are data.eval_source's, or a random
+  data.eval_fraction of the source's (drawn with the seed; counts: records trained on,
+  eval_records held out)."""
   d = cfg.data
   if d.source == "testbed":
+    if d.eval_source or d.eval_fraction:
+      raise ConfigError(
+        "data.eval_source / data.eval_fraction hold out file records; the "
+        "testbed is evaluated exactly"
+      )
     return None
+  if d.eval_source and d.eval_fraction:
+    raise ConfigError("set one of data.eval_source and data.eval_fraction")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
   if (d.chat_template or d.system_prompt) and not d.tokenizer:
     raise ConfigError("data.chat_template and data.system_prompt format text: set data.tokenizer")
   text = (
@@ -46,6 +62,23 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
     if d.tokenizer
     else None
   )
+  if text is not None:
+    check_tokenizer(text, vocab_size, cfg.init_checkpoint)
+  arrays, counts = _read(cfg, fmt, d.source, vocab_size, text)
+  held = None
+  if d.eval_source:
+    held, _ = _read(cfg, fmt, d.eval_source, vocab_size, text)
+  elif d.eval_fraction:
+    arrays, held = _split(arrays, d.eval_fraction, cfg.seed)
+    counts["records"] = len(arrays["tokens_KxL" if fmt != "prompts" else "prompt_P"])
+  if held is not None:
+    counts["eval_records"] = len(next(iter(held.values())))
+  return arrays, counts, text, held
+
+
+def _read(cfg, fmt, source, vocab_size, text) -> tuple[dict, dict]:
+  """(records, counts) of one source in format `fmt`."""
+  d = cfg.data
   if fmt == "prompts":  # On-policy from prompt-only records (align_jax/data/prompts.py).
     if not cfg.reward_model:
       raise ConfigError(
@@ -53,28 +86,81 @@ def read_file(cfg, fmt: str, vocab_size: int) -> tuple[dict, dict, tokenize.Text
         "reward_model (a reward-model run's workdir): only the testbed has a rule "
         "reward"
       )
-    return (
-      *prompts.read(
-        d.source, prompt_len=d.prompt_len, text=text, limit=d.num_examples, vocab_size=vocab_size
-      ),
-      text,
+    return prompts.read(
+      source, prompt_len=d.prompt_len, text=text, limit=d.num_examples, vocab_size=vocab_size
     )
+  if fmt == "corpus":  # SFT from text, conversations or prompt-completion records.
+    return corpus.read(source, max_len=d.max_len, vocab_size=vocab_size, text=text)
   if fmt not in preference.FORMATS:
     raise ConfigError(
       f"objective {cfg.objective!r} trains on {fmt!r} records, which only the "
       "testbed provides; set data.source=testbed"
     )
-  return (
-    *preference.read(
-      d.source,
-      fmt,
-      max_len=d.max_len,
-      list_size=d.list_size if fmt == "lists" else 0,
-      vocab_size=vocab_size,
-      text=text,
-    ),
-    text,
+  return preference.read(
+    source,
+    fmt,
+    max_len=d.max_len,
+    list_size=d.list_size if fmt == "lists" else 0,
+    vocab_size=vocab_size,
+    text=text,
   )
+
+
+def _split(arrays: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+  """(kept, held out): round(fraction · N) records (at least 1, at most N − 1) drawn at random
+  with the seed, each part in source order; prompt indices renumbered."""
+  n = len(next(iter(arrays.values())))
+  k = min(max(round(fraction * n), 1), n - 1)
+  if k < 1:
+    raise ConfigError(f"data.eval_fraction={fraction}: {n} record(s) cannot be split")
+  held_out = np.zeros(n, bool)
+  held_out[np.random.default_rng(seed + HELD_OUT_SEED).permutation(n)[:k]] = True
+  parts = tuple({key: v[mask] for key, v in arrays.items()} for mask in (~held_out, held_out))
+  for part in parts:
+    if "prompt_index" in part:
+      part["prompt_index"] = np.arange(len(part["prompt_index"]), dtype=np.int32)
+  return parts
+
+
+def held_out(cfg, fmt: str, file_data, model, mesh) -> dict | None:
+  """The held-out records of a file source made ready as training records are (KTO's mismatched
+  completions, D2O's own samples), or None."""
+  if not file_data or file_data[3] is None:
+    return None
+  arrays, text = file_data[3], file_data[2]
+  return _file(cfg, fmt, (arrays, {}, text, None), model.graphdef, model.ref_params, mesh)[0]
+
+
+def check_tokenizer(text: tokenize.Text, vocab_size: int, init_checkpoint: str) -> None:
+  """The tokenizer against the model: its ids must fit the model's vocabulary (ConfigError), and
+  its BOS and end of turn should be the ones a Hugging Face init_checkpoint generates with
+  (generation_config.json; a warning, one line each)."""
+  tok = text.tokenizer
+  if tok.vocab_size > vocab_size:
+    raise ConfigError(
+      f"data.tokenizer {tok.path!r} has {tok.vocab_size} tokens, more than the model's "
+      f"vocab_size={vocab_size}: pick the model's own tokenizer"
+    )
+  if not hf.is_hf_dir(init_checkpoint):
+    return
+  ids = hf.generation_token_ids(init_checkpoint)
+  where = f"init_checkpoint {init_checkpoint!r}'s generation_config.json"
+  if tok.bos_id is not None and ids["bos"] and tok.bos_id not in ids["bos"]:
+    logging.warning(
+      "data.tokenizer's BOS %r (id %d) is not %s bos_token_id %s",
+      tok.bos_token,
+      tok.bos_id,
+      where,
+      ids["bos"],
+    )
+  if text.stop_id is not None and ids["eos"] and text.stop_id not in ids["eos"]:
+    logging.warning(
+      "data.tokenizer's end of a response (id %d) is not among %s eos_token_id %s: the "
+      "exported model will not stop where training stopped",
+      text.stop_id,
+      where,
+      ids["eos"],
+    )
 
 
 def sampling_config(cfg, file_data) -> sampling.SamplingConfig:
@@ -132,7 +218,7 @@ def _testbed(cfg, fmt, tb, base_logp_XxY) -> tuple[dict, dict]:
   base = None if base_logp_XxY is None else np.asarray(base_logp_XxY)
   T = t.bt_temperature
   make = {
-    "corpus": lambda: task.corpus(tb, d.num_examples, cfg.seed),
+    "corpus": lambda: _corpus(cfg, tb, base),
     "pairs": lambda: task.pairs(tb, base, d.num_examples, cfg.seed, T),
     "lists": lambda: task.lists(tb, base, d.num_examples, cfg.seed, T, d.list_size),
     "binary": lambda: task.binary(tb, base, d.num_examples, cfg.seed, T),
@@ -144,6 +230,16 @@ def _testbed(cfg, fmt, tb, base_logp_XxY) -> tuple[dict, dict]:
     ),
   }[fmt]
   return {k: v for k, v in make().items() if k in BATCH_FIELDS}, {}
+
+
+def _corpus(cfg, tb, chain_XxY) -> dict:
+  """Testbed SFT records: chain samples (pretraining), or draws from the run's target (e.g.
+  target.kind = bon: Best-of-N samples of the chain, rejection-sampling fine-tuning)."""
+  n = cfg.data.num_examples
+  if cfg.target.kind in ("", "chain"):
+    return task.corpus(tb, n, cfg.seed)
+  logp_XxY = target.target_logp(cfg, tb, chain_XxY, target.potential(cfg, tb, chain_XxY))
+  return task.demonstrations(tb, logp_XxY, n, cfg.seed)
 
 
 def batches(cfg, arrays: dict):
@@ -159,7 +255,7 @@ def batches(cfg, arrays: dict):
 
 def _file(cfg, fmt, file_data, graphdef, ref_params, mesh) -> tuple[dict, dict]:
   """A file source's records; negatives get the reference's own samples beside them."""
-  arrays, counts, _ = file_data
+  arrays, counts = file_data[:2]
   if fmt == "binary":
     arrays = preference.with_mismatched(arrays)
   if fmt == "negatives":  # The model's own samples beside each negative, drawn from π_ref.

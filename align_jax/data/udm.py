@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from align_jax.errors import DataError
+
 _CHUNK_ELEMENTS = 1 << 24  # gathered embedding values per chunk in `prompt_features`
 
 
@@ -120,7 +122,7 @@ def fit_logistic(
   y_N = (np.asarray(labels_N) > 0).astype(np.float64)
   n_pos, n_neg = int(y_N.sum()), int(y_N.size - y_N.sum())
   if n_pos == 0 or n_neg == 0:
-    raise ValueError(
+    raise DataError(
       f"fit_logistic needs examples of both classes; got {n_pos} positive "
       f"(desirable) and {n_neg} negative (undesirable)"
     )

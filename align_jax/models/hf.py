@@ -1,15 +1,17 @@
 """Hugging Face checkpoints: config.json <-> ModelConfig, sharded import, export.
 
 A local HF directory (`config.json` with a `model_type`, and `model.safetensors` or shards listed in
-`model.safetensors.index.json`) of a Llama 3.x, Gemma 1/2/3, Qwen2/2.5/3 or GPT-2 causal LM:
+`model.safetensors.index.json`) of a Llama 3.x, Gemma 1/2/3, Qwen2/2.5/3, Mistral, Phi-3 or GPT-2
+causal LM:
 
   fields = hf.config_fields(hf.read_config(path))        # ModelConfig's architecture fields
   params = hf.load_params(path, model_cfg, shardings)     # sharded, each process reads its slices
   hf.save(out_dir, params, model_cfg)                     # loads in AutoModelForCausalLM
 
-Every parameter is one HF tensor (or a column block of GPT-2's fused `c_attn`) viewed as a matrix
-M[a, b]: its first `split` axes flatten to a, the rest to b (wq_DxHxE: a = D, b = H·E). HF Linear
-weights store M transposed ([out, in]); GPT-2's Conv1D and embeddings store M as is. Import builds
+Every parameter is one HF tensor (or a block of a fused one: GPT-2's `c_attn` columns, Phi-3's
+`qkv_proj` and `gate_up_proj` rows) viewed as a matrix M[a, b]: its first `split` axes flatten to
+a, the rest to b (wq_DxHxE: a = D, b = H·E). HF Linear weights store M transposed ([out, in]);
+GPT-2's Conv1D and embeddings store M as is. Import builds
 each array with `jax.make_array_from_callback`, reading through `safe_open(...).get_slice` only
 the rows and columns of the blocks the process's devices hold.
 """
@@ -40,6 +42,8 @@ ARCHITECTURES = {
   "qwen2": ("qwen2", "Qwen2ForCausalLM"),
   "qwen3": ("qwen3", "Qwen3ForCausalLM"),
   "gpt2": ("gpt2", "GPT2LMHeadModel"),
+  "mistral": ("mistral", "MistralForCausalLM"),
+  "phi3": ("phi3", "Phi3ForCausalLM"),
 }
 _FAMILY = {model_type: family for family, (model_type, _) in ARCHITECTURES.items()}
 # ModelConfig fields that shape the parameters: a run's config must agree with the checkpoint.
@@ -86,6 +90,20 @@ def read_config(hf_dir: str) -> dict:
   if hf.get("model_type") == "gemma3" and "text_config" in hf:
     hf = {**hf["text_config"], "model_type": "gemma3_text"}
   return hf
+
+
+def generation_token_ids(hf_dir: str) -> dict[str, list[int]]:
+  """{"bos": [...], "eos": [...]}: the ids generation_config.json (else config.json) names."""
+  path = os.path.join(hf_dir, "generation_config.json")
+  source = read_config(hf_dir)
+  if os.path.isfile(path):
+    with open(path) as f:
+      source = {**source, **json.load(f)}
+  out = {}
+  for key in ("bos", "eos"):
+    value = source.get(f"{key}_token_id")
+    out[key] = [] if value is None else list(value) if isinstance(value, list) else [value]
+  return out
 
 
 # ---- config.json -> ModelConfig ------------------------------------------------------------------
@@ -211,13 +229,36 @@ def _rope_fields(hf, family, where) -> dict:
   for p in (global_, local):
     if p.get("partial_rotary_factor", 1.0) != 1.0:
       raise HFDirError(f"{where}: partial_rotary_factor is not supported")
+  if hf.get("partial_rotary_factor", 1.0) != 1.0:
+    raise HFDirError(f"{where}: partial_rotary_factor is not supported")
   kind = global_.get("rope_type", global_.get("type")) or "default"
-  if local.get("rope_type", "default") != "default" or kind not in ("default", "linear", "llama3"):
+  kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it.
+  if local.get("rope_type", "default") != "default" or kind not in (
+    "default",
+    "linear",
+    "llama3",
+    "longrope",
+  ):
     raise HFDirError(
-      f"{where}: RoPE type {kind!r} is not supported; supported: default, linear, llama3"
+      f"{where}: RoPE type {kind!r} is not supported; supported: default, linear, llama3, longrope"
     )
   if kind == "linear":
     fields.update(rope_scaling="linear", rope_factor=float(global_["factor"]))
+  elif kind == "longrope":  # transformers' _compute_longrope_parameters.
+    original = int(
+      global_.get("original_max_position_embeddings") or hf["original_max_position_embeddings"]
+    )
+    factor = global_.get("factor") or hf.get("max_position_embeddings", original) / original
+    attention = global_.get("attention_factor")
+    if attention is None:
+      attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    fields.update(
+      rope_scaling="longrope",
+      rope_short_factor=tuple(float(f) for f in global_["short_factor"]),
+      rope_long_factor=tuple(float(f) for f in global_["long_factor"]),
+      rope_original_max_len=original,
+      rope_attention_factor=float(attention),
+    )
   elif kind == "llama3":
     fields.update(
       rope_scaling="llama3",
@@ -243,40 +284,76 @@ def _layer_types(hf, family) -> list[str]:
       "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
       for i in range(n)
     ]
+  if family in ("mistral", "phi3") and hf.get("sliding_window"):  # Every layer.
+    return ["sliding_attention"] * n
   return ["full_attention"] * n
 
 
 def _window_fields(hf, family, where) -> dict:
-  """layer_types as (sliding_window, sliding_window_pattern): every P-th layer global."""
+  """layer_types as (sliding_window, sliding_window_pattern) when every P-th layer is global,
+  else as the list of local layers (window_layers). Qwen's window exists only with
+  use_sliding_window (transformers drops it otherwise)."""
   local = [t == "sliding_attention" for t in _layer_types(hf, family)]
-  if not any(local):
-    return {}
   window = hf.get("sliding_window") or (4096 if family.startswith("gemma") else 0)
+  if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+    window = 0
+  if not any(local) or not window:
+    return {}
   for period in range(len(local) + 1):
     if local == [not (period and (i + 1) % period == 0) for i in range(len(local))]:
       return dict(sliding_window=int(window), sliding_window_pattern=period)
-  raise HFDirError(
-    f"{where}: layer_types {hf.get('layer_types')} are not 'every P-th layer global'; not supported"
-  )
+  return dict(sliding_window=int(window), window_layers=tuple(i for i, x in enumerate(local) if x))
 
 
-def model_config(hf_dir: str, model: Mapping) -> dict:
+def model_config(hf_dir: str, model: Mapping, defaults: Mapping | None = None) -> dict:
   """A run's model fields with the architecture taken from `hf_dir`'s config.json.
 
-  Raises ValueError naming the fields where `model` contradicts the checkpoint in shape.
+  Args:
+    hf_dir: the Hugging Face directory.
+    model: the run's model fields (a preset, overrides, RUN_FIELDS).
+    defaults: the fields `model` holds by default and that yield to the checkpoint (a fresh-init
+      preset's); a field of `model` equal to its default is not asked for. None: every field is.
+
+  Returns:
+    The checkpoint's ModelConfig fields, with `model`'s RUN_FIELDS.
+
+  Raises:
+    HFDirError naming each asked-for field that contradicts the checkpoint: a shape field, or one
+    whose value would change the checkpoint's computation (fields without effect, such as a RoPE
+    model's max_positions, pass).
   """
   fields = config_fields(read_config(hf_dir), os.path.join(hf_dir, "config.json"))
-  bad = [
-    f"model.{k}={model[k]} (checkpoint: {fields[k]})"
-    for k in SHAPE_FIELDS
-    if k in model and model[k] != fields[k]
+  run = {k: v for k, v in model.items() if k in RUN_FIELDS}
+  checkpoint = ModelConfig(**fields, **run)
+  arch = {k: v for k, v in dataclasses.asdict(checkpoint).items() if k not in RUN_FIELDS}
+  unset = object()
+  asked = {
+    k: v
+    for k, v in model.items()
+    if k in arch and (defaults is None or defaults.get(k, unset) != v)
+  }
+  bad = [  # In ModelConfig's order: the shape first.
+    f"model.{k}={asked[k]!r} (checkpoint: {arch[k]!r})"
+    for k in arch
+    if k in asked and asked[k] != arch[k] and _changes(checkpoint, k, asked[k])
   ]
   if bad:
     raise HFDirError(
-      f"init_checkpoint {hf_dir!r} disagrees with the config: {', '.join(bad)}; "
-      "pick the matching model preset or override these fields"
+      f"init_checkpoint {hf_dir!r} disagrees with the config: {', '.join(bad)}; the "
+      "architecture comes from its config.json: drop the model preset or these overrides"
     )
-  return {**model, **fields}
+  return {**arch, **run}
+
+
+def _changes(cfg: ModelConfig, key: str, value) -> bool:
+  """Whether setting `key` to `value` changes `cfg`'s parameters or computation."""
+  if key in SHAPE_FIELDS or (key == "max_positions" and cfg.positions == "learned"):
+    return True
+  try:
+    other = dataclasses.replace(cfg, **{key: value})
+  except (ValueError, TypeError):  # Not even a valid architecture with it.
+    return True
+  return _canonical(other) != _canonical(cfg)
 
 
 # ---- Parameter <-> tensor correspondence ---------------------------------------------------------
@@ -336,7 +413,20 @@ def _spec(cfg, keys, prefix, lm_head) -> _Spec | None:
     "mlp/bup_F": ("mlp.up_proj.bias", 0, False),
     "mlp/bdown_D": ("mlp.down_proj.bias", 0, False),
   }
-  found = names.get("/".join(map(str, keys[2:])))
+  path = "/".join(map(str, keys[2:]))
+  if cfg.family == "phi3":  # Fused rows: qkv_proj = [q | k | v], gate_up_proj = [gate | up].
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    fused = {
+      "attn/wq_DxHxE": ("self_attn.qkv_proj.weight", 0),
+      "attn/wk_DxGxE": ("self_attn.qkv_proj.weight", q),
+      "attn/wv_DxGxE": ("self_attn.qkv_proj.weight", q + kv),
+      "mlp/wgate_DxF": ("mlp.gate_up_proj.weight", 0),
+      "mlp/wup_DxF": ("mlp.gate_up_proj.weight", cfg.mlp_dim),
+    }
+    if path in fused:
+      name, offset = fused[path]
+      return _Spec(f"{prefix}layers.{keys[1]}.{name}", 1, True, offset)
+  found = names.get(path)
   if found is None:
     return None
   name, split, transposed = found
@@ -442,7 +532,7 @@ def _read_block(tensor, spec: _Spec, shape, index) -> np.ndarray:
   if not a_dims:
     block = tensor[b0 + o : b1 + o]
   elif spec.transposed:
-    block = np.asarray(tensor[b0:b1, a0:a1]).T
+    block = np.asarray(tensor[b0 + o : b1 + o, a0:a1]).T
   else:
     block = tensor[a0:a1, b0 + o : b1 + o]
   a_shape = ((a1 - a0) // math.prod(a_dims[1:]), *a_dims[1:]) if a_dims else ()
@@ -464,7 +554,11 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
     spec = specs[jax.tree_util.keystr(path)]
     block = _hf_shape(spec, leaf.shape)
     known = expected.get(spec.name)
-    expected[spec.name] = block if known is None else (*block[:-1], known[-1] + block[-1])
+    if known is not None and spec.transposed:  # Fused rows (Phi-3).
+      block = (known[0] + block[0], *block[1:])
+    elif known is not None:  # Fused columns (GPT-2).
+      block = (*block[:-1], known[-1] + block[-1])
+    expected[spec.name] = block
   dtype = jnp.dtype(cfg.param_dtype)
   with contextlib.ExitStack() as stack:
     opened = {}
@@ -509,13 +603,17 @@ def _canonical(cfg: ModelConfig) -> dict:
   """The architecture fields that change the computation (for the export round-trip check)."""
   f = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_FIELDS}
   f["local_layers"] = tuple(cfg.is_local(i) for i in range(cfg.n_layers))
-  drop = {"sliding_window_pattern", "max_positions"}
+  drop = {"sliding_window_pattern", "window_layers", "max_positions"}
   if not any(f["local_layers"]):
     drop |= {"sliding_window", "rope_local_theta"}
   elif not cfg.rope_local_theta and not cfg.rope_scaling:  # Local layers: the same RoPE.
     f["rope_local_theta"] = cfg.rope_theta
-  if cfg.rope_scaling != "llama3":
+  if cfg.rope_scaling != "longrope":
+    drop |= {"rope_short_factor", "rope_long_factor", "rope_attention_factor"}
+  if cfg.rope_scaling not in ("llama3", "longrope"):
     drop |= {"rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"}
+  elif cfg.rope_scaling == "longrope":
+    drop |= {"rope_low_freq_factor", "rope_high_freq_factor", "rope_factor"}
   if not cfg.rope_scaling:
     drop.add("rope_factor")
   if cfg.positions == "learned":
@@ -584,6 +682,8 @@ def hf_config(cfg: ModelConfig, special_tokens: Mapping | None = None) -> dict:
       )
       if cfg.family.startswith("qwen"):  # Else transformers drops the window.
         out.update(use_sliding_window=True, max_window_layers=0)
+    elif cfg.family in ("mistral", "phi3"):  # Else transformers' default window (Mistral: 4096).
+      out["sliding_window"] = None
     out.update(_rope_config(cfg))
   have = _canonical(ModelConfig(**config_fields(out), **run_fields(cfg)))
   want = _canonical(cfg)
@@ -598,7 +698,14 @@ def hf_config(cfg: ModelConfig, special_tokens: Mapping | None = None) -> dict:
 
 def _rope_config(cfg: ModelConfig) -> dict:
   scaling = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling:
+  if cfg.rope_scaling == "longrope":
+    scaling.update(
+      short_factor=list(cfg.rope_short_factor),
+      long_factor=list(cfg.rope_long_factor),
+      original_max_position_embeddings=cfg.rope_original_max_len,
+      attention_factor=cfg.rope_attention_factor,
+    )
+  elif cfg.rope_scaling:
     scaling["factor"] = cfg.rope_factor
   if cfg.rope_scaling == "llama3":
     scaling.update(
@@ -611,6 +718,8 @@ def _rope_config(cfg: ModelConfig) -> dict:
     "rope_scaling": scaling if cfg.rope_scaling else None,
     "rope_parameters": scaling,
   }
+  if cfg.rope_scaling == "longrope":
+    out["original_max_position_embeddings"] = cfg.rope_original_max_len
   if cfg.family == "gemma3":
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
     out.update(
@@ -665,7 +774,8 @@ def save(
       spec, x = specs[jax.tree_util.keystr(path)], np.asarray(flat[jax.tree_util.keystr(path)])
       m = x.reshape(_hf_shape(dataclasses.replace(spec, transposed=False), x.shape))
       blocks.append(m.T if spec.transposed else m)
-    return np.ascontiguousarray(np.concatenate(blocks, axis=-1).astype(dtype))
+    axis = 0 if specs[jax.tree_util.keystr(pieces[name][0][1])].transposed else -1
+    return np.ascontiguousarray(np.concatenate(blocks, axis=axis).astype(dtype))
 
   sizes = {
     n: sum(flat[jax.tree_util.keystr(p)].size for _, p in v) * dtype.itemsize

@@ -1,9 +1,10 @@
 """Named model sizes. A config picks one with `model=<name>` and may override any field.
 
-The real-model presets carry the published architecture of each checkpoint (`family` names its
-Hugging Face class); their weights come from a local HF directory through
-`--config.init_checkpoint=/path/to/hf_dir` (align_jax/models/hf.py), whose config.json must agree
-with the preset in shape.
+Presets are for fresh initialisation and benchmarks. The real-model presets carry the published
+architecture of each checkpoint (`family` names its Hugging Face class). A Hugging Face
+`--config.init_checkpoint=/path/to/hf_dir` brings its own architecture (config.json,
+align_jax/models/hf.py): the fresh-init presets (FRESH, every config's default) yield to it; any
+other preset must agree with it (`hf.model_config`).
 """
 
 import dataclasses
@@ -216,6 +217,10 @@ PRESETS = {
   "gpt2_medium": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, mlp_dim=4096),
 }
 
+# Presets for fresh initialisation (the testbed's base LM, unit tests and smoke runs): a Hugging
+# Face init_checkpoint's config.json replaces them.
+FRESH = ("testbed", "tiny")
+
 # Every ModelConfig field with a default, so each preset's ConfigDict has all of them.
 _DEFAULTS = {
   f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING
@@ -227,3 +232,9 @@ def preset(name: str) -> mlc.ConfigDict:
   if name not in PRESETS:
     raise ConfigError(f"model preset {name!r} is unknown; known: {sorted(PRESETS)}")
   return mlc.ConfigDict({**_DEFAULTS, **PRESETS[name]})
+
+
+def fresh(name: str) -> dict | None:
+  """The fields of `name` if it is a fresh-init preset (they yield to a Hugging Face checkpoint),
+  else None ('' = a hand-built model section, or a real-model preset: every field is asked for)."""
+  return {**_DEFAULTS, **PRESETS[name]} if name in FRESH else None

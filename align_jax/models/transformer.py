@@ -1,10 +1,10 @@
 """Decoder-only transformer in Flax NNX, used functionally; one code path for every family.
 
-Llama is the default; Gemma 1/2/3, Qwen2/2.5/3 and GPT-2 are options of `ModelConfig` (norm kind,
-MLP activation and gating, biases, QK-norm, learned positions, embedding scaling, soft-capping,
-sandwich norms, sliding-window layers, RoPE scaling), so every family trains, scores and samples
-through the same modules. `Transformer.__call__` takes tokens and their positions, and optionally a
-KV cache with the slot to write at. Parameters carry logical axis names (`embed`, `mlp`, `heads`,
+Llama is the default; Gemma 1/2/3, Qwen2/2.5/3, Mistral, Phi-3 and GPT-2 are options of
+`ModelConfig` (norm kind, MLP activation and gating, biases, QK-norm, learned positions, embedding
+scaling, soft-capping, sandwich norms, sliding-window layers, RoPE scaling), so every family
+trains, scores and samples through the same modules. `Transformer.__call__` takes tokens and their
+positions, and optionally a KV cache with the slot to write at. Parameters carry logical axis names (`embed`, `mlp`, `heads`,
 ...); activations are constrained with `act_*` names through `sharding.shard`. Shape letters: R
 rows, L tokens of this call (of `pos_embed_LxD`: the learned positions), S cache slots, D width, H
 query heads, G KV heads, E head dim, F MLP width, V vocabulary.
@@ -42,7 +42,7 @@ ACT_AXES = (
   "act_kv_heads",
   "act_vocab",
 )
-FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "gpt2", "mistral", "phi3")
 ACTIVATIONS = {
   "silu": jax.nn.silu,
   "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -79,12 +79,17 @@ class ModelConfig:
   family: str = "llama"  # One of FAMILIES.
   rope_theta: float = 10_000.0
   # RoPE of the global (non-sliding) layers: "" (none), "linear" (Gemma 3) or "llama3" (Llama 3.1+)
-  # frequency scaling by rope_factor; llama3 also uses the next three fields.
+  # frequency scaling by rope_factor; llama3 also uses the next three fields. "longrope" (Phi-3's
+  # su / LongRoPE): frequency i divided by rope_short_factor[i], or rope_long_factor[i] in a call
+  # whose last position is beyond rope_original_max_len, and cos / sin times rope_attention_factor.
   rope_scaling: str = ""
   rope_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  rope_short_factor: tuple[float, ...] = ()
+  rope_long_factor: tuple[float, ...] = ()
+  rope_attention_factor: float = 1.0
   # Sliding-window layers' own RoPE base, unscaled (Gemma 3); 0: the global layers' RoPE.
   rope_local_theta: float = 0.0
   norm_eps: float = 1e-6
@@ -107,6 +112,8 @@ class ModelConfig:
   # layer i is global when (i + 1) % P == 0 (Gemma 2: 2, Gemma 3: 6); P = 0: every layer is local.
   sliding_window: int = 0
   sliding_window_pattern: int = 0
+  # Any other pattern (Qwen's layer_types): the 0-based layers that are local; () = the pattern's.
+  window_layers: tuple[int, ...] = ()
   tie_embeddings: bool = False
   dtype: str = "float32"  # Activation / matmul dtype (bfloat16 on accelerators).
   param_dtype: str = "float32"  # Storage dtype of parameters.
@@ -120,6 +127,17 @@ class ModelConfig:
   num_scores: int = 0
 
   def __post_init__(self):
+    for key in ("window_layers", "rope_short_factor", "rope_long_factor"):  # JSON gives lists.
+      object.__setattr__(self, key, tuple(getattr(self, key)))
+    if self.rope_scaling == "longrope" and not (
+      len(self.rope_short_factor) == len(self.rope_long_factor) == self.head_dim // 2
+    ):
+      raise ConfigError(
+        f"model.rope_scaling='longrope' needs head_dim/2 = {self.head_dim // 2} short and long "
+        f"factors; got {len(self.rope_short_factor)} and {len(self.rope_long_factor)}"
+      )
+    if any(not 0 <= i < self.n_layers for i in self.window_layers):
+      raise ConfigError(f"model.window_layers={self.window_layers}: layers are 0..n_layers-1")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(
         f"model: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
@@ -129,7 +147,7 @@ class ModelConfig:
       "norm": ("rms", "layer"),
       "mlp_act": tuple(ACTIVATIONS),
       "positions": ("rope", "learned"),
-      "rope_scaling": ("", "linear", "llama3"),
+      "rope_scaling": ("", "linear", "llama3", "longrope"),
       "attention_impl": ("xla", "cudnn", "auto"),
       "remat_policy": tuple(REMAT_POLICIES),
     }
@@ -148,6 +166,8 @@ class ModelConfig:
 
   def is_local(self, layer: int) -> bool:
     """Whether layer `layer` (0-based) attends within the sliding window."""
+    if self.window_layers:
+      return self.sliding_window > 0 and layer in self.window_layers
     P = self.sliding_window_pattern
     return self.sliding_window > 0 and not (P and (layer + 1) % P == 0)
 
@@ -215,12 +235,23 @@ class HeadNorm(nnx.Module):
     return normalize(self.cfg, x_RxLxHxE, self.scale_E[...], kind="rms")
 
 
-def rope_frequencies(cfg: ModelConfig, local: bool, dtype) -> jax.Array:
-  """Inverse frequencies [E/2] of a layer's RoPE, with the global layers' scaling (HF's rules)."""
+def rope_frequencies(
+  cfg: ModelConfig, local: bool, dtype, positions_RxL: jax.Array | None = None
+) -> jax.Array:
+  """Inverse frequencies [E/2] of a layer's RoPE, with the global layers' scaling (HF's rules).
+
+  longrope picks its long factors when the call's last position (max over `positions_RxL`) is
+  beyond rope_original_max_len, as transformers' dynamic update does per forward pass."""
   half = cfg.head_dim // 2
   if local and cfg.rope_local_theta:
     return cfg.rope_local_theta ** (-jnp.arange(half, dtype=dtype) / half)
   inv_freq_k = cfg.rope_theta ** (-jnp.arange(half, dtype=dtype) / half)
+  if cfg.rope_scaling == "longrope":
+    long = jnp.max(positions_RxL) + 1 > cfg.rope_original_max_len
+    factor_k = jnp.where(
+      long, jnp.asarray(cfg.rope_long_factor, dtype), jnp.asarray(cfg.rope_short_factor, dtype)
+    )
+    return inv_freq_k / factor_k
   if cfg.rope_scaling == "linear":
     return inv_freq_k / cfg.rope_factor
   if cfg.rope_scaling == "llama3":  # Long wavelengths / factor, short kept, smooth in between.
@@ -237,12 +268,14 @@ def rope_frequencies(cfg: ModelConfig, local: bool, dtype) -> jax.Array:
   return inv_freq_k
 
 
-def rope(x_RxLxHxE: jax.Array, positions_RxL: jax.Array, inv_freq_k: jax.Array) -> jax.Array:
-  """Rotary embedding, rotate-half convention (Llama / HF)."""
+def rope(
+  x_RxLxHxE: jax.Array, positions_RxL: jax.Array, inv_freq_k: jax.Array, scale: float = 1.0
+) -> jax.Array:
+  """Rotary embedding, rotate-half convention (Llama / HF); cos and sin times `scale`."""
   half = x_RxLxHxE.shape[-1] // 2
   dt = wide(x_RxLxHxE.dtype)
   angle_RxLxk = positions_RxL[..., None].astype(dt) * inv_freq_k.astype(dt)
-  sin, cos = jnp.sin(angle_RxLxk)[:, :, None], jnp.cos(angle_RxLxk)[:, :, None]
+  sin, cos = (scale * f(angle_RxLxk)[:, :, None] for f in (jnp.sin, jnp.cos))
   x = x_RxLxHxE.astype(dt)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -297,9 +330,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q_RxLxHxE, k_RxLxGxE = self.q_norm(q_RxLxHxE), self.k_norm(k_RxLxGxE)
     if cfg.positions == "rope":
-      inv_freq_k = rope_frequencies(cfg, self.local, wide(dt))
-      q_RxLxHxE = rope(q_RxLxHxE, positions_RxL, inv_freq_k)
-      k_RxLxGxE = rope(k_RxLxGxE, positions_RxL, inv_freq_k)
+      inv_freq_k = rope_frequencies(cfg, self.local, wide(dt), positions_RxL)
+      scale = cfg.rope_attention_factor if cfg.rope_scaling == "longrope" else 1.0
+      q_RxLxHxE = rope(q_RxLxHxE, positions_RxL, inv_freq_k, scale)
+      k_RxLxGxE = rope(k_RxLxGxE, positions_RxL, inv_freq_k, scale)
     q_RxLxHxE = shard(q_RxLxHxE, ("act_batch", "act_len", "act_heads", None))
     k_RxLxGxE = shard(k_RxLxGxE, ("act_batch", "act_len", "act_kv_heads", None))
     v_RxLxGxE = shard(v_RxLxGxE, ("act_batch", "act_len", "act_kv_heads", None))

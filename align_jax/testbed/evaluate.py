@@ -144,20 +144,20 @@ def make_evaluator(
   """The exact evaluation of a policy run with record format `data` starting at `start_params`.
 
   The reference of the metrics is the starting policy (the base LM of testbed configs; the same
-  as the frozen reference where there is one), or the chain itself for pretraining (`corpus`).
+  as the frozen reference where there is one), or the chain itself for pretraining (`corpus`
+  records from a fresh init).
   `to_model` maps the trained parameters to the model's (LoRA: merges adapters into the base).
   """
   replicated = sharding.replicated(mesh)
   logp_fn = jax.jit(
     task.exact_logp_fn(graphdef, tb, cfg.testbed.eval_chunk), out_shardings=replicated
   )
-  ref_XxY = (
-    jnp.asarray(tb.chain_logp_XxY, jnp.float32) if data == "corpus" else logp_fn(start_params)
-  )
+  pretraining = data == "corpus" and not cfg.init_checkpoint
+  ref_XxY = jnp.asarray(tb.chain_logp_XxY, jnp.float32) if pretraining else logp_fn(start_params)
   potential_XxY = target.potential(cfg, tb, ref_XxY)
   if not cfg.testbed.exact_eval:
     return Evaluator(tb, None, ref_XxY, potential_XxY)
-  held = held_out_pairs(cfg, tb, ref_XxY) if data != "corpus" and cfg.testbed.eval_pairs else None
+  held = held_out_pairs(cfg, tb, ref_XxY) if not pretraining and cfg.testbed.eval_pairs else None
   tables = Tables(
     tb,
     cfg,

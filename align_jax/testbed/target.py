@@ -14,7 +14,6 @@ from align_jax.errors import ConfigError
 from align_jax.testbed import bon, exact, language
 
 KINDS = ("", "chain", "rlhf", "bon", "pointwise", "distributional", "hybrid")
-MOMENT_TOKENS = (4, 5)  # φ(y) = 1[the response starts with e or f].
 
 
 def check(cfg) -> None:
@@ -90,5 +89,5 @@ def training_reward(cfg, tb, ref_XxY) -> jax.Array:
 
 def moment_features(tb) -> jax.Array:
   """φ(y) = 1[y_0 ∈ moment tokens {e, f}] on every (prompt, response): [X, Y, 1]."""
-  phi_Y = np.isin(tb.responses_YxT[:, 0], MOMENT_TOKENS).astype(np.float32)
+  phi_Y = language.female_feature(tb.responses_YxT).astype(np.float32)
   return jnp.asarray(np.broadcast_to(phi_Y[None, :, None], (*tb.reward_XxY.shape, 1)))

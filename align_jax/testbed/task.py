@@ -53,6 +53,16 @@ def corpus(tb: Testbed, n: int, seed: int) -> dict[str, np.ndarray]:
   return {"tokens_KxL": tokens[:, None], "loss_mask_KxL": mask[:, None]}
 
 
+def demonstrations(tb: Testbed, target_logp_XxY, n: int, seed: int) -> dict[str, np.ndarray]:
+  """SFT records drawn from a target: prompts from the prompt distribution, one response each
+  from the target's exact conditional (Best-of-N of the base: rejection-sampling fine-tuning),
+  the response scored (K = 1)."""
+  rng = np.random.default_rng(seed)
+  x_N = _prompt_draws(tb, rng, n)
+  y_Nx1 = sample_responses(rng, np.asarray(target_logp_XxY, np.float64), x_N, 1)
+  return _records(tb, x_N[:, None], y_Nx1, np.ones((n, 1)))
+
+
 def sample_responses(
   rng: np.random.Generator, logp_XxY: np.ndarray, prompt_idx_N: np.ndarray, k: int
 ) -> np.ndarray:

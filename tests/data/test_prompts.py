@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from align_jax import checkpoint, models, train
 from align_jax.data import pipeline, prompts, tokenize
 from align_jax.data.preference import DataError
-from conftest import load_config
+from conftest import load_config, read_jsonl
 
 CHARS = " \nabcdefghijklmnopqrstuvwxyz.'"
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -207,3 +207,31 @@ def test_on_policy_run_on_text_prompts_resumes_at_the_same_record(
   assert 8 < n <= 20 and 24 % n and sorted(indices[:n]) == list(range(n))
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_on_policy_validation_on_held_out_prompts(tokenizer_dir, tmp_path):
+  """RLOO with data.eval_fraction: a quarter of the prompts is never trained on and is evaluated at
+  the start, every eval_every steps and at the end. At the start the policy is the reference, so
+  the KL estimate is exactly 0; lengths count the generated tokens (≤ max_new_tokens)."""
+  source = tmp_path / "prompts.jsonl"
+  rng = np.random.default_rng(0)
+  source.write_text(
+    "".join(
+      json.dumps({"prompt": f"{i} " + " ".join(rng.choice(["the", "cat", "sat", "mat"], size=9))})
+      + "\n"
+      for i in range(20)
+    )
+  )
+  cfg = _config(str(source), tokenizer_dir, _reward_model(tmp_path / "rm"), 4)
+  cfg.data.eval_fraction, cfg.eval_every, cfg.optim.lr = 0.25, 2, 1e-2
+  result = train.run(cfg, str(tmp_path / "run"))
+  summary = json.load(open(tmp_path / "run" / "summary.json"))
+  names = {"eval/reward", "eval/kl", "eval/entropy", "eval/completions/mean_length"}
+  assert set(summary["initial"]) == set(summary["final"]) == names
+  assert summary["data/records"] == 15 and summary["data/eval_records"] == 5
+  assert summary["initial"]["eval/kl"] == 0.0 and summary["final"]["eval/kl"] != 0.0
+  for s in (summary["initial"], summary["final"]):
+    assert s["eval/entropy"] > 0 and 1 <= s["eval/completions/mean_length"] <= 4
+  evaluated = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval/kl" in r]
+  assert [r["step"] for r in evaluated] == [2]  # Start and end are in summary.json.
+  assert result.summary["final"] == summary["final"]

@@ -409,3 +409,139 @@ def test_bad_tokenizers_and_templates(tokenizers_dir, tmp_path):
     )
   with pytest.raises(ValueError, match="chat messages need a chat template"):
     tokenize.Text(gemma).prompt([{"role": "user", "content": "a"}])
+
+
+# ---- The tokenizer's own Jinja template --------------------------------------------------------
+
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_templates")
+# template -> (tokenizer, takes a system message, end-of-turn token)
+OWN_TEMPLATES = {
+  "llama3.2": ("bpe", True, "<|eot_id|>"),
+  "llama3.3": ("bpe", True, "<|eot_id|>"),
+  "gemma2": ("sp_gemma", False, "<end_of_turn>"),
+  "gemma3": ("sp_gemma", True, "<end_of_turn>"),
+  "qwen2.5": ("bpe", True, "<|im_end|>"),
+  "qwen3": ("bpe", True, "<|im_end|>"),
+  "mistral_nemo": ("sp_llama", True, "</s>"),
+}
+
+
+def _template_source(name):
+  with open(os.path.join(TEMPLATE_DIR, f"{name}.jinja")) as f:
+    return f.read()
+
+
+def _with_template(tokenizers_dir, tmp_path, tokenizer, name, as_file):
+  """A copy of a tokenizer directory carrying template `name`: in tokenizer_config.json, or as
+  chat_template.jinja (which transformers prefers)."""
+  import shutil
+
+  directory = tmp_path / f"{tokenizer}_{name}"
+  shutil.copytree(tokenizers_dir / tokenizer, directory)
+  if as_file:
+    (directory / "chat_template.jinja").write_text(_template_source(name))
+  else:
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(
+      json.dumps({**config, "chat_template": _template_source(name)})
+    )
+  return str(directory)
+
+
+def _apply(hf, messages, add_generation_prompt):
+  return hf.apply_chat_template(
+    messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+  )
+
+
+@pytest.mark.parametrize("name", OWN_TEMPLATES)
+def test_own_templates_equal_apply_chat_template_with_assistant_masks(
+  tokenizers_dir, tmp_path, name
+):
+  """The published templates of Llama 3.2 / 3.3, Gemma 2 / 3, Qwen2.5 / 3 and Mistral Nemo, read
+  from the tokenizer directory: prompts, responses and whole conversations give transformers' ids;
+  each conversation's assistant mask covers exactly the tokens between the prompt before each
+  assistant turn (with its generation prompt) and the end of that turn."""
+  tokenizer, system, end_of_turn = OWN_TEMPLATES[name]
+  directory = _with_template(tokenizers_dir, tmp_path, tokenizer, name, as_file=name < "m")
+  hf = transformers.AutoTokenizer.from_pretrained(directory)
+  ours = tokenize.load(directory)
+  text = tokenize.Text(ours)  # '' : the tokenizer's own template for messages.
+  assert text.jinja is not None and text.jinja.source == hf.chat_template
+  assert text.stop_id == ours.token_id(end_of_turn)
+  reply = "  A short answer, with 3 numbers: 1 2 3.\n"
+  conversations = CONVERSATIONS + ([WITH_SYSTEM] if system else [])
+  for messages in conversations:
+    prompt = text.prompt(messages)
+    assert prompt == _apply(hf, messages, True)
+    done = [*messages, {"role": "assistant", "content": reply}]
+    full = _apply(hf, done, False)
+    refused = name == "mistral_nemo" and messages[0]["role"] == "system"  # It moves the system.
+    if refused:
+      with pytest.raises(ValueError, match="renders the prompt differently"):
+        text.response(reply, prompt=messages)
+      continue
+    assert prompt + text.response(reply, prompt=messages) == full
+    assert prompt + text.response(done, prompt=messages) == full
+    turns = [i for i, m in enumerate(done) if m["role"] == "assistant"]
+    if name == "qwen3" and len(turns) > 1:  # Earlier turns lose their (empty) think block.
+      with pytest.raises(ValueError, match=r"renders assistant turn \d differently"):
+        text.conversation(done)
+      continue
+    ids, mask = text.conversation(done)
+    assert ids == full
+    want = [0] * len(full)
+    for i in turns:
+      start, end = len(_apply(hf, done[:i], True)), len(_apply(hf, done[: i + 1], False))
+      want[start:end] = [1] * (end - start)
+    assert mask == want and sum(mask) > 0
+  # "tokenizer": text prompts are one user message too.
+  as_user = tokenize.Text(ours, "tokenizer")
+  assert as_user.prompt("Hello world!") == _apply(
+    hf, [{"role": "user", "content": "Hello world!"}], True
+  )
+  if name != "mistral_nemo":  # Here [/INST] is no control token: it merges with the text before.
+    assert as_user.prompt("Hello world!")[-as_user.tail :] == as_user.prompt("x")[-as_user.tail :]
+
+
+def test_generation_blocks_give_transformers_assistant_masks(tokenizers_dir, tmp_path):
+  """A template with {% generation %} blocks (TRL's assistant-only loss) marks the assistant text
+  itself: the mask equals transformers' return_assistant_tokens_mask."""
+  directory = _with_template(tokenizers_dir, tmp_path, "bpe", "qwen2.5_generation_tags", True)
+  hf = transformers.AutoTokenizer.from_pretrained(directory)
+  text = tokenize.Text(tokenize.load(directory), "tokenizer")
+  assert text.jinja.tracks_generation
+  done = WITH_SYSTEM + [{"role": "assistant", "content": "Fine. "}]
+  ids, mask = text.conversation(done)
+  out = hf.apply_chat_template(
+    done, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+  )
+  assert ids == out["input_ids"] and mask == out["assistant_masks"] and 0 < sum(mask) < len(mask)
+  # The {% generation %} span stops before the turn's newline, the prefix rule would not.
+  assert text.tokenizer.encode("\n") == ids[-1:] and mask[-1] == 0 and mask[-2] == 1
+
+
+def test_own_template_errors(tokenizers_dir, tmp_path):
+  bare = tokenize.load(str(tokenizers_dir / "bpe"))
+  with pytest.raises(ValueError, match="has no chat template"):
+    tokenize.Text(bare, "tokenizer")
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    tokenize.Text(bare, str(tmp_path / "absent.jinja"))
+  (tmp_path / "bad.jinja").write_text("{% for %}")
+  with pytest.raises(ValueError, match="not a Jinja template"):
+    tokenize.Text(bare, str(tmp_path / "bad.jinja"))
+  text = tokenize.Text(bare, os.path.join(TEMPLATE_DIR, "gemma2.jinja"))  # A file of one's own.
+  with pytest.raises(ValueError, match="chat template: System role not supported"):
+    text.prompt([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}])
+  with pytest.raises(ValueError, match="chat messages need a chat template"):
+    tokenize.Text(bare).prompt([{"role": "user", "content": "a"}])
+  # A template that cannot render a plain user turn: text records ('') still read, messages fail
+  # on use, and asking for it ('tokenizer') fails at once.
+  directory = _with_template(tokenizers_dir, tmp_path, "bpe", "gemma2", as_file=True)
+  (tmp_path / "bpe_gemma2" / "chat_template.jinja").write_text("{{ raise_exception('no') }}")
+  raw = tokenize.Text(tokenize.load(directory))
+  assert raw.prompt("Hello") == bare.encode("Hello") and raw.stop_id == bare.eos_id
+  with pytest.raises(ValueError, match="chat template: no"):
+    raw.prompt([{"role": "user", "content": "a"}])
+  with pytest.raises(ValueError, match="chat template: no"):
+    tokenize.Text(tokenize.load(directory), "tokenizer")

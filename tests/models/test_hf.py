@@ -1,9 +1,10 @@
 """Hugging Face import/export: logit parity with transformers for every family, sampler log-probs,
 sharded import, and DPO / BOND runs started from an HF checkpoint and exported back.
 
-Each family is a tiny random HF model built here with torch on the CPU (no download), its
-parameters redrawn at a scale where every option matters: the sliding window (4) is shorter than
-the sequence (12), the soft-caps are small, biases and norm weights are non-zero.
+Each family (Llama, Gemma 1/2/3, Qwen2/3 with irregular layer_types, Mistral, Phi-3, GPT-2) is a
+tiny random HF model built here with torch on the CPU (no download), its parameters redrawn at a
+scale where every option matters: the sliding window (4) is shorter than the sequence (12), the
+soft-caps are small, biases and norm weights are non-zero.
 """
 
 import dataclasses
@@ -92,8 +93,35 @@ FAMILIES = {
     ),
     dict(sliding_window=0, qk_norm=False, rope_local_theta=0.0, rope_scaling=""),
   ),
-  "qwen2": ("Qwen2Config", dict(SHAPE, tie_word_embeddings=True), dict(qkv_bias=False)),
-  "qwen3": ("Qwen3Config", SHAPE, dict(qk_norm=False)),
+  # Qwen's layer_types in any pattern (here not "every P-th layer global").
+  "qwen2": (
+    "Qwen2Config",
+    dict(
+      SHAPE,
+      tie_word_embeddings=True,
+      use_sliding_window=True,
+      sliding_window=4,
+      layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+    ),
+    dict(qkv_bias=False, window_layers=()),
+  ),
+  "qwen3": (
+    "Qwen3Config",
+    dict(
+      SHAPE,
+      use_sliding_window=True,
+      sliding_window=4,
+      layer_types=["full_attention", "full_attention", "sliding_attention"],
+    ),
+    dict(qk_norm=False, window_layers=()),
+  ),
+  "mistral": ("MistralConfig", dict(SHAPE, sliding_window=4), dict(sliding_window=0)),
+  # Fused q|k|v and gate|up projections.
+  "phi3": (
+    "Phi3Config",
+    dict(SHAPE, sliding_window=4, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+    dict(sliding_window=0),
+  ),
   "gpt2": (
     "GPT2Config",
     dict(
@@ -199,6 +227,43 @@ def test_import_parity_sampler_and_export_roundtrip(family, tmp_path, tokens_RxL
   np.testing.assert_allclose(_hf_logits(reloaded, tokens_RxL), expected, atol=1e-5, rtol=0)
 
 
+def test_phi3_longrope_short_and_long_factors_and_export(tmp_path):
+  """Phi-3's su / LongRoPE: a call whose last position is within original_max_position_embeddings
+  (8) divides the frequencies by the short factors, a longer one by the long factors, and cos /
+  sin are scaled by sqrt(1 + ln(32/8) / ln 8); logits equal transformers' at both lengths, and the
+  export reloads to the same."""
+  rng = np.random.default_rng(0)
+  factors = {k: (1.0 + 3.0 * rng.random(8)).round(3).tolist() for k in ("short", "long")}
+  kwargs = dict(
+    SHAPE,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+    max_position_embeddings=32,
+    original_max_position_embeddings=8,
+    rope_scaling=dict(type="longrope", short_factor=factors["short"], long_factor=factors["long"]),
+  )
+  model = _hf_model("Phi3Config", kwargs)
+  model.save_pretrained(tmp_path / "hf")
+  cfg, graphdef, params = _import(tmp_path / "hf")
+  assert cfg.rope_scaling == "longrope" and cfg.rope_original_max_len == 8
+  assert cfg.rope_attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(8)))
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 12), 0, 96), np.int32)
+  for length in (6, 12):  # Short factors, then long ones.
+    expected = _hf_logits(model, tokens[:, :length])
+    np.testing.assert_allclose(_forward(graphdef, params, tokens[:, :length]), expected, atol=1e-4)
+    for other in ("short", "long"):  # Each factor set bites where it applies.
+      swapped = dict(rope_short_factor=cfg.rope_long_factor, rope_long_factor=cfg.rope_short_factor)
+      changed, _, _ = models.abstract(
+        dataclasses.replace(cfg, **{f"rope_{other}_factor": swapped[f"rope_{other}_factor"]})
+      )
+      gap = np.abs(_forward(changed, params, tokens[:, :length]) - expected).max()
+      assert (gap > 1e-2) == ((length > 8) == (other == "long")), (length, other, gap)
+  hf.save(tmp_path / "out", params, cfg)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(_hf_logits(reloaded, tokens), _hf_logits(model, tokens), atol=1e-5)
+
+
 def test_sharded_import_reads_only_each_device_block(tmp_path, devices8, monkeypatch):
   """On a (1, 4, 2) mesh the arrays carry the rules' shardings and equal the unsharded import;
   no device block is read whole where the rule splits it (sharded index, fused GPT-2 c_attn)."""
@@ -256,9 +321,22 @@ def test_config_translation_errors_and_presets(tmp_path):
   _hf_model(*FAMILIES["llama"][:2]).save_pretrained(tmp_path)
   tiny = models.preset("tiny").to_dict()
   with pytest.raises(ValueError, match=r"model.vocab_size=8 \(checkpoint: 96\), model.d_model=32"):
-    hf.model_config(tmp_path, tiny)
-  merged = hf.model_config(tmp_path, {**tiny, **{k: SHAPE_FIELDS[k] for k in hf.SHAPE_FIELDS}})
-  assert merged["rope_scaling"] == "llama3" and merged["dtype"] == tiny["dtype"]
+    hf.model_config(tmp_path, tiny)  # A hand-built model section: every field is asked for.
+  # A fresh-init preset yields to config.json; the run's own fields (dtype, remat) stay.
+  merged = hf.model_config(tmp_path, {**tiny, "dtype": "bfloat16"}, presets.fresh("tiny"))
+  assert merged == {
+    **dataclasses.asdict(models.ModelConfig(**hf.config_fields(hf.read_config(tmp_path)))),
+    "dtype": "bfloat16",
+  }
+  assert merged["rope_scaling"] == "llama3" and merged["d_model"] == 64
+  # Overrides of it (fields that differ from the preset) must agree, unless without effect.
+  same = {**tiny, "d_model": 64, "rope_scaling": "llama3", "max_positions": 99}
+  assert hf.model_config(tmp_path, same, presets.fresh("tiny")) == merged | {"dtype": "float32"}
+  with pytest.raises(ValueError, match=r"disagrees with the config: model.n_layers=5 \("):
+    hf.model_config(tmp_path, {**tiny, "n_layers": 5}, presets.fresh("tiny"))
+  with pytest.raises(ValueError, match=r"model.rope_theta=1000.0 \(checkpoint: 10000.0\);"):
+    hf.model_config(tmp_path, {**tiny, "rope_theta": 1e3}, presets.fresh("tiny"))
+  assert presets.fresh("llama3_1b") is None  # A real preset is asked for whole.
   with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
     hf.config_fields({"model_type": "mamba"})
   with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
@@ -275,17 +353,40 @@ def test_config_translation_errors_and_presets(tmp_path):
     assert dataclasses.replace(back, max_positions=preset_cfg.max_positions) == preset_cfg, name
 
 
+def test_init_checkpoint_alone_brings_the_architecture(tmp_path):
+  """A config file's default preset (testbed-sized) yields to the checkpoint's config.json; an
+  override or an explicitly chosen real preset that contradicts it is an error naming the fields."""
+  from align_jax import train
+  from conftest import load_config
+
+  _hf_model(*FAMILIES["qwen3"][:2]).save_pretrained(tmp_path)
+  want = models.ModelConfig(**hf.config_fields(hf.read_config(tmp_path)))
+  for arg in ("", "smoke"):
+    cfg = load_config("dpo", arg)
+    cfg.init_checkpoint, cfg.model.remat = str(tmp_path), True
+    got = models.ModelConfig(**train._checked(cfg).model)
+    assert got == dataclasses.replace(want, remat=True), arg
+  cfg.model.n_kv_heads = 1
+  with pytest.raises(ValueError, match=r"model.n_kv_heads=1 \(checkpoint: 2\); the architecture"):
+    train._checked(cfg)
+  cfg = load_config("dpo", "model=qwen3_0.6b")
+  cfg.init_checkpoint = str(tmp_path)
+  with pytest.raises(ValueError, match=r"model.vocab_size=151936 \(checkpoint: 96\), model.d_"):
+    train._checked(cfg)
+
+
 def test_dpo_and_bond_from_an_hf_checkpoint_export_to_transformers(tmp_path, tokens_RxL):
-  """3 DPO steps and 3 BOND steps through the CLI from a tiny HF Llama over ToyLang's 8 tokens,
-  exported with `python -m align_jax.export`: transformers' logits of the export equal the run's
-  final parameters' logits, and those moved away from the checkpoint's."""
+  """3 DPO steps and 3 BOND steps through the CLI from a tiny HF Llama over ToyLang's 8 tokens
+  (its shape is no preset's: config.json alone gives it), exported with `python -m
+  align_jax.export`: transformers' logits of the export equal the run's final parameters' logits,
+  and those moved away from the checkpoint's."""
   source = tmp_path / "hf"
   _hf_model(
     "LlamaConfig",
     dict(
       vocab_size=8,
-      hidden_size=32,
-      intermediate_size=64,
+      hidden_size=40,
+      intermediate_size=72,
       num_hidden_layers=2,
       num_attention_heads=4,
       num_key_value_heads=2,
@@ -337,7 +438,8 @@ def test_dpo_and_bond_from_an_hf_checkpoint_export_to_transformers(tmp_path, tok
   for name in runs:
     with open(tmp_path / name / "config.json") as f:
       cfg = models.ModelConfig(**json.load(f)["model"])
-    assert cfg.family == "llama" and cfg.d_model == 32 and not cfg.tie_embeddings
+    assert cfg.family == "llama" and (cfg.d_model, cfg.mlp_dim) == (40, 72)
+    assert not cfg.tie_embeddings
     graphdef, shapes, _ = models.abstract(cfg)
     step, params = checkpoint.load_state_params(
       tmp_path / name / "checkpoints", checkpoint.abstract_like(shapes, _single_device(shapes))

@@ -136,7 +136,7 @@ def test_rollout_samples_the_adapted_policy_and_anchor(tiny):
   )
   prompts = jnp.array([[0, 1], [2, 3], [4, 5]])
   batch = fn(state, prompts, jnp.arange(3), base)
-  tokens, mask = batch["tokens_BxExL"], batch["loss_mask_BxExL"]
+  tokens, mask = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
   score = jax.jit(functools.partial(logps.sequence_logps, graphdef))
   policy = score(MERGE(base, adapters), tokens, mask)
   anchor_logp = score(MERGE(base, anchor), tokens, mask)
