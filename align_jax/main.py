@@ -58,6 +58,7 @@ _CONFIG_ERRORS = (
 )
 # A write that failed for lack of room (or a read-only disk): one line, not a traceback.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_MAKE_ROOM = "make room, then run the same command to resume from its newest checkpoint"
 
 
 def main(argv):
@@ -110,10 +111,7 @@ def main(argv):
     if e.errno not in _DISK_FULL:
       raise
     where = f" ({e.filename})" if e.filename else ""
-    sys.exit(
-      f"error: {e.strerror}{where} while writing the run in {workdir}; make room, then run "
-      "the same command to resume from its newest checkpoint"
-    )
+    sys.exit(f"error: {e.strerror}{where} while writing the run in {workdir}; {_MAKE_ROOM}")
   # The run is over. Python's shutdown resets a Python SIGTERM handler to the default, which would
   # kill the finished process (status 143) if a notice came now; an ignored signal stays ignored.
   signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -72,7 +72,7 @@ def init_state(
 
 
 def _all_finite(tree) -> jax.Array:
-  """1.0 when every float in `tree` is finite, else 0.0: one reduction per leaf, fused by XLA."""
+  """1.0 when every float in `tree` is finite, else 0.0: one reduction per leaf, no host sync."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])).astype(jnp.float32)
 

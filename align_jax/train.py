@@ -1,11 +1,13 @@
 """`run(cfg, workdir)`: the run, as a table of contents.
 
-mesh → model and parameters → data → evaluator → train state and the jitted step → resume → loop →
-summary. Each piece lives in its room: parameters in `models/loading.py`, records in
-`data/records.py`, exact evaluation in `testbed/evaluate.py` (file data: validation on held-out
-records in `validate.py`), the testbed's base LM in
-`testbed/base.py`, on-policy batches in `rollout.py`, the update in `step.py`, checkpoints in
-`checkpoint.py`. Resume order: a checkpoint in the workdir > `init_checkpoint` > a fresh init.
+checks → mesh → the workdir's claim → model and parameters → data → evaluator → train state and the
+jitted step → resume → loop → summary. Each piece lives in its room: the start-up checks in
+`config_lib.py` (and each objective's), the workdir's lock and fingerprint in `workdir.py`,
+parameters in `models/loading.py`, records in `data/records.py`, exact evaluation in
+`testbed/evaluate.py` (file data: validation on held-out records in `validate.py`), the testbed's
+base LM in `testbed/base.py`, on-policy batches in `rollout.py`, the update in `step.py`,
+checkpoints in `checkpoint.py`. Resume order: a checkpoint in the workdir > `init_checkpoint` > a
+fresh init.
 """
 
 import dataclasses

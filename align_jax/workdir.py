@@ -46,6 +46,7 @@ FREE = (
   "rules",
   "testbed.eval_chunk",
   "testbed.exact_eval",
+  "data.eval_source",  # Validation records only (data.eval_fraction changes what is trained on).
 )
 # Fields `--allow_config_change` lets a resume change: the restored state keeps its structure.
 # (Not optim.clip_norm: clipping on or off changes the optimizer state's structure.)

@@ -226,9 +226,9 @@ def jbond(
 
   Convention (differs from the paper's form, not from its gradient): the paper's backward return is
   r_J − ρ, the KL-to-anchor term inside the return, with γ an additional regulariser that its Fig. 5
-  runs set to 0 (ABLATIONS.md §1.2, [3P]); that is `kl_in_backward=True`. The −ρ in the return adds
-  β·ρ·∇log π_θ(y), the very estimator the γ term uses, so (κ = 1, γ) and (κ = 0, γ + β) give the same
-  loss and gradient (tested). κ defaults to 0 so that γ alone is the anchor-KL weight (one knob
+  runs set to 0 (ABLATIONS.md §1.2, [3P]); that is `kl_in_backward=True`. The −ρ in the return
+  adds β·ρ·∇log π_θ(y), the very estimator the γ term uses, so (κ = 1, γ) and (κ = 0, γ + β) give
+  the same loss and gradient (tested). κ defaults to 0 so that γ alone is the anchor-KL weight (one knob
   instead of β + γ through two fields); the paper's form is γ = β with κ = 0 — configs/jbond.py's
   β = γ = 0.5 — and only the reported `return` metric differs.
 

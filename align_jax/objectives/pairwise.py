@@ -157,8 +157,8 @@ def ipo(
   averages per token, h = ρ_w/|y_w| − ρ_l/|y_l| — pass `num_tokens_Bx2` (`loss.per_token=True`) to
   match TRL; the IPO authors' reported results also use length-averaged log-probs. The two differ
   by the completion lengths, so the same τ sets a different target for each. TRL passes τ as `beta`
-  (ALGORITHMS.md §5.3). The gradient vanishes at h = 1/(2τ), so the margin is regressed onto a finite
-  target instead of pushed to ∞.
+  (ALGORITHMS.md §5.3). The gradient vanishes at h = 1/(2τ), so the margin is regressed onto a
+  finite target instead of pushed to ∞.
 
   Args:
     logp_Bx2: sequence log-probs of [chosen, rejected] under the policy.

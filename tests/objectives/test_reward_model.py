@@ -228,6 +228,26 @@ def test_cost_is_validated():
     reward_model.dprm_ot_loss(logits, target, cost=jnp.zeros((3, 3)))
 
 
+def test_a_cost_without_the_monge_property_is_refused_in_one_line():
+  """sqrt|j − k| is concave in |j − k|: not Monge, and there the monotone coupling's cost (what the
+  loss would compute) exceeds the true optimal transport cost, so the loss refuses it."""
+  j = np.arange(4.0)
+  concave = np.sqrt(np.abs(j[:, None] - j[None, :]))
+  assert not reward_model.is_cost(concave) and not reward_model.is_cost(concave.tolist())
+  assert reward_model.is_cost(_costs(4)["abs"]) and reward_model.is_cost(_costs(4)["squared"])
+  assert not reward_model.is_cost(np.ones((3, 4))) and not reward_model.is_cost("cubic")
+  # Mass ½ at 0 and 1 to ½ at 1 and 2: the monotone coupling moves 0 → 1 and 1 → 2 (cost 1); the
+  # optimum leaves 1 in place and moves 0 → 2 (cost ½·√2).
+  p, q = np.array([0.5, 0.5, 0.0, 0.0]), np.array([0.0, 0.5, 0.5, 0.0])
+  with jax.enable_x64(True):
+    monotone = reward_model._monotone_ot(jnp.asarray([p]), jnp.asarray([q]), jnp.asarray(concave))
+  np.testing.assert_allclose(monotone, [1.0], rtol=1e-12)
+  np.testing.assert_allclose(_lp_ot(p, q, concave), 0.5 * np.sqrt(2.0), rtol=1e-9)
+  with pytest.raises(ValueError, match="Monge property") as e:
+    reward_model.dprm_ot_loss(jnp.zeros((1, 4)), jnp.asarray([p]), cost=concave.tolist())
+  assert "\n" not in str(e.value)
+
+
 # -------------------------------------------------------------------------------------------------
 # Finite losses and gradients on adversarial inputs.
 
