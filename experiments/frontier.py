@@ -204,8 +204,27 @@ def analyze(records: list[study.Record], args):
       rows,
     ),
     "**What the exact numbers show.**\n\n" + "\n".join(f"- {s}" for s in sentences),
+    _overall(records, data["methods"], front),
   ]
   return "\n\n".join(body), data, _figure(data)
+
+
+GRPO_FAMILY = ("GRPO", "dr_grpo", "DAPO", "GSPO")  # Their loss.beta is a KL coefficient.
+
+
+def _overall(records, methods: dict, front: dict) -> str:
+  """The ranking by final regret and which methods end nearly deterministic."""
+  by_regret = sorted(methods, key=lambda k: methods[k]["final_regret"][0])
+  regret = lambda k: f"{k} ({methods[k]['final_regret'][0]:.3f})"
+  collapsed = [k for k in methods if methods[k]["entropy"][0] < 0.5]
+  betas = {LABELS[r.group]: r.cfg("loss.beta") for r in records if r.group in GRPO_FAMILY}
+  named = [f"{k} (KL β = {betas[k]})" if k in betas else k for k in collapsed]
+  ref_entropy = float(np.asarray(front["entropy"])[np.argmin(front["kl"])])
+  return (
+    f"**Overall.** Closest to the frontier at the end: {', '.join(map(regret, by_regret[:2]))}; "
+    f"furthest: {regret(by_regret[-1])}. Nearly deterministic at the end (entropy < 0.5 nats; "
+    f"π_ref's is {ref_entropy:.2f}): {', '.join(named) or 'none'}."
+  )
 
 
 def _figure(data):
