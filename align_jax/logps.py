@@ -8,12 +8,27 @@ enters the sum. Position 0 is never scored (nothing predicts it).
 Two granularities (DESIGN.md §9): token log-probs `[B, K, T]`, T = L - 1, where position t is
 log π(tokens[t + 1] | tokens[≤t]) and its mask is `loss_mask[..., 1:]`; and sequence log-probs
 `[B, K]`, their sum under that mask.
+
+Token log-probs never hold the [R, T, V] float32 logits of a long sequence at once: with
+`model.logits_chunk = c` and T > c, the final hidden states are cut into ⌈T/c⌉ chunks of c
+positions (the rows stay sharded as they are) and `lax.map` computes each chunk's logits, its
+log-normaliser and the picked entry,
+
+    log π(y_t | y_<t) = z_t[y_t] − logsumexp_v z_t[v],   z_t = softcap(h_t · W)   (W: [D, V]),
+
+under `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing them
+(the memory of one chunk, [R, c, V], instead of T/c of them; the recomputation costs one more
+R·T·D·V matmul, as in MaxText's vocabulary tiling and Liger's fused cross-entropy).
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from align_jax import models
+from align_jax.sharding import shard
 
 
 def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
@@ -23,12 +38,44 @@ def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
 
 
 def token_logps(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
-  """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]."""
-  logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
-  logits_RxTxV = logits_RxLxV[:, :-1].astype(models.wide(logits_RxLxV.dtype))
-  target_RxT = tokens_RxL[:, 1:]
+  """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]; in chunks of
+  `model.logits_chunk` positions when L - 1 is longer (module docstring)."""
+  model = nnx.merge(graphdef, params)
+  chunk, T = model.cfg.logits_chunk, tokens_RxL.shape[1] - 1
+  if not chunk or T <= chunk:
+    logits_RxLxV, _ = model(tokens_RxL)
+    return _picked(logits_RxLxV[:, :-1], tokens_RxL[:, 1:])
+  x_RxLxD, _ = model.hidden(tokens_RxL)
+  return chunked_token_logps(model.cfg, x_RxLxD[:, :-1], model.unembed_weight(), tokens_RxL[:, 1:])
+
+
+def _picked(logits_RxTxV: jax.Array, target_RxT: jax.Array) -> jax.Array:
+  """z[y_t] − logsumexp(z) per position, in the wide dtype."""
+  logits_RxTxV = logits_RxTxV.astype(models.wide(logits_RxTxV.dtype))
   picked_RxT = jnp.take_along_axis(logits_RxTxV, target_RxT[..., None], axis=-1)[..., 0]
   return picked_RxT - jax.nn.logsumexp(logits_RxTxV, axis=-1)
+
+
+def chunked_token_logps(
+  cfg: models.ModelConfig, x_RxTxD: jax.Array, w_DxV: jax.Array, target_RxT: jax.Array
+) -> jax.Array:
+  """log softmax(softcap(x·W))[target] per position, cfg.logits_chunk positions at a time, each
+  chunk's logits recomputed in the backward pass (module docstring): float32 [R, T]."""
+  R, T, D = x_RxTxD.shape
+  c = cfg.logits_chunk
+  C = math.ceil(T / c)
+  pad = C * c - T  # The last chunk is padded (target 0) and its padding dropped.
+  x_CxRxcxD = jnp.pad(x_RxTxD, ((0, 0), (0, pad), (0, 0))).reshape(R, C, c, D).swapaxes(0, 1)
+  target_CxRxc = jnp.pad(target_RxT, ((0, 0), (0, pad))).reshape(R, C, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(xs):
+    x_RxcxD, target_Rxc = xs
+    x_RxcxD = shard(x_RxcxD, ("act_batch", "act_len", "act_embed"))
+    return _picked(models.unembed(cfg, x_RxcxD, w_DxV), target_Rxc)
+
+  logp_CxRxc = jax.lax.map(one_chunk, (x_CxRxcxD, target_CxRxc))
+  return logp_CxRxc.swapaxes(0, 1).reshape(R, C * c)[:, :T]
 
 
 def token_logps_BxK(
