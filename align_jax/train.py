@@ -160,23 +160,54 @@ def _init_state(cfg, parts: _Parts):
   """(the step-0 train state, its shardings): parameters as created, the rest replicated."""
   tb = parts.evaluator.tb if parts.evaluator else None
   num_contexts = len(tb.prompts_XxP) if tb else len(parts.data.get("prompt_index", ()))
-  stats = parts.objective.init_stats(num_contexts, cfg.loss.to_dict())
-  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor != "reference"
-  init = lambda p: step.init_state(p, tx, cfg.seed, stats, moving_anchor=moving)
-  state = jax.jit(init)(parts.model.trainable)
+  state = jax.jit(state_init(cfg, parts.objective, num_contexts))(parts.model.trainable)
   replicated = sharding.replicated(parts.mesh)
   is_named = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)
   state_shardings = jax.tree.map(lambda x: x.sharding if is_named(x) else replicated, state)
   return jax.device_put(state, state_shardings), state_shardings
 
 
+def state_init(cfg, objective: objectives.Objective, num_contexts: int):
+  """trainable params -> the step-0 train state (the objective's statistics over `num_contexts`
+  prompts, a moving anchor when the rollout has one)."""
+  stats = objective.init_stats(num_contexts, cfg.loss.to_dict())
+  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor != "reference"
+  return lambda p: step.init_state(p, tx, cfg.seed, stats, moving_anchor=moving)
+
+
+def _anchor_update(cfg):
+  return rollout.anchor_update(
+    cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema, every=cfg.rollout.anchor_every
+  )
+
+
+def jit_update(cfg, objective, model: loading.RunModel, mesh, state_shardings, batch_shardings):
+  """The run's jitted update (state, batch, reference) -> (state, metrics), donating the state
+  (align_jax/plan.py compiles it ahead of time)."""
+  optim = _optim(cfg)
+  bound = functools.partial(
+    step.train_step,
+    graphdef=model.graphdef,
+    objective=objective,
+    loss_cfg=cfg.loss.to_dict(),
+    tx=step.optimizer(optim),
+    lr_fn=step.learning_rate(optim),
+    move_anchor=_anchor_update(cfg),
+    merge=model.merge,
+  )
+  ref_shardings = model.shardings if model.ref_params is not None else None
+  return jax.jit(
+    bound,
+    in_shardings=(state_shardings, batch_shardings, ref_shardings),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
 def _compile(cfg, parts: _Parts, state, state_shardings):
   """(state, host batch) -> (state, device metrics): the one host -> device copy, the rollout
   for on-policy objectives, and the jitted update, each with explicit shardings."""
-  mesh, model, optim = parts.mesh, parts.model, _optim(cfg)
-  move_anchor = rollout.anchor_update(
-    cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema, every=cfg.rollout.anchor_every
-  )
+  mesh, model = parts.mesh, parts.model
   batch_shardings = {
     pipeline.batch_key(k): sharding.batch_sharding(mesh, v.ndim) for k, v in parts.data.items()
   }
@@ -184,25 +215,9 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
   make_batch = reward_params = None
   if parts.objective.data == "prompts":  # On-policy: the rollout turns prompts into the batch.
     make_batch, reward_params, batch_shardings = _compile_rollout(
-      cfg, parts, state, state_shardings, batch_shardings, anchor_is_ref=move_anchor is None
+      cfg, parts, state, state_shardings, batch_shardings
     )
-  bound = functools.partial(
-    step.train_step,
-    graphdef=model.graphdef,
-    objective=parts.objective,
-    loss_cfg=cfg.loss.to_dict(),
-    tx=step.optimizer(optim),
-    lr_fn=step.learning_rate(optim),
-    move_anchor=move_anchor,
-    merge=model.merge,
-  )
-  ref_shardings = model.shardings if model.ref_params is not None else None
-  update = jax.jit(
-    bound,
-    in_shardings=(state_shardings, batch_shardings, ref_shardings),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+  update = jit_update(cfg, parts.objective, model, mesh, state_shardings, batch_shardings)
 
   def step_fn(state, host_batch):
     batch = pipeline.to_global(host_batch, mesh)  # The one explicit host->device copy.
@@ -216,7 +231,7 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
   return step_fn
 
 
-def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_shardings, anchor_is_ref):
+def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_shardings):
   """(the jitted rollout, the reward model's params, the shardings of the batches it makes)."""
   mesh, model, ev = parts.mesh, parts.model, parts.evaluator
   reward_fn, reward_params, reward_shardings = rewards.learned(cfg.reward_model, mesh, parts.table)
@@ -225,32 +240,46 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
   else:
     reward_XxY = target.training_reward(cfg, ev.tb, ev.ref_XxY)
     score_fn = task.scorer(ev.tb, ev.potential_XxY, reward_fn, reward_XxY)
-  roll = functools.partial(
-    rollout.rollout,
-    graphdef=model.graphdef,
-    score_fn=score_fn,
-    sampling_cfg=records.sampling_config(cfg, parts.file_data),
-    merge=model.merge,
-    num_policy=cfg.rollout.num_policy,
-    num_anchor=cfg.rollout.num_anchor,
-    anchor_is_ref=anchor_is_ref,
-    greedy=parts.objective.greedy,
-  )
   prompts = [
     jax.ShapeDtypeStruct((cfg.data.batch_size, *parts.data[k].shape[1:]), parts.data[k].dtype)
     for k in ("prompt_P", "prompt_index")
   ]
-  shapes = jax.eval_shape(roll, state, *prompts, model.ref_params, reward_params)
-  out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
-  in_shardings = (
-    state_shardings,
-    prompt_shardings["prompt_BxP"],
-    prompt_shardings["prompt_index_B"],
-    model.shardings,
+  rollout_args = (state, *prompts, model.ref_params, reward_params)
+  make_batch, out_shardings = jit_rollout(
+    cfg,
+    parts.objective,
+    model,
+    mesh,
+    score_fn,
+    records.sampling_config(cfg, parts.file_data),
+    rollout_args,
+    (state_shardings, prompt_shardings["prompt_BxP"], prompt_shardings["prompt_index_B"]),
     reward_shardings,
   )
-  make_batch = jax.jit(roll, in_shardings=in_shardings, out_shardings=out_shardings)
   return make_batch, reward_params, out_shardings
+
+
+def jit_rollout(
+  cfg, objective, model, mesh, score_fn, sampling_cfg, args, arg_shardings, reward_shardings
+):
+  """(the run's jitted rollout (state, prompts, prompt ids, reference, reward params) -> batch,
+  the batch's shardings); `args` are those arguments or their shapes, `arg_shardings` the first
+  three's shardings (align_jax/plan.py compiles it ahead of time)."""
+  roll = functools.partial(
+    rollout.rollout,
+    graphdef=model.graphdef,
+    score_fn=score_fn,
+    sampling_cfg=sampling_cfg,
+    merge=model.merge,
+    num_policy=cfg.rollout.num_policy,
+    num_anchor=cfg.rollout.num_anchor,
+    anchor_is_ref=_anchor_update(cfg) is None,
+    greedy=objective.greedy,
+  )
+  shapes = jax.eval_shape(roll, *args)
+  out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
+  in_shardings = (*arg_shardings, model.shardings, reward_shardings)
+  return jax.jit(roll, in_shardings=in_shardings, out_shardings=out_shardings), out_shardings
 
 
 def _loop(cfg, state, start, step_fn, data_iter, ckpt, writer, evaluate_fn):
