@@ -232,25 +232,6 @@ def _shard_bytes(x) -> int:
   return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
-def _state_shardings(state_shapes, trainable, replicated):
-  """The train state's shardings as train.py's jitted init gives them (XLA propagates each
-  parameter's sharding to its copies: the optimizer's moments, a moving anchor), the rest
-  replicated: a leaf whose path ends with a parameter's path and has its shape takes its
-  sharding. `trainable`: the parameters' ShapeDtypeStructs with shardings."""
-  by_path = {
-    jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]
-  }
-
-  def pick(path, leaf):
-    key = jax.tree_util.keystr(path)
-    for suffix, x in by_path.items():
-      if key.endswith(suffix) and x.shape == leaf.shape:
-        return x.sharding
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, state_shapes)
-
-
 def plan(cfg, topology_name: str) -> dict:
   """Compiles the run of `cfg` for the slice and returns the report (module docstring)."""
   chip, devices = topology(topology_name)
@@ -311,16 +292,18 @@ def _model_name(model) -> str:
 
 def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
   chips, d = mesh.size, cfg.data
-  replicated = sharding.replicated(mesh)
   model = loading.abstract_build(cfg, needs_ref=objective.needs_ref, mesh=mesh, table=table)
-  init = jax.jit(train.state_init(cfg, objective, d.num_examples))
-  init_report, state_shapes = _compile("init", init, (model.trainable,))
-  state_shardings = _state_shardings(state_shapes, model.trainable, replicated)
+  init = train.state_init(cfg, objective, d.num_examples)  # As train.py's _init_state.
+  state_shapes = jax.eval_shape(init, model.trainable)
+  state_shardings = train.state_shardings(state_shapes, model.trainable, mesh)
+  init_report, _ = _compile(
+    "init", jax.jit(init, out_shardings=state_shardings), (model.trainable,)
+  )
   state = checkpoint.abstract_like(state_shapes, state_shardings)
   functions = [init_report]
 
   if on_policy:
-    reward_fn, reward_params, reward_shardings, rm_cfg = _reward_model(cfg, mesh, table)
+    reward_fn, reward_params, reward_shardings, _ = _reward_model(cfg, mesh, table)
     sampling_cfg = sampling.SamplingConfig(**cfg.sampling)
     prompt_shapes = records.record_shapes(cfg, "prompts", objective.needs_ref)
     prompts = [

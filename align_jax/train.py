@@ -157,14 +157,33 @@ def _assemble(cfg, workdir, mesh, table, is_main) -> tuple[_Parts, dict]:
 
 
 def _init_state(cfg, parts: _Parts):
-  """(the step-0 train state, its shardings): parameters as created, the rest replicated."""
+  """(the step-0 train state, its shardings): `state_shardings`, created in place."""
   tb = parts.evaluator.tb if parts.evaluator else None
   num_contexts = len(tb.prompts_XxP) if tb else len(parts.data.get("prompt_index", ()))
-  state = jax.jit(state_init(cfg, parts.objective, num_contexts))(parts.model.trainable)
-  replicated = sharding.replicated(parts.mesh)
-  is_named = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)
-  state_shardings = jax.tree.map(lambda x: x.sharding if is_named(x) else replicated, state)
-  return jax.device_put(state, state_shardings), state_shardings
+  init = state_init(cfg, parts.objective, num_contexts)
+  trainable = parts.model.trainable
+  shardings = state_shardings(jax.eval_shape(init, trainable), trainable, parts.mesh)
+  return jax.jit(init, out_shardings=shardings)(trainable), shardings
+
+
+def state_shardings(state_shapes, trainable, mesh):
+  """The train state's shardings: every copy of a trainable parameter (the parameters, the
+  optimizer's moments, a moving anchor: a leaf whose path ends with the parameter's path and
+  has its shape) sharded as the parameter, the rest (step, rng, statistics, counts) replicated.
+  `trainable`: the parameters, or their ShapeDtypeStructs, carrying their shardings. (Left to
+  XLA, the moments of a jitted optax init come out on one device, i.e. replicated.)"""
+  flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
+  by_path = {jax.tree_util.keystr(path): x for path, x in flat}
+  replicated = sharding.replicated(mesh)
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for suffix, x in by_path.items():
+      if key.endswith(suffix) and x.shape == leaf.shape:
+        return x.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, state_shapes)
 
 
 def state_init(cfg, objective: objectives.Objective, num_contexts: int):

@@ -57,6 +57,7 @@ RUN_FIELDS = (
   "attention_impl",
   "scan_layers",
   "logits_chunk",
+  "attention_chunk",
 )
 # Files of the source directory an export carries over (tokenizer, generation defaults).
 _CARRIED = (

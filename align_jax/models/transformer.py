@@ -122,6 +122,9 @@ class ModelConfig:
   # Attention kernel: xla (the einsums below, every backend), cudnn (jax.nn.dot_product_attention's
   # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn on a GPU in bf16/fp16).
   attention_impl: str = "xla"
+  # Einsum attention (attention_impl xla) over the queries in chunks of this many positions, each
+  # chunk's [R, H, chunk, S] scores recomputed in the backward pass rather than stored; 0: all.
+  attention_chunk: int = 512
   # One compiled layer body scanned over stacked parameters (see the module docstring); False:
   # one body per layer (small models, where the layout is params["layers"][i]).
   scan_layers: bool = False
@@ -151,8 +154,9 @@ class ModelConfig:
         raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
     if self.positions == "learned" and self.max_positions < 1:
       raise ConfigError("model.positions='learned' needs model.max_positions >= 1")
-    if self.logits_chunk < 0:
-      raise ConfigError(f"model.logits_chunk={self.logits_chunk} must be >= 0 (0: no chunks)")
+    for key in ("logits_chunk", "attention_chunk"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0 (0: no chunks)")
     if self.sliding_window < 0 or self.sliding_window_pattern < 0:
       raise ConfigError("model.sliding_window and model.sliding_window_pattern must be >= 0")
     if self.attention_impl != "xla" and self.attn_softcap:
@@ -348,8 +352,7 @@ class Attention(nnx.Module):
     if kv_mask_RxS is not None:
       mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
 
-    G, E = cfg.n_kv_heads, cfg.head_dim
-    scale = (cfg.query_pre_attn_scalar or E) ** -0.5
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
     if _fused_attention(cfg):
       # Plain causal training passes no mask, so the kernel skips the upper triangle.
       plain = cache is None and kv_mask_RxS is None and not window
@@ -363,21 +366,59 @@ class Attention(nnx.Module):
         implementation="cudnn",
       )
     else:
-      q_RxLxGxNxE = q_RxLxHxE.reshape(*q_RxLxHxE.shape[:2], G, cfg.n_heads // G, E)
-      scores = (
-        jnp.einsum(
-          "rlgnk,rsgk->rgnls", q_RxLxGxNxE, k_RxSxGxE.astype(dt), preferred_element_type=wide(dt)
-        )
-        * scale
+      attend = functools.partial(
+        _attend, cfg, k_RxSxGxE=k_RxSxGxE, v_RxSxGxE=v_RxSxGxE, scale=scale
       )
-      scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out_RxLxGxNxE = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxE.astype(dt))
-      out_RxLxHxE = out_RxLxGxNxE.reshape(q_RxLxHxE.shape)
+      chunk = cfg.attention_chunk
+      if chunk and L > chunk:
+        out_RxLxHxE = _query_chunks(attend, chunk, q_RxLxHxE, mask_RxLxS)
+      else:
+        out_RxLxHxE = attend(q_RxLxHxE, mask_RxLxS)
     out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxE, self.wo_HxExD[...].astype(dt))
     if cfg.out_bias:
       out_RxLxD = out_RxLxD + self.bo_D[...].astype(dt)
     return shard(out_RxLxD, ("act_batch", "act_len", "act_embed")), new_cache
+
+
+def _attend(cfg, q_RxLxHxE, mask_RxLxS, *, k_RxSxGxE, v_RxSxGxE, scale):
+  """softmax(softcap(q·kᵀ·scale) masked)·v per query head, KV heads shared by their group."""
+  dt, G, E = cfg.dtype, cfg.n_kv_heads, cfg.head_dim
+  q_RxLxGxNxE = q_RxLxHxE.reshape(*q_RxLxHxE.shape[:2], G, cfg.n_heads // G, E)
+  scores = (
+    jnp.einsum(
+      "rlgnk,rsgk->rgnls", q_RxLxGxNxE, k_RxSxGxE.astype(dt), preferred_element_type=wide(dt)
+    )
+    * scale
+  )
+  scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  out_RxLxGxNxE = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxE.astype(dt))
+  return out_RxLxGxNxE.reshape(q_RxLxHxE.shape)
+
+
+def _query_chunks(attend, c: int, q_RxLxHxE, mask_RxLxS):
+  """`attend` over the queries in chunks of c (each query's softmax is its own), each chunk's
+  [R, H, c, S] scores recomputed in the backward pass rather than stored (`lax.map` of a
+  `jax.checkpoint`): the memory of one chunk's scores instead of all L rows'."""
+  R, L, H, E = q_RxLxHxE.shape
+  C = math.ceil(L / c)
+  pad = C * c - L  # Padded queries see no key (uniform weights) and are dropped.
+  q_CxRxcxHxE = (
+    jnp.pad(q_RxLxHxE, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(R, C, c, H, E).swapaxes(0, 1)
+  )
+  mask_CxRxcxS = (  # Its rows may be 1 (broadcast over R).
+    jnp.pad(mask_RxLxS, ((0, 0), (0, pad), (0, 0)))
+    .reshape(mask_RxLxS.shape[0], C, c, -1)
+    .swapaxes(0, 1)
+  )
+
+  @jax.checkpoint
+  def one_chunk(xs):
+    q_RxcxHxE, mask_RxcxS = xs
+    return attend(shard(q_RxcxHxE, ("act_batch", "act_len", "act_heads", None)), mask_RxcxS)
+
+  out_CxRxcxHxE = jax.lax.map(one_chunk, (q_CxRxcxHxE, mask_CxRxcxS))
+  return out_CxRxcxHxE.swapaxes(0, 1).reshape(R, C * c, H, E)[:, :L]
 
 
 class Mlp(nnx.Module):

@@ -26,6 +26,9 @@ def cache_root() -> str:
   return os.path.join(base, "align_jax")
 
 
+_NOT_THE_MODEL = ("scan_layers", "logits_chunk", "attention_chunk")
+
+
 def base_key(tb_cfg, model_cfg) -> str:
   """Identifies a base LM by everything that determines it."""
   fields = (
@@ -39,11 +42,9 @@ def base_key(tb_cfg, model_cfg) -> str:
   blob = json.dumps(
     {
       "testbed": {k: tb_cfg[k] for k in fields},
-      # The parameters' layout and the log-prob chunks do not change the base LM (read_lm
-      # converts the layout).
-      "model": {
-        k: v for k, v in model_cfg.to_dict().items() if k not in ("scan_layers", "logits_chunk")
-      },
+      # The parameters' layout and the chunks of log-probs and attention do not change the base
+      # LM (read_lm converts the layout).
+      "model": {k: v for k, v in model_cfg.to_dict().items() if k not in _NOT_THE_MODEL},
       "chain": "toylang-v1",
       "params": "head-dim-E",
     },
