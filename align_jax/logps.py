@@ -10,14 +10,14 @@ log π(tokens[t + 1] | tokens[≤t]) and its mask is `loss_mask[..., 1:]`; and s
 `[B, K]`, their sum under that mask.
 
 Token log-probs never hold the [R, T, V] float32 logits of a long sequence at once: with
-`model.logits_chunk = c` and T > c, the final hidden states are cut into ⌈T/c⌉ chunks of c
+`model.logits_chunk = U` and T > U, the final hidden states are cut into Q = ⌈T/U⌉ chunks of U
 positions (the rows stay sharded as they are) and `lax.map` computes each chunk's logits, its
 log-normaliser and the picked entry,
 
     log π(y_t | y_<t) = z_t[y_t] − logsumexp_v z_t[v],   z_t = softcap(h_t · W)   (W: [D, V]),
 
 under `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing them
-(the memory of one chunk, [R, c, V], instead of T/c of them; the recomputation costs one more
+(the memory of one chunk, [R, U, V], instead of Q of them; the recomputation costs one more
 R·T·D·V matmul, as in MaxText's vocabulary tiling and Liger's fused cross-entropy).
 """
 
@@ -62,20 +62,20 @@ def chunked_token_logps(
   """log softmax(softcap(x·W))[target] per position, cfg.logits_chunk positions at a time, each
   chunk's logits recomputed in the backward pass (module docstring): float32 [R, T]."""
   R, T, D = x_RxTxD.shape
-  c = cfg.logits_chunk
-  C = math.ceil(T / c)
-  pad = C * c - T  # The last chunk is padded (target 0) and its padding dropped.
-  x_CxRxcxD = jnp.pad(x_RxTxD, ((0, 0), (0, pad), (0, 0))).reshape(R, C, c, D).swapaxes(0, 1)
-  target_CxRxc = jnp.pad(target_RxT, ((0, 0), (0, pad))).reshape(R, C, c).swapaxes(0, 1)
+  U = cfg.logits_chunk
+  Q = math.ceil(T / U)
+  pad = Q * U - T  # The last chunk is padded (target 0) and its padding dropped.
+  x_QxRxUxD = jnp.pad(x_RxTxD, ((0, 0), (0, pad), (0, 0))).reshape(R, Q, U, D).swapaxes(0, 1)
+  target_QxRxU = jnp.pad(target_RxT, ((0, 0), (0, pad))).reshape(R, Q, U).swapaxes(0, 1)
 
   @jax.checkpoint
   def one_chunk(xs):
-    x_RxcxD, target_Rxc = xs
-    x_RxcxD = shard(x_RxcxD, ("act_batch", "act_len", "act_embed"))
-    return _picked(models.unembed(cfg, x_RxcxD, w_DxV), target_Rxc)
+    x_RxUxD, target_RxU = xs
+    x_RxUxD = shard(x_RxUxD, ("act_batch", "act_len", "act_embed"))
+    return _picked(models.unembed(cfg, x_RxUxD, w_DxV), target_RxU)
 
-  logp_CxRxc = jax.lax.map(one_chunk, (x_CxRxcxD, target_CxRxc))
-  return logp_CxRxc.swapaxes(0, 1).reshape(R, C * c)[:, :T]
+  logp_QxRxU = jax.lax.map(one_chunk, (x_QxRxUxD, target_QxRxU))
+  return logp_QxRxU.swapaxes(0, 1).reshape(R, Q * U)[:, :T]
 
 
 def token_logps_BxK(

@@ -10,8 +10,8 @@ nothing is allocated. It writes plan.json and plan.md to --out and prints plan.m
 
   python -m align_jax.plan --config=configs/dpo.py:model=llama3_8b --topology=v5p:2x2x2 \\
       --config.data.batch_size=32 --config.data.max_len=4096
-  python -m align_jax.plan --config=configs/bond.py:model=llama3_8b --topology=v5p:4x4x2 \\
-      --config.data.prompt_len=1024 --config.sampling.max_new_tokens=256 --config.rollout.num_policy=8
+  python -m align_jax.plan --config=configs/bond.py:model=llama3_8b,n=8 --topology=v5p:2x2x4 \\
+      --config.data.batch_size=16 --config.data.prompt_len=1024 --config.sampling.max_new_tokens=256
   python -m align_jax.plan --config=configs/dpo.py:model=llama3_8b --topology=v5p:2x2x2 --search
 
 Records are shapes from the config (data.source is not read): B = data.batch_size examples of
@@ -173,7 +173,7 @@ def _compile(name: str, jitted, args, while_trips: int | None = None):
   fit is refused by XLA's compiler ("RESOURCE_EXHAUSTED: ... required for HLO temporaries (X)
   exceeds available HBM (Y)"): its report carries that message, the arguments' bytes per chip
   and the temporaries XLA states."""
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), time.process_time()
   traced = jitted.trace(*args)
   report = {"name": name, "matmul_flops": flops.jaxpr_matmul_flops(traced.jaxpr, while_trips)}
   try:
@@ -187,12 +187,13 @@ def _compile(name: str, jitted, args, while_trips: int | None = None):
     temporaries = int(stated[0]) if stated else 0
     return report | {
       "compile_s": round(time.perf_counter() - t0, 1),
+      "compile_cpu_s": round(time.process_time() - cpu0, 1),
       "refused": message,
       "memory_per_chip": _memory(arguments, 0, 0, temporaries, 0),
       "xla_flops_per_chip": None,
       "xla_bytes_per_chip": None,
     }, traced.out_info
-  seconds = time.perf_counter() - t0
+  seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
   m = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
@@ -205,6 +206,7 @@ def _compile(name: str, jitted, args, while_trips: int | None = None):
   )
   return report | {
     "compile_s": round(seconds, 1),
+    "compile_cpu_s": round(cpu_seconds, 1),  # Tracing + compiling, all threads: less load-bound.
     "memory_per_chip": memory | {"heap_peak": m.peak_memory_in_bytes},
     "xla_flops_per_chip": float(cost.get("flops", 0.0)),
     "xla_bytes_per_chip": float(cost.get("bytes accessed", 0.0)),
@@ -422,6 +424,7 @@ def _summary(chip, chips, functions, on_policy) -> dict:
     "estimated_mfu": model / (chips * chip.peak_flops * seconds) if seconds else None,
     "step": "one rollout and one update" if on_policy else "one update",
     "compile_s": round(sum(f["compile_s"] for f in functions), 1),
+    "compile_cpu_s": round(sum(f["compile_cpu_s"] for f in functions), 1),
   }
 
 
@@ -505,7 +508,8 @@ def markdown(report: dict, command: str = "") -> str:
     f"- **{fits}**: peak {gib(report['peak_bytes_per_chip'])} GiB per chip",
     f"- estimated {report['step']}: {report['estimated_step_s']:.3g} s, MFU ≤ "
     f"{100 * (report['estimated_mfu'] or 0):.0f} % (roofline estimates, see below)",
-    f"- compiled in {report['compile_s']:.0f} s on this host (load average "
+    f"- compiled in {report['compile_s']:.0f} s ({report['compile_cpu_s']:.0f} s of CPU) on "
+    f"this host (load average "
     f"{', '.join(map(str, report['host_load_average']))})",
     "",
     "| function | compile s | arguments GiB | outputs GiB | temporaries GiB | total GiB | "

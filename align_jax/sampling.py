@@ -105,7 +105,7 @@ def transform_logits(
 
 
 def _shard_cache(cache: list[dict] | dict) -> list[dict] | dict:
-  """Cache [R, S, G, K] (stacked: [N, R, S, G, K]): rows over the batch axes, KV heads over
+  """Cache [R, S, G, K] (stacked: [A, R, S, G, K]): rows over the batch axes, KV heads over
   tensor (as attention computes)."""
   names = ("act_batch", None, "act_kv_heads", None)
   return jax.tree.map(lambda x: shard(x, (None,) * (x.ndim - 4) + names), cache)

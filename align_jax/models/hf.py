@@ -12,7 +12,7 @@ M[a, b]: its first `split` axes flatten to a, the rest to b (wq_DxHxE: a = D, b 
 weights store M transposed ([out, in]); GPT-2's Conv1D and embeddings store M as is. Import builds
 each array with `jax.make_array_from_callback`, reading through `safe_open(...).get_slice` only
 the rows and columns of the blocks the process's devices hold. With `scan_layers` a block
-parameter stacks the N layers' tensors on its leading axis: import reads each layer's block and
+parameter stacks the layers' tensors on its leading axis: import reads each layer's block and
 stacks them, export unstacks (`transformer.unstack_layers`); both layouts import the same
 directory.
 """

@@ -14,10 +14,11 @@ dims but the last when its last axis is `embed` (it writes the residual stream),
 
 Adapters mirror the params tree: `{"layers": {0: {"attn": {"wq_DxHxE": {"lora_a": A, "lora_b":
 B}}}}}`; they carry the weight's logical names on their in/out dims (the rank dim is replicated),
-so they shard like the weight. Stacked weights (scan_layers: a leading `layers` axis N) get
-stacked adapters, one pair per layer: A [N, *in, R], B [N, R, *out]. The adapters are the train state's `params`; the base weights are
-frozen inputs of the step (the reference of objectives that have one: adapters off) and are read
-from `init_checkpoint` on every start, never checkpointed.
+so they shard like the weight. A stacked weight (scan_layers: a leading `layers` axis) gets
+stacked adapters, one pair per layer: A [layers, *in, R], B [layers, R, *out]. The adapters are
+the train state's `params`; the base weights are frozen inputs of the step (the reference of
+objectives that have one: adapters off) and are read from `init_checkpoint` on every start, never
+checkpointed.
 
 Config (`config_lib.base().lora`): rank (0: off), alpha, targets.
 """
@@ -121,7 +122,7 @@ def abstract(shapes: dict, param_names: dict, cfg) -> dict:
 
 
 def delta(adapter: dict, scale: float, stacked: bool = False) -> jax.Array:
-  """scale · A·B, the shape of the adapted weight: [*in, *out] ([N, *in, *out] when stacked:
+  """scale · A·B, the shape of the adapted weight: [*in, *out] ([layers, *in, *out] when stacked:
   one product per layer)."""
   product = lambda a, b: jnp.tensordot(a, b, axes=1)
   return scale * (jax.vmap(product) if stacked else product)(adapter["lora_a"], adapter["lora_b"])

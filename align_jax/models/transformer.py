@@ -7,11 +7,12 @@ through the same modules. `Transformer.__call__` takes tokens and their position
 KV cache with the slot to write at. Parameters carry logical axis names (`embed`, `mlp`, `heads`,
 ...); activations are constrained with `act_*` names through `sharding.shard`. Shape letters: R
 rows, L tokens of this call (of `pos_embed_LxD`: the learned positions), S cache slots, D width, H
-query heads, G KV heads, E head dim, F MLP width, V vocabulary, N layers.
+query heads, G KV heads, E head dim, F MLP width, V vocabulary, A layers; Q chunks of U
+positions (log-probs and attention over long sequences).
 
 Layers are unrolled (`params["layers"][i]`, one compiled body per layer) or, with
-`scan_layers`, stacked: every block parameter has a leading layer axis N (logical name `layers`,
-`params["layers"]["attn"]["wq_DxHxE"]` is [N, D, H, E]) and one compiled body runs under
+`scan_layers`, stacked: every block parameter has a leading layer axis A (logical name `layers`,
+`params["layers"]["attn"]["wq_DxHxE"]` is [A, D, H, E]) and one compiled body runs under
 `jax.lax.scan`, remat inside it; a layer's sliding window and RoPE are a scanned per-layer flag.
 `stack_layers` / `unstack_layers` convert one layout's parameters into the other's.
 """
@@ -396,29 +397,29 @@ def _attend(cfg, q_RxLxHxE, mask_RxLxS, *, k_RxSxGxE, v_RxSxGxE, scale):
   return out_RxLxGxNxE.reshape(q_RxLxHxE.shape)
 
 
-def _query_chunks(attend, c: int, q_RxLxHxE, mask_RxLxS):
-  """`attend` over the queries in chunks of c (each query's softmax is its own), each chunk's
-  [R, H, c, S] scores recomputed in the backward pass rather than stored (`lax.map` of a
+def _query_chunks(attend, U: int, q_RxLxHxE, mask_RxLxS):
+  """`attend` over the queries in Q chunks of U (each query's softmax is its own), each chunk's
+  [R, H, U, S] scores recomputed in the backward pass rather than stored (`lax.map` of a
   `jax.checkpoint`): the memory of one chunk's scores instead of all L rows'."""
   R, L, H, E = q_RxLxHxE.shape
-  C = math.ceil(L / c)
-  pad = C * c - L  # Padded queries see no key (uniform weights) and are dropped.
-  q_CxRxcxHxE = (
-    jnp.pad(q_RxLxHxE, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(R, C, c, H, E).swapaxes(0, 1)
+  Q = math.ceil(L / U)
+  pad = Q * U - L  # Padded queries see no key (uniform weights) and are dropped.
+  q_QxRxUxHxE = (
+    jnp.pad(q_RxLxHxE, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(R, Q, U, H, E).swapaxes(0, 1)
   )
-  mask_CxRxcxS = (  # Its rows may be 1 (broadcast over R).
+  mask_QxRxUxS = (  # Its rows may be 1 (broadcast over R).
     jnp.pad(mask_RxLxS, ((0, 0), (0, pad), (0, 0)))
-    .reshape(mask_RxLxS.shape[0], C, c, -1)
+    .reshape(mask_RxLxS.shape[0], Q, U, -1)
     .swapaxes(0, 1)
   )
 
   @jax.checkpoint
   def one_chunk(xs):
-    q_RxcxHxE, mask_RxcxS = xs
-    return attend(shard(q_RxcxHxE, ("act_batch", "act_len", "act_heads", None)), mask_RxcxS)
+    q_RxUxHxE, mask_RxUxS = xs
+    return attend(shard(q_RxUxHxE, ("act_batch", "act_len", "act_heads", None)), mask_RxUxS)
 
-  out_CxRxcxHxE = jax.lax.map(one_chunk, (q_CxRxcxHxE, mask_CxRxcxS))
-  return out_CxRxcxHxE.swapaxes(0, 1).reshape(R, C * c, H, E)[:, :L]
+  out_QxRxUxHxE = jax.lax.map(one_chunk, (q_QxRxUxHxE, mask_QxRxUxS))
+  return out_QxRxUxHxE.swapaxes(0, 1).reshape(R, Q * U, H, E)[:, :L]
 
 
 class Mlp(nnx.Module):
@@ -513,7 +514,7 @@ class Transformer(nnx.Module):
       tokens_RxL: token ids.
       positions_RxL: positions (RoPE angles or learned rows); defaults to 0..L-1.
       cache: the KV cache of `init_cache` (per layer {"k", "v"} [R, S, G, E], or stacked
-        [N, R, S, G, E] with scan_layers), or None.
+        [A, R, S, G, E] with scan_layers), or None.
       cache_index: the cache slot of this call's first token.
       kv_mask_RxS: False for key slots that must not be attended (padding).
     """
@@ -603,11 +604,11 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 def _scan_blocks(cfg, layers, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
   """One compiled block body scanned over the stacked parameters, with layer i's local flag.
 
-  The cache {"k", "v"} [N, R, S, G, E] is carried through the scan; each layer writes only this
+  The cache {"k", "v"} [A, R, S, G, E] is carried through the scan; each layer writes only this
   call's L new slots of its own row (an in-place update of the carry).
   """
   graphdef, stacked = nnx.split(layers)
-  local_N = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
+  local_A = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
 
   def body(carry, xs):
     x_RxLxD, cache = carry
@@ -630,14 +631,14 @@ def _scan_blocks(cfg, layers, x_RxLxD, positions_RxL, cache, cache_index, kv_mas
   if cfg.remat:
     body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
   (x_RxLxD, new_cache), _ = jax.lax.scan(
-    body, (x_RxLxD, cache), (stacked, local_N, jnp.arange(cfg.n_layers))
+    body, (x_RxLxD, cache), (stacked, local_A, jnp.arange(cfg.n_layers))
   )
   return x_RxLxD, new_cache
 
 
 def init_cache(cfg: ModelConfig, rows: int, slots: int) -> list[dict] | dict:
   """An empty KV cache in the compute dtype: per layer {"k", "v"} of shape [rows, slots, G, E], or
-  with scan_layers one {"k", "v"} of shape [N, rows, slots, G, E]."""
+  with scan_layers one {"k", "v"} of shape [A, rows, slots, G, E]."""
   shape = (rows, slots, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
     shape = (cfg.n_layers, *shape)
