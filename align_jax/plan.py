@@ -387,16 +387,19 @@ def _rollout_estimate(cfg, model_cfg, chip, mesh, table, report, sampling_cfg) -
   weights = flops.matmul_params(model_cfg) * item / tensor
   draws = [count * d.batch_size for count in (r.num_policy, r.num_anchor) if count]
   draws += [d.batch_size] if objectives.get(cfg.objective).greedy else []
-  decode_s, decode_flops = 0.0, 0
+  decode_s, decode_flops, decode_memory_s = 0.0, 0, 0.0
   for rows in draws:
     step_flops = flops.forward_flops(model_cfg, rows, 1, kv_length=S)
     cache = 2 * model_cfg.n_layers * S * model_cfg.n_kv_heads * model_cfg.head_dim * item
     step_bytes = weights + cache * rows / rows_ways / kv_ways
-    step_s = max(step_flops / chips / chip.peak_flops, step_bytes / chip.hbm_bandwidth)
-    decode_s += N * step_s
+    memory_s = step_bytes / chip.hbm_bandwidth
+    decode_s += N * max(step_flops / chips / chip.peak_flops, memory_s)
+    decode_memory_s += N * memory_s
     decode_flops += N * step_flops
   rest_s = (report["matmul_flops"] - decode_flops) / chips / chip.peak_flops
   out = _estimate(rest_s + decode_s, 0.0, report["matmul_flops"], chip, chips)
+  if decode_memory_s >= decode_s / 2:  # Most decode time is spent reading HBM.
+    out["bound"] = "decode: memory"
   return out | {"decode_s": decode_s, "prefill_and_scoring_s": rest_s}
 
 
