@@ -12,4 +12,5 @@ Shape legend, one for the whole package: names carry their shapes (`tokens_BxKxL
   N  new tokens (sampler), or records  O  scoring-model outputs
   R  rows of a forward pass (B·K)      C  rating categories (distributional labels)
   S  KV-cache slots                    X, Y  testbed prompts, testbed responses
+  A  layers (stacked parameters)       Q, U  chunks, positions per chunk (long sequences)
 """

@@ -172,6 +172,16 @@ def load_params(directory: str, abstract_params: dict) -> dict:
     return ckptr.restore(path, abstract_params)
 
 
+def saved_tree(directory: str) -> dict:
+  """The nested dict (array metadata at the leaves) of a parameters-only checkpoint, read
+  without its arrays."""
+  path = os.path.abspath(directory)
+  if not os.path.isdir(path):
+    raise MissingFileError(f"init_checkpoint {directory!r}: no such directory")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.metadata(path).item_metadata.tree
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs of `tree` carrying `shardings` (a restore target)."""
   return jax.tree.map(

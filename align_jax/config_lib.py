@@ -71,6 +71,7 @@ def base() -> mlc.ConfigDict:
   # Logical axis -> mesh axes. Parameters and activations (act_*) have separate names; each name
   # appears once (checked at start-up), and every name the model uses must be here.
   c.rules = (
+    ("layers", None),  # The leading axis of scanned layers' stacked parameters.
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

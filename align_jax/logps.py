@@ -9,12 +9,27 @@ Two granularities (DESIGN.md §9): token log-probs `[B, K, T]`, T = L - 1, where
 log π(tokens[t + 1] | tokens[≤t]) and its mask is `loss_mask[..., 1:]`; and sequence log-probs
 `[B, K]`, their sum under that mask. Distillation objectives take the whole next-token
 distributions `[B, K, T, V]` at the same positions.
+
+Token log-probs never hold the [R, T, V] float32 logits of a long sequence at once: with
+`model.logits_chunk = U` and T > U, the final hidden states are cut into Q = ⌈T/U⌉ chunks of U
+positions (the rows stay sharded as they are) and `lax.map` computes each chunk's logits, its
+log-normaliser and the picked entry,
+
+    log π(y_t | y_<t) = z_t[y_t] − logsumexp_v z_t[v],   z_t = softcap(h_t · W)   (W: [D, V]),
+
+under `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing them
+(the memory of one chunk, [R, U, V], instead of Q of them; the recomputation costs one more
+R·T·D·V matmul, as in MaxText's vocabulary tiling and Liger's fused cross-entropy).
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from align_jax import models
+from align_jax.sharding import shard
 
 
 def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
@@ -24,12 +39,44 @@ def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
 
 
 def token_logps(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
-  """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]."""
-  logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
-  logits_RxTxV = logits_RxLxV[:, :-1].astype(models.wide(logits_RxLxV.dtype))
-  target_RxT = tokens_RxL[:, 1:]
+  """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]; in chunks of
+  `model.logits_chunk` positions when L - 1 is longer (module docstring)."""
+  model = nnx.merge(graphdef, params)
+  chunk, T = model.cfg.logits_chunk, tokens_RxL.shape[1] - 1
+  if not chunk or T <= chunk:
+    logits_RxLxV, _ = model(tokens_RxL)
+    return _picked(logits_RxLxV[:, :-1], tokens_RxL[:, 1:])
+  x_RxLxD, _ = model.hidden(tokens_RxL)
+  return chunked_token_logps(model.cfg, x_RxLxD[:, :-1], model.unembed_weight(), tokens_RxL[:, 1:])
+
+
+def _picked(logits_RxTxV: jax.Array, target_RxT: jax.Array) -> jax.Array:
+  """z[y_t] − logsumexp(z) per position, in the wide dtype."""
+  logits_RxTxV = logits_RxTxV.astype(models.wide(logits_RxTxV.dtype))
   picked_RxT = jnp.take_along_axis(logits_RxTxV, target_RxT[..., None], axis=-1)[..., 0]
   return picked_RxT - jax.nn.logsumexp(logits_RxTxV, axis=-1)
+
+
+def chunked_token_logps(
+  cfg: models.ModelConfig, x_RxTxD: jax.Array, w_DxV: jax.Array, target_RxT: jax.Array
+) -> jax.Array:
+  """log softmax(softcap(x·W))[target] per position, cfg.logits_chunk positions at a time, each
+  chunk's logits recomputed in the backward pass (module docstring): float32 [R, T]."""
+  R, T, D = x_RxTxD.shape
+  U = cfg.logits_chunk
+  Q = math.ceil(T / U)
+  pad = Q * U - T  # The last chunk is padded (target 0) and its padding dropped.
+  x_QxRxUxD = jnp.pad(x_RxTxD, ((0, 0), (0, pad), (0, 0))).reshape(R, Q, U, D).swapaxes(0, 1)
+  target_QxRxU = jnp.pad(target_RxT, ((0, 0), (0, pad))).reshape(R, Q, U).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(xs):
+    x_RxUxD, target_RxU = xs
+    x_RxUxD = shard(x_RxUxD, ("act_batch", "act_len", "act_embed"))
+    return _picked(models.unembed(cfg, x_RxUxD, w_DxV), target_RxU)
+
+  logp_QxRxU = jax.lax.map(one_chunk, (x_QxRxUxD, target_QxRxU))
+  return logp_QxRxU.swapaxes(0, 1).reshape(R, Q * U)[:, :T]
 
 
 def token_logps_BxK(

@@ -37,12 +37,18 @@ def learned(path: str, mesh, table: dict):
   params = checkpoint.load_params(
     os.path.join(path, "params"), checkpoint.abstract_like(shapes, shardings)
   )
+  return reward_function(graphdef, objective), params, shardings
+
+
+def reward_function(graphdef, objective: objectives.Objective):
+  """reward_fn(params, tokens_BxKxL, loss_mask_BxKxL) -> [B, K] of a scoring model trained with
+  `objective`: its reward of the scores at each response's last scored token."""
 
   def reward_fn(reward_params, tokens_BxKxL, loss_mask_BxKxL):
     scores = logps.sequence_scores(graphdef, reward_params, tokens_BxKxL, loss_mask_BxKxL)
     return jax.lax.stop_gradient(objective.reward(scores))
 
-  return reward_fn, params, shardings
+  return reward_fn
 
 
 def file_scorer(cfg, reward_fn):

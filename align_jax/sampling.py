@@ -104,9 +104,11 @@ def transform_logits(
   return logp_RxV
 
 
-def _shard_cache(cache: list[dict]) -> list[dict]:
-  """Cache [R, S, G, K]: rows over the batch axes, KV heads over tensor (as attention computes)."""
-  return jax.tree.map(lambda x: shard(x, ("act_batch", None, "act_kv_heads", None)), cache)
+def _shard_cache(cache: list[dict] | dict) -> list[dict] | dict:
+  """Cache [R, S, G, K] (stacked: [A, R, S, G, K]): rows over the batch axes, KV heads over
+  tensor (as attention computes)."""
+  names = ("act_batch", None, "act_kv_heads", None)
+  return jax.tree.map(lambda x: shard(x, (None,) * (x.ndim - 4) + names), cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -156,17 +158,13 @@ def sample(
     next_position_R = count_RxP[:, -1]
     kv_mask_RxS = jnp.concatenate([real_RxP, jnp.ones((R, N), bool)], axis=1)
 
-  model_cfg = nnx.merge(graphdef, params).cfg
-  cache = _shard_cache(models.init_cache(model_cfg, R, P + N))
-  logits_RxPxV, cache = models.apply(
-    graphdef,
-    params,
-    prompts_RxP,
-    positions_RxL=positions_RxP,
-    cache=cache,
-    cache_index=0,
-    kv_mask_RxS=kv_mask_RxS,
+  model = nnx.merge(graphdef, params)
+  cache = _shard_cache(models.init_cache(model.cfg, R, P + N))
+  # The prefill needs the logits of the prompt's last position only (not [R, P, V]).
+  x_RxPxD, cache = model.hidden(
+    prompts_RxP, positions_RxP, cache=cache, cache_index=0, kv_mask_RxS=kv_mask_RxS
   )
+  logits_RxV = models.unembed(model.cfg, x_RxPxD[:, -1:], model.unembed_weight())[:, 0]
 
   def step(carry):
     i, cache, logits_RxV, tokens_RxN, logp_RxN, mask_RxN, done_R = carry
@@ -200,7 +198,7 @@ def sample(
   init = (
     jnp.int32(0),
     cache,
-    logits_RxPxV[:, -1].astype(jnp.float32),
+    logits_RxV.astype(jnp.float32),
     shard(jnp.full((R, N), cfg.pad_id, jnp.int32), ("act_batch", None)),
     shard(jnp.zeros((R, N), jnp.float32), ("act_batch", None)),
     shard(jnp.zeros((R, N), jnp.float32), ("act_batch", None)),

@@ -206,17 +206,71 @@ def _teacher(cfg, objective, mesh, table) -> loading.Teacher | None:
 
 
 def _init_state(cfg, parts: _Parts):
-  """(the step-0 train state, its shardings): parameters as created, the rest replicated."""
+  """(the step-0 train state, its shardings): `state_shardings`, created in place."""
   tb = parts.evaluator.tb if parts.evaluator else None
   num_contexts = len(tb.prompts_XxP) if tb else len(parts.data.get("prompt_index", ()))
-  stats = parts.objective.init_stats(num_contexts, cfg.loss.to_dict())
-  tx, moving = step.optimizer(_optim(cfg)), cfg.rollout.anchor not in ("reference", "teacher")
-  init = lambda p: step.init_state(p, tx, cfg.seed, stats, moving_anchor=moving)
-  state = jax.jit(init)(parts.model.trainable)
-  replicated = sharding.replicated(parts.mesh)
-  is_named = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding)
-  state_shardings = jax.tree.map(lambda x: x.sharding if is_named(x) else replicated, state)
-  return jax.device_put(state, state_shardings), state_shardings
+  init = state_init(cfg, parts.objective, num_contexts)
+  trainable = parts.model.trainable
+  shardings = state_shardings(jax.eval_shape(init, trainable), trainable, parts.mesh)
+  return jax.jit(init, out_shardings=shardings)(trainable), shardings
+
+
+def state_shardings(state_shapes, trainable, mesh):
+  """The train state's shardings: every copy of a trainable parameter (the parameters, the
+  optimizer's moments, a moving anchor: a leaf whose path ends with the parameter's path and
+  has its shape) sharded as the parameter, the rest (step, rng, statistics, counts) replicated.
+  `trainable`: the parameters, or their ShapeDtypeStructs, carrying their shardings. (Left to
+  XLA, the moments of a jitted optax init come out on one device, i.e. replicated.)"""
+  flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
+  by_path = {jax.tree_util.keystr(path): x for path, x in flat}
+  replicated = sharding.replicated(mesh)
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for suffix, x in by_path.items():
+      if key.endswith(suffix) and x.shape == leaf.shape:
+        return x.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+def state_init(cfg, objective: objectives.Objective, num_contexts: int):
+  """trainable params -> the step-0 train state (the objective's statistics over `num_contexts`
+  prompts, a moving anchor when the rollout has one)."""
+  stats = objective.init_stats(num_contexts, cfg.loss.to_dict())
+  moving = cfg.rollout.anchor not in ("reference", "teacher")
+  tx = step.optimizer(_optim(cfg))
+  return lambda p: step.init_state(p, tx, cfg.seed, stats, moving_anchor=moving)
+
+
+def _anchor_update(cfg):
+  return rollout.anchor_update(
+    cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema, every=cfg.rollout.anchor_every
+  )
+
+
+def jit_update(cfg, objective, model: loading.RunModel, mesh, state_shardings, batch_shardings):
+  """The run's jitted update (state, batch, reference) -> (state, metrics), donating the state
+  (align_jax/plan.py compiles it ahead of time)."""
+  optim = _optim(cfg)
+  bound = functools.partial(
+    step.train_step,
+    graphdef=model.graphdef,
+    objective=objective,
+    loss_cfg=cfg.loss.to_dict(),
+    tx=step.optimizer(optim),
+    lr_fn=step.learning_rate(optim),
+    move_anchor=_anchor_update(cfg),
+    merge=model.merge,
+  )
+  ref_shardings = model.shardings if model.ref_params is not None else None
+  return jax.jit(
+    bound,
+    in_shardings=(state_shardings, batch_shardings, ref_shardings),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def _compile(cfg, parts: _Parts, state, state_shardings):
@@ -224,10 +278,7 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
   metrics) is the one host -> device copy, the rollout for on-policy objectives, and the jitted
   update, each with explicit shardings. When one rollout feeds several updates the state carries
   the rollout (`TrainState.rollout`), and the host batch is None between rollouts."""
-  mesh, model, optim = parts.mesh, parts.model, _optim(cfg)
-  move_anchor = rollout.anchor_update(
-    cfg.rollout.anchor, ema_rate=cfg.rollout.anchor_ema, every=cfg.rollout.anchor_every
-  )
+  mesh, model = parts.mesh, parts.model
   batch_shardings = {
     pipeline.batch_key(k): sharding.batch_sharding(mesh, v.ndim) for k, v in parts.data.items()
   }
@@ -235,7 +286,7 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
   make_batch = reward_params = take = None
   if parts.objective.data == "prompts":  # On-policy: the rollout turns prompts into the batch.
     make_batch, reward_params, batch_shapes = _compile_rollout(
-      cfg, parts, state, state_shardings, batch_shardings, anchor_is_ref=move_anchor is None
+      cfg, parts, state, state_shardings, batch_shardings
     )
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_shapes.items()}
   r = cfg.rollout
@@ -250,23 +301,7 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
     state, state_shardings, take = _rollout_buffer(
       cfg, state, state_shardings, batch_shapes, batch_shardings, rows
     )
-  bound = functools.partial(
-    step.train_step,
-    graphdef=model.graphdef,
-    objective=parts.objective,
-    loss_cfg=cfg.loss.to_dict(),
-    tx=step.optimizer(optim),
-    lr_fn=step.learning_rate(optim),
-    move_anchor=move_anchor,
-    merge=model.merge,
-  )
-  ref_shardings = model.shardings if model.ref_params is not None else None
-  update = jax.jit(
-    bound,
-    in_shardings=(state_shardings, batch_shardings, ref_shardings),
-    out_shardings=(state_shardings, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+  update = jit_update(cfg, parts.objective, model, mesh, state_shardings, batch_shardings)
 
   def step_fn(state, host_batch, s):
     if host_batch is not None:
@@ -329,8 +364,8 @@ def _rollout_buffer(cfg, state, state_shardings, shapes, shardings, rows):
   return state, state_shardings, lambda buffer, m: slice_fn(buffer, starts[m])
 
 
-def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_shardings, anchor_is_ref):
-  """(the jitted rollout, the reward model's params, the shapes of the batches it makes)."""
+def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_shardings):
+  """(the jitted rollout, the reward model's params, the shardings of the batches it makes)."""
   mesh, model, ev = parts.mesh, parts.model, parts.evaluator
   reward_fn, reward_params, reward_shardings = rewards.learned(cfg.reward_model, mesh, parts.table)
   if ev is None:
@@ -338,36 +373,62 @@ def _compile_rollout(cfg, parts: _Parts, state, state_shardings, prompt_sharding
   else:
     reward_XxY = target.training_reward(cfg, ev.tb, ev.ref_XxY)
     score_fn = task.scorer(ev.tb, ev.potential_XxY, reward_fn, reward_XxY)
+  teacher_params, teacher_shardings = _teacher_inputs(cfg, parts)
+  args = (state, *_prompt_shapes(cfg, parts), model.ref_params, reward_params, teacher_params)
+  make_batch, _, shapes = jit_rollout(
+    cfg,
+    parts.objective,
+    model,
+    mesh,
+    score_fn,
+    records.sampling_config(cfg, parts.file_data),
+    args,
+    (state_shardings, prompt_shardings["prompt_BxP"], prompt_shardings["prompt_index_B"]),
+    reward_shardings,
+    parts.teacher,
+    teacher_shardings,
+  )
+  return make_batch, reward_params, shapes
+
+
+def jit_rollout(
+  cfg,
+  objective,
+  model,
+  mesh,
+  score_fn,
+  sampling_cfg,
+  args,
+  arg_shardings,
+  reward_shardings,
+  teacher=None,
+  teacher_shardings=None,
+):
+  """(the run's jitted rollout (state, prompts, prompt ids, reference, reward params[, teacher
+  params]) -> batch, the batch's shardings, its shapes); `args` are those arguments or their
+  shapes, `arg_shardings` the first three's shardings (align_jax/plan.py compiles it ahead of
+  time); `teacher` a `loading.Teacher` for distillation."""
   roll = functools.partial(
     rollout.rollout,
     graphdef=model.graphdef,
     score_fn=score_fn,
-    sampling_cfg=records.sampling_config(cfg, parts.file_data),
+    sampling_cfg=sampling_cfg,
     merge=model.merge,
     num_policy=cfg.rollout.num_policy,
     num_anchor=cfg.rollout.num_anchor,
-    anchor_is_ref=anchor_is_ref,
-    greedy=parts.objective.greedy,
+    anchor_is_ref=_anchor_update(cfg) is None,
+    greedy=objective.greedy,
     informative_prompts=cfg.rollout.informative_prompts,
-    teacher_graphdef=parts.teacher.graphdef if parts.teacher else None,
+    teacher_graphdef=teacher.graphdef if teacher else None,
     anchor_is_teacher=cfg.rollout.anchor == "teacher",
-    teacher_distributions=parts.objective.granularity == "distribution",
+    teacher_distributions=objective.granularity == "distribution",
   )
-  teacher_params, teacher_shardings = _teacher_inputs(cfg, parts)
-  shapes = jax.eval_shape(
-    roll, state, *_prompt_shapes(cfg, parts), model.ref_params, reward_params, teacher_params
-  )
+  args = (*args, None)[:6]  # No teacher: its parameters are None.
+  shapes = jax.eval_shape(roll, *args)
   out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
-  in_shardings = (
-    state_shardings,
-    prompt_shardings["prompt_BxP"],
-    prompt_shardings["prompt_index_B"],
-    model.shardings,
-    reward_shardings,
-    teacher_shardings,
-  )
-  make_batch = jax.jit(roll, in_shardings=in_shardings, out_shardings=out_shardings)
-  return make_batch, reward_params, shapes
+  in_shardings = (*arg_shardings, model.shardings, reward_shardings, teacher_shardings)
+  jitted = jax.jit(roll, in_shardings=in_shardings, out_shardings=out_shardings)
+  return jitted, out_shardings, shapes
 
 
 def _loop(cfg, state, start, step_fn, data_iter, ckpt, writer, evaluate_fn):

@@ -105,3 +105,69 @@ def test_a_token_objective_trains_like_its_sequence_form(model):
     tok_state.params,
     seq_state.params,
   )
+
+
+# A vocabulary (61) and lengths no other size here equals, so the [R, T, V] logits are
+# recognisable by shape in a jaxpr.
+CHUNKED = dict(dataclasses.asdict(CFG), vocab_size=61, final_softcap=3.0)
+
+
+@pytest.mark.parametrize("chunk,tied", [(4, False), (3, True), (16, False)])
+def test_chunked_token_logps_equal_the_unchunked_values_and_gradients(chunk, tied):
+  """T = 11 positions in chunks of 4 (3 chunks, the last padded), 3 (tied embeddings) or 16 (one
+  chunk: the unchunked code); values within 1e-6, gradients of every parameter within 1e-6 of
+  their scale, for token log-probs, sequence log-probs and the public functions built on them."""
+  whole = models.ModelConfig(**{**CHUNKED, "tie_embeddings": tied, "logits_chunk": 0})
+  chunked = dataclasses.replace(whole, logits_chunk=chunk)
+  graphdef, chunk_graphdef = models.abstract(whole)[0], models.abstract(chunked)[0]
+  params = models.init_params(whole, jax.random.key(4))
+  tokens_BxKxL = jax.random.randint(jax.random.key(5), (2, 3, 12), 0, 61, jnp.int32)
+  mask_BxKxL = (jnp.arange(12) >= 2).astype(jnp.float32) * jnp.ones((2, 3, 1))
+  weights_BxKxT = jax.random.normal(jax.random.key(6), (2, 3, 11))
+
+  def outputs(g, p):
+    logp_BxKxT, _ = logps.token_logps_BxK(g, p, tokens_BxKxL, mask_BxKxL)
+    return logp_BxKxT, logps.sequence_logps(g, p, tokens_BxKxL, mask_BxKxL)
+
+  def grads(g):
+    loss = lambda p: jnp.sum(outputs(g, p)[0] * weights_BxKxT) + jnp.sum(outputs(g, p)[1])
+    return jax.jit(jax.grad(loss))(params)
+
+  run = jax.jit(outputs, static_argnums=0)
+  (tok, seq), (want_tok, want_seq) = run(chunk_graphdef, params), run(graphdef, params)
+  np.testing.assert_allclose(tok, want_tok, atol=1e-6, rtol=0)  # Each token's log-prob.
+  np.testing.assert_allclose(seq, want_seq, atol=0, rtol=1e-6)  # Sums of 10 (about -45).
+  want = grads(graphdef)
+  for a, b in zip(jax.tree.leaves(grads(chunk_graphdef)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(np.max(np.abs(b)))), rtol=0)
+  assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want)) > 1e-2  # Not zeros.
+
+
+def _largest_logits(jaxpr, V) -> int:
+  """The largest array with a vocabulary axis (last dim V) the program holds, in elements."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      shape = getattr(var.aval, "shape", ())
+      if shape and shape[-1] == V:
+        largest = max(largest, int(np.prod(shape)))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          largest = max(largest, _largest_logits(getattr(sub, "jaxpr", sub), V))
+  return largest
+
+
+def test_chunked_gradient_holds_one_chunk_of_logits_not_the_sequence():
+  """The forward and backward of the chunked log-probs hold [R, chunk, V] logits at most; the
+  unchunked ones hold [R, L, V] (the check can fail)."""
+  R, L, c = 6, 40, 8
+  tokens = jax.random.randint(jax.random.key(7), (R, L), 0, 61, jnp.int32)
+  sizes = {}
+  for chunk in (0, c):
+    cfg = models.ModelConfig(**{**CHUNKED, "logits_chunk": chunk})
+    graphdef, shapes, _ = models.abstract(cfg)
+    loss = lambda p: jnp.sum(logps.token_logps(graphdef, p, tokens))
+    sizes[chunk] = _largest_logits(jax.make_jaxpr(jax.grad(loss))(shapes).jaxpr, 61)
+  assert sizes[c] == R * c * 61
+  assert sizes[0] >= R * (L - 1) * 61

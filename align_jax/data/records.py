@@ -36,6 +36,34 @@ BATCH_FIELDS = (
 )
 
 
+def record_shapes(cfg, fmt: str, needs_ref: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{batch field: (per-record shape, dtype)} of a run's records in format `fmt`, from the config
+  alone (an ahead-of-time plan, align_jax/plan.py): L = data.max_len tokens per sequence, K from
+  the format (pairs and mismatched binary examples 2, lists data.list_size, negatives
+  1 + data.num_samples), C = testbed.categories; prompts: P = data.prompt_len tokens."""
+  d = cfg.data
+  if fmt == "prompts":
+    return {"prompt_P": ((d.prompt_len,), np.int32), "prompt_index": ((), np.int32)}
+  K = {"corpus": 1, "pairs": 2, "lists": d.list_size, "binary": 2, "ternary": 2}.get(fmt)
+  K = {"distribution": 1, "negatives": 1 + d.num_samples}.get(fmt, K)
+  if K is None:
+    raise ConfigError(f"record format {fmt!r} is unknown")
+  f32 = np.float32
+  shapes = {"tokens_KxL": ((K, d.max_len), np.int32), "loss_mask_KxL": ((K, d.max_len), f32)}
+  if fmt != "corpus":
+    shapes |= {"score_K": ((K,), f32), "response_mask_K": ((K,), f32)}
+  shapes |= {
+    "binary": {"desirable": ((), f32)},
+    "ternary": {"is_tie": ((), f32)},
+    "distribution": {"label_dist_C": ((cfg.testbed.categories,), f32)},
+  }.get(fmt, {})
+  if d.udm:
+    shapes["udm_weight"] = ((), f32)
+  if needs_ref and d.precompute_ref:
+    shapes["ref_logp_K"] = ((K,), f32)
+  return shapes
+
+
 def read_file(cfg, fmt: str, vocab_size: int) -> tuple | None:
   """(records, counts, text format, held-out records or None) of a file source in record format
   `fmt`, read before any model work (bad data fails fast); None for the testbed.

@@ -8,5 +8,8 @@ from align_jax.models.transformer import (
   apply,
   init_cache,
   init_params,
+  stack_layers,
+  unembed,
+  unstack_layers,
   wide,
 )

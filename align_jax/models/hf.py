@@ -13,7 +13,10 @@ Every parameter is one HF tensor (or a block of a fused one: GPT-2's `c_attn` co
 a, the rest to b (wq_DxHxE: a = D, b = H·E). HF Linear weights store M transposed ([out, in]);
 GPT-2's Conv1D and embeddings store M as is. Import builds
 each array with `jax.make_array_from_callback`, reading through `safe_open(...).get_slice` only
-the rows and columns of the blocks the process's devices hold.
+the rows and columns of the blocks the process's devices hold. With `scan_layers` a block
+parameter stacks the layers' tensors on its leading axis: import reads each layer's block and
+stacks them, export unstacks (`transformer.unstack_layers`); both layouts import the same
+directory.
 """
 
 import contextlib
@@ -30,7 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from align_jax.models.transformer import ModelConfig, abstract
+from align_jax.models.transformer import ModelConfig, abstract, unstack_layers
 from align_jax.errors import HFDirError, MissingFileError
 
 # family -> (model_type, architecture) written on export.
@@ -49,7 +52,17 @@ _FAMILY = {model_type: family for family, (model_type, _) in ARCHITECTURES.items
 # ModelConfig fields that shape the parameters: a run's config must agree with the checkpoint.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim")
 # ModelConfig fields that are the run's choice, not the checkpoint's.
-RUN_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "num_scores", "attention_impl")
+RUN_FIELDS = (
+  "dtype",
+  "param_dtype",
+  "remat",
+  "remat_policy",
+  "num_scores",
+  "attention_impl",
+  "scan_layers",
+  "logits_chunk",
+  "attention_chunk",
+)
 # Files of the source directory an export carries over (tokenizer, generation defaults).
 _CARRIED = (
   "tokenizer.json",
@@ -368,6 +381,7 @@ class _Spec:
   split: int
   transposed: bool = False
   offset: int = 0
+  stacked: bool = False  # scan_layers: `name` has a `{}` for the layer; axis 0 is the layer.
 
 
 def _specs(cfg: ModelConfig, shapes: dict, prefix: str, lm_head: str) -> dict:
@@ -375,10 +389,13 @@ def _specs(cfg: ModelConfig, shapes: dict, prefix: str, lm_head: str) -> dict:
   specs = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    stacked = cfg.scan_layers and keys[0] == "layers"
+    if stacked:  # As layer "{}" of the unrolled layout; the layer is filled in per tensor.
+      keys = ("layers", "{}", *keys[1:])
     spec = (_gpt2_spec if cfg.family == "gpt2" else _spec)(cfg, keys, prefix, lm_head)
     if spec is None:
       raise HFDirError(f"parameter {'/'.join(map(str, keys))} has no {cfg.family} counterpart")
-    specs[jax.tree_util.keystr(path)] = spec
+    specs[jax.tree_util.keystr(path)] = dataclasses.replace(spec, stacked=stacked)
   return specs
 
 
@@ -552,7 +569,7 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
   expected = {}  # HF name -> shape: our blocks side by side (GPT-2's c_attn holds three).
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     spec = specs[jax.tree_util.keystr(path)]
-    block = _hf_shape(spec, leaf.shape)
+    block = _hf_shape(spec, leaf.shape[1:] if spec.stacked else leaf.shape)
     known = expected.get(spec.name)
     if known is not None and spec.transposed:  # Fused rows (Phi-3).
       block = (known[0] + block[0], *block[1:])
@@ -560,6 +577,9 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
       block = (*block[:-1], known[-1] + block[-1])
     expected[spec.name] = block
   dtype = jnp.dtype(cfg.param_dtype)
+  templates = {spec.name for spec in specs.values() if spec.stacked}
+  layer_names = {t.format(i): t for t in templates for i in range(cfg.n_layers)}
+  spec_name = lambda name: layer_names.get(name, name)  # A layer's tensor -> its spec's name.
   with contextlib.ExitStack() as stack:
     opened = {}
 
@@ -570,20 +590,32 @@ def load_params(hf_dir: str, cfg: ModelConfig, shardings) -> dict:
         opened[files[name]] = stack.enter_context(safe_open(files[name], "numpy"))
       return opened[files[name]].get_slice(name)
 
+    def checked(name):
+      t = tensor(name)
+      if tuple(t.get_shape()) != expected[spec_name(name)]:
+        raise HFDirError(
+          f"{hf_dir!r}: tensor {name!r} has shape {tuple(t.get_shape())}; "
+          f"config.json implies {expected[spec_name(name)]}"
+        )
+      return t
+
     def load(path, leaf, sh):
       spec, shape = specs[jax.tree_util.keystr(path)], tuple(leaf.shape)
-      t = tensor(spec.name)
-      if tuple(t.get_shape()) != expected[spec.name]:
-        raise HFDirError(
-          f"{hf_dir!r}: tensor {spec.name!r} has shape {tuple(t.get_shape())}; "
-          f"config.json implies {expected[spec.name]}"
-        )
       memo = {}  # Replicated blocks are read once.
 
       def block(index):
         key = tuple((s.start, s.stop) for s in index)
         if key not in memo:
-          memo[key] = _read_block(t, spec, shape, index).astype(dtype)
+          if spec.stacked:  # Layer i's block of its own tensor, for each layer of the block.
+            layers = range(*index[0].indices(shape[0]))
+            memo[key] = np.stack(
+              [
+                _read_block(checked(spec.name.format(i)), spec, shape[1:], index[1:])
+                for i in layers
+              ]
+            ).astype(dtype)
+          else:
+            memo[key] = _read_block(checked(spec.name), spec, shape, index).astype(dtype)
         return memo[key]
 
       return jax.make_array_from_callback(shape, sh, block)
@@ -752,6 +784,8 @@ def save(
   """
   if cfg.num_scores:
     raise HFDirError("a scoring model (num_scores > 0) has no causal-LM Hugging Face form")
+  if cfg.scan_layers:  # The same tensors as the unrolled layout's, one per layer.
+    params, cfg = unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
   special = {}
   if source_dir:
     src = read_config(source_dir)

@@ -14,11 +14,14 @@ import os
 from collections.abc import Callable
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from align_jax import checkpoint, sharding
 from align_jax.errors import ConfigError
 from align_jax.models import hf, lora, presets
-from align_jax.models.transformer import ModelConfig, abstract, init_params
+from align_jax.models.transformer import ModelConfig, abstract, init_params, stack_layers
+from align_jax.models.transformer import unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +38,32 @@ class RunModel:
 
 
 def read_lm(path: str, model_cfg: ModelConfig, shardings: dict) -> dict:
-  """A language model's parameters from a Hugging Face directory or an Orbax params directory."""
+  """A language model's parameters from a Hugging Face directory or an Orbax params directory.
+
+  Both layouts of the layers read both: an HF directory holds one tensor per layer; an Orbax
+  params directory saved in the other layout (unrolled vs scan_layers) is read as saved and
+  stacked or unstacked into `shardings`."""
   if hf.is_hf_dir(path):
     return hf.load_params(path, model_cfg, shardings)
-  _, shapes, _ = abstract(model_cfg)
-  return checkpoint.load_params(path, checkpoint.abstract_like(shapes, shardings))
+  saved_stacked = "0" not in checkpoint.saved_tree(path).get("layers", {"0": None})
+  if saved_stacked == model_cfg.scan_layers:
+    _, shapes, _ = abstract(model_cfg)
+    return checkpoint.load_params(path, checkpoint.abstract_like(shapes, shardings))
+  saved_cfg = dataclasses.replace(model_cfg, scan_layers=saved_stacked)
+  _, saved_shapes, _ = abstract(saved_cfg)
+  with_layer = lambda s: NamedSharding(s.mesh, P(None, *s.spec))  # Stacked: a leading N axis.
+  without_layer = lambda s: NamedSharding(s.mesh, P(*s.spec[1:]))
+  if saved_stacked:  # Saved stacked, wanted unrolled.
+    layers = jax.tree.map(with_layer, shardings["layers"][0])
+    convert = unstack_layers
+  else:
+    one = jax.tree.map(without_layer, shardings["layers"])
+    layers = {i: one for i in range(model_cfg.n_layers)}
+    convert = stack_layers
+  saved = checkpoint.load_params(
+    path, checkpoint.abstract_like(saved_shapes, {**shardings, "layers": layers})
+  )
+  return jax.jit(convert, out_shardings=shardings)(saved)
 
 
 def build(cfg, *, lm_dir: str, needs_ref: bool, mesh, table: dict) -> RunModel:
@@ -90,6 +114,22 @@ def build(cfg, *, lm_dir: str, needs_ref: bool, mesh, table: dict) -> RunModel:
     ref_params=params,
     merge=functools.partial(lora.merge, cfg=lora_cfg),
   )
+
+
+def abstract_build(cfg, *, needs_ref: bool, mesh, table: dict) -> RunModel:
+  """`build` without parameters: the same RunModel with ShapeDtypeStructs carrying the shardings
+  in place of arrays (what an ahead-of-time compile takes, align_jax/plan.py)."""
+  model_cfg, lora_cfg = ModelConfig(**cfg.model), cfg.lora
+  graphdef, shapes, names = abstract(model_cfg)
+  shardings = sharding.tree_shardings(names, mesh, table)
+  params = checkpoint.abstract_like(shapes, shardings)
+  if not lora.enabled(lora_cfg):
+    ref = params if needs_ref else None
+    return RunModel(graphdef, shapes, names, shardings, params, ref, merge=None)
+  adapter_shardings = sharding.tree_shardings(lora.names(names, lora_cfg), mesh, table)
+  adapters = checkpoint.abstract_like(lora.abstract(shapes, names, lora_cfg), adapter_shardings)
+  merge = functools.partial(lora.merge, cfg=lora_cfg)
+  return RunModel(graphdef, shapes, names, shardings, adapters, params, merge)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ dims but the last when its last axis is `embed` (it writes the residual stream),
 
 Adapters mirror the params tree: `{"layers": {0: {"attn": {"wq_DxHxE": {"lora_a": A, "lora_b":
 B}}}}}`; they carry the weight's logical names on their in/out dims (the rank dim is replicated),
-so they shard like the weight. The adapters are the train state's `params`; the base weights are
-frozen inputs of the step (the reference of objectives that have one: adapters off) and are read
-from `init_checkpoint` on every start, never checkpointed.
+so they shard like the weight. A stacked weight (scan_layers: a leading `layers` axis) gets
+stacked adapters, one pair per layer: A [layers, *in, R], B [layers, R, *out]. The adapters are
+the train state's `params`; the base weights are frozen inputs of the step (the reference of
+objectives that have one: adapters off) and are read from `init_checkpoint` on every start, never
+checkpointed.
 
 Config (`config_lib.base().lora`): rank (0: off), alpha, targets.
 """
@@ -51,7 +53,8 @@ def check(cfg) -> None:
 
 
 def _plan(names: dict, cfg) -> dict:
-  """{path: number of input dims} of the weights LoRA adapts, from the params' logical names."""
+  """{path: (stacked layer dims (0 or 1), number of input dims)} of the weights LoRA adapts, from
+  the params' logical names."""
   plan = {}
 
   def visit(node, path):
@@ -59,8 +62,10 @@ def _plan(names: dict, cfg) -> dict:
       for key, child in node.items():
         visit(child, (*path, key))
       return
+    n = 1 if node[:1] == ("layers",) else 0
+    node = node[n:]
     if len(node) >= 2 and "embed" in node and any(k in cfg.targets for k in path[:-1]):
-      plan[path] = len(node) - 1 if node[-1] == "embed" else 1
+      plan[path] = (n, len(node) - 1 if node[-1] == "embed" else 1)
 
   visit(names, ())
   if not plan:
@@ -86,15 +91,11 @@ def _get(tree: dict, path: tuple):
 
 def names(param_names: dict, cfg) -> dict:
   """The adapters' logical axis names, given the params' (leaves: tuples of names)."""
-  return _nest(
-    {
-      path: {
-        "lora_a": (*_get(param_names, path)[:n_in], None),
-        "lora_b": (None, *_get(param_names, path)[n_in:]),
-      }
-      for path, n_in in _plan(param_names, cfg).items()
-    }
-  )
+  out = {}
+  for path, (n, n_in) in _plan(param_names, cfg).items():
+    w = _get(param_names, path)
+    out[path] = {"lora_a": (*w[: n + n_in], None), "lora_b": (*w[:n], None, *w[n + n_in :])}
+  return _nest(out)
 
 
 def init(shapes: dict, param_names: dict, cfg, key: jax.Array) -> dict:
@@ -102,13 +103,15 @@ def init(shapes: dict, param_names: dict, cfg, key: jax.Array) -> dict:
   fan_in^-1/2, B zero; float32 (float64 for a float64 model)."""
   plan = _plan(param_names, cfg)
   flat = {}
-  for i, (path, n_in) in enumerate(sorted(plan.items(), key=lambda kv: str(kv[0]))):
+  for i, (path, (n, n_in)) in enumerate(sorted(plan.items(), key=lambda kv: str(kv[0]))):
     w = _get(shapes, path)
-    dtype, in_dims, out_dims = wide(w.dtype), w.shape[:n_in], w.shape[n_in:]
+    dtype, layer_dims = wide(w.dtype), w.shape[:n]
+    in_dims, out_dims = w.shape[n : n + n_in], w.shape[n + n_in :]
     std = math.prod(in_dims) ** -0.5
+    a_shape = (*layer_dims, *in_dims, cfg.rank)
     flat[path] = {
-      "lora_a": std * jax.random.normal(jax.random.fold_in(key, i), (*in_dims, cfg.rank), dtype),
-      "lora_b": jnp.zeros((cfg.rank, *out_dims), dtype),
+      "lora_a": std * jax.random.normal(jax.random.fold_in(key, i), a_shape, dtype),
+      "lora_b": jnp.zeros((*layer_dims, cfg.rank, *out_dims), dtype),
     }
   return _nest(flat)
 
@@ -118,9 +121,11 @@ def abstract(shapes: dict, param_names: dict, cfg) -> dict:
   return jax.eval_shape(functools.partial(init, shapes, param_names, cfg), jax.random.key(0))
 
 
-def delta(adapter: dict, scale: float) -> jax.Array:
-  """scale · A·B, the shape of the adapted weight: [*in, *out]."""
-  return scale * jnp.tensordot(adapter["lora_a"], adapter["lora_b"], axes=1)
+def delta(adapter: dict, scale: float, stacked: bool = False) -> jax.Array:
+  """scale · A·B, the shape of the adapted weight: [*in, *out] ([layers, *in, *out] when stacked:
+  one product per layer)."""
+  product = lambda a, b: jnp.tensordot(a, b, axes=1)
+  return scale * (jax.vmap(product) if stacked else product)(adapter["lora_a"], adapter["lora_b"])
 
 
 def merge(base: dict, adapters: dict, cfg) -> dict:
@@ -131,8 +136,10 @@ def merge(base: dict, adapters: dict, cfg) -> dict:
   scale = cfg.alpha / cfg.rank
 
   def walk(params, adapted):
-    if "lora_a" in adapted:
-      return (params.astype(wide(params.dtype)) + delta(adapted, scale)).astype(params.dtype)
+    if "lora_a" in adapted:  # A stacked weight has one more dim than A·B contracts away.
+      stacked = adapted["lora_a"].ndim + adapted["lora_b"].ndim - 2 > params.ndim
+      update = delta(adapted, scale, stacked)
+      return (params.astype(wide(params.dtype)) + update).astype(params.dtype)
     return {k: walk(v, adapted[k]) if k in adapted else v for k, v in params.items()}
 
   return walk(base, adapters)

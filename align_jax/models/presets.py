@@ -14,7 +14,8 @@ import ml_collections as mlc
 from align_jax.models.transformer import ModelConfig
 from align_jax.errors import ConfigError
 
-_BF16 = dict(dtype="bfloat16", param_dtype="float32")
+# Real models: bf16 compute, fp32 parameters, layers scanned (one compiled body).
+_BF16 = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True)
 _LLAMA3 = dict(
   family="llama",
   rope_theta=500_000.0,
@@ -90,10 +91,9 @@ PRESETS = {
     rope_theta=500_000.0,
     norm_eps=1e-5,
     tie_embeddings=True,
-    dtype="bfloat16",
-    param_dtype="float32",
+    **_BF16,
   ),
-  # Llama 3.2 1B / 3B, Llama 3.1 8B.
+  # Llama 3.2 1B / 3B, Llama 3.1 8B / 70B.
   "llama3_1b": dict(
     _LLAMA3,
     vocab_size=128_256,
@@ -127,6 +127,17 @@ PRESETS = {
     n_kv_heads=8,
     head_dim=128,
     mlp_dim=14_336,
+    rope_factor=8.0,
+  ),
+  "llama3_70b": dict(
+    _LLAMA3,
+    vocab_size=128_256,
+    d_model=8192,
+    n_layers=80,
+    n_heads=64,
+    n_kv_heads=8,
+    head_dim=128,
+    mlp_dim=28_672,
     rope_factor=8.0,
   ),
   # Gemma 2 2B / 9B.

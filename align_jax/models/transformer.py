@@ -7,7 +7,14 @@ trains, scores and samples through the same modules. `Transformer.__call__` take
 positions, and optionally a KV cache with the slot to write at. Parameters carry logical axis names (`embed`, `mlp`, `heads`,
 ...); activations are constrained with `act_*` names through `sharding.shard`. Shape letters: R
 rows, L tokens of this call (of `pos_embed_LxD`: the learned positions), S cache slots, D width, H
-query heads, G KV heads, E head dim, F MLP width, V vocabulary.
+query heads, G KV heads, E head dim, F MLP width, V vocabulary, A layers; Q chunks of U
+positions (log-probs and attention over long sequences).
+
+Layers are unrolled (`params["layers"][i]`, one compiled body per layer) or, with
+`scan_layers`, stacked: every block parameter has a leading layer axis A (logical name `layers`,
+`params["layers"]["attn"]["wq_DxHxE"]` is [A, D, H, E]) and one compiled body runs under
+`jax.lax.scan`, remat inside it; a layer's sliding window and RoPE are a scanned per-layer flag.
+`stack_layers` / `unstack_layers` convert one layout's parameters into the other's.
 """
 
 import dataclasses
@@ -22,6 +29,7 @@ from align_jax.sharding import shard
 from align_jax.errors import ConfigError
 
 PARAM_AXES = (
+  "layers",
   "vocab",
   "embed",
   "mlp",
@@ -122,6 +130,15 @@ class ModelConfig:
   # Attention kernel: xla (the einsums below, every backend), cudnn (jax.nn.dot_product_attention's
   # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn on a GPU in bf16/fp16).
   attention_impl: str = "xla"
+  # Einsum attention (attention_impl xla) over the queries in chunks of this many positions, each
+  # chunk's [R, H, chunk, S] scores recomputed in the backward pass rather than stored; 0: all.
+  attention_chunk: int = 512
+  # One compiled layer body scanned over stacked parameters (see the module docstring); False:
+  # one body per layer (small models, where the layout is params["layers"][i]).
+  scan_layers: bool = False
+  # Token log-probs (logps.py) from the final hidden states in chunks of this many positions, each
+  # chunk's [R, chunk, V] logits recomputed in the backward pass rather than stored; 0: all at once.
+  logits_chunk: int = 512
   # 0: a language model (next-token logits over the vocabulary). O > 0: a scoring model (reward
   # models) whose head maps each position's final hidden state to O outputs instead.
   num_scores: int = 0
@@ -156,6 +173,9 @@ class ModelConfig:
         raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; known: {list(allowed)}")
     if self.positions == "learned" and self.max_positions < 1:
       raise ConfigError("model.positions='learned' needs model.max_positions >= 1")
+    for key in ("logits_chunk", "attention_chunk"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0 (0: no chunks)")
     if self.sliding_window < 0 or self.sliding_window_pattern < 0:
       raise ConfigError("model.sliding_window and model.sliding_window_pattern must be >= 0")
     if self.attention_impl != "xla" and self.attn_softcap:
@@ -295,9 +315,10 @@ def _fused_attention(cfg: ModelConfig) -> bool:
 
 
 class Attention(nnx.Module):
-  """Causal grouped-query attention with an optional KV cache; `local`: in the sliding window."""
+  """Causal grouped-query attention with an optional KV cache; `local`: in the sliding window
+  (None: the caller passes each call's flag, a traced bool in a scan over layers)."""
 
-  def __init__(self, cfg: ModelConfig, local: bool = False, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, local: bool | None = False, *, rngs: nnx.Rngs):
     D, H, G, E, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
     self.wq_DxHxE = _param(rngs, (D, H, E), ("embed", "heads", "head_dim"), pd)
     self.wk_DxGxE = _param(rngs, (D, G, E), ("embed", "kv_heads", "head_dim"), pd)
@@ -313,7 +334,6 @@ class Attention(nnx.Module):
       self.q_norm = HeadNorm(cfg, rngs=rngs)
       self.k_norm = HeadNorm(cfg, rngs=rngs)
     self.cfg = cfg
-    self.window = cfg.sliding_window if local else 0
     self.local = local
 
   def _project(self, x_RxLxD, w, b):
@@ -321,8 +341,12 @@ class Attention(nnx.Module):
     out = jnp.einsum("rld,dnk->rlnk", x_RxLxD, w[...].astype(dt))
     return out if b is None else out + b[...].astype(dt)
 
-  def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
+  def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS, local=None):
     cfg, dt = self.cfg, self.cfg.dtype
+    local = self.local if local is None else local  # A Python bool, or a traced one (scan).
+    static = isinstance(local, bool)
+    # The window applies to local layers; a traced flag selects it per layer below.
+    window = cfg.sliding_window if (local if static else True) else 0
     bias = cfg.qkv_bias
     q_RxLxHxE = self._project(x_RxLxD, self.wq_DxHxE, self.bq_HxE if bias else None)
     k_RxLxGxE = self._project(x_RxLxD, self.wk_DxGxE, self.bk_GxE if bias else None)
@@ -330,7 +354,13 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q_RxLxHxE, k_RxLxGxE = self.q_norm(q_RxLxHxE), self.k_norm(k_RxLxGxE)
     if cfg.positions == "rope":
-      inv_freq_k = rope_frequencies(cfg, self.local, wide(dt), positions_RxL)
+      args = (wide(dt), positions_RxL)
+      if static:
+        inv_freq_k = rope_frequencies(cfg, local, *args)
+      else:
+        inv_freq_k = jnp.where(
+          local, rope_frequencies(cfg, True, *args), rope_frequencies(cfg, False, *args)
+        )
       scale = cfg.rope_attention_factor if cfg.rope_scaling == "longrope" else 1.0
       q_RxLxHxE = rope(q_RxLxHxE, positions_RxL, inv_freq_k, scale)
       k_RxLxGxE = rope(k_RxLxGxE, positions_RxL, inv_freq_k, scale)
@@ -352,16 +382,16 @@ class Attention(nnx.Module):
     S = k_RxSxGxE.shape[1]
     q_slot_L = cache_index + jnp.arange(L)
     mask_RxLxS = (jnp.arange(S)[None, :] <= q_slot_L[:, None])[None]
-    if self.window:  # Slots, like HF's cache positions (left padding is masked and contiguous).
-      mask_RxLxS = mask_RxLxS & (q_slot_L[:, None] - jnp.arange(S)[None, :] < self.window)[None]
+    if window:  # Slots, like HF's cache positions (left padding is masked and contiguous).
+      in_window_LxS = q_slot_L[:, None] - jnp.arange(S)[None, :] < window
+      mask_RxLxS = mask_RxLxS & (in_window_LxS if static else in_window_LxS | ~local)[None]
     if kv_mask_RxS is not None:
       mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
 
-    G, E = cfg.n_kv_heads, cfg.head_dim
-    scale = (cfg.query_pre_attn_scalar or E) ** -0.5
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
     if _fused_attention(cfg):
       # Plain causal training passes no mask, so the kernel skips the upper triangle.
-      plain = cache is None and kv_mask_RxS is None and not self.window
+      plain = cache is None and kv_mask_RxS is None and not window
       out_RxLxHxE = jax.nn.dot_product_attention(
         q_RxLxHxE,
         k_RxSxGxE.astype(dt),
@@ -372,21 +402,59 @@ class Attention(nnx.Module):
         implementation="cudnn",
       )
     else:
-      q_RxLxGxNxE = q_RxLxHxE.reshape(*q_RxLxHxE.shape[:2], G, cfg.n_heads // G, E)
-      scores = (
-        jnp.einsum(
-          "rlgnk,rsgk->rgnls", q_RxLxGxNxE, k_RxSxGxE.astype(dt), preferred_element_type=wide(dt)
-        )
-        * scale
+      attend = functools.partial(
+        _attend, cfg, k_RxSxGxE=k_RxSxGxE, v_RxSxGxE=v_RxSxGxE, scale=scale
       )
-      scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out_RxLxGxNxE = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxE.astype(dt))
-      out_RxLxHxE = out_RxLxGxNxE.reshape(q_RxLxHxE.shape)
+      chunk = cfg.attention_chunk
+      if chunk and L > chunk:
+        out_RxLxHxE = _query_chunks(attend, chunk, q_RxLxHxE, mask_RxLxS)
+      else:
+        out_RxLxHxE = attend(q_RxLxHxE, mask_RxLxS)
     out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxE, self.wo_HxExD[...].astype(dt))
     if cfg.out_bias:
       out_RxLxD = out_RxLxD + self.bo_D[...].astype(dt)
     return shard(out_RxLxD, ("act_batch", "act_len", "act_embed")), new_cache
+
+
+def _attend(cfg, q_RxLxHxE, mask_RxLxS, *, k_RxSxGxE, v_RxSxGxE, scale):
+  """softmax(softcap(q·kᵀ·scale) masked)·v per query head, KV heads shared by their group."""
+  dt, G, E = cfg.dtype, cfg.n_kv_heads, cfg.head_dim
+  q_RxLxGxNxE = q_RxLxHxE.reshape(*q_RxLxHxE.shape[:2], G, cfg.n_heads // G, E)
+  scores = (
+    jnp.einsum(
+      "rlgnk,rsgk->rgnls", q_RxLxGxNxE, k_RxSxGxE.astype(dt), preferred_element_type=wide(dt)
+    )
+    * scale
+  )
+  scores = jnp.where(mask_RxLxS[:, None, None], softcap(scores, cfg.attn_softcap), -1e30)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  out_RxLxGxNxE = jnp.einsum("rgnls,rsgk->rlgnk", probs, v_RxSxGxE.astype(dt))
+  return out_RxLxGxNxE.reshape(q_RxLxHxE.shape)
+
+
+def _query_chunks(attend, U: int, q_RxLxHxE, mask_RxLxS):
+  """`attend` over the queries in Q chunks of U (each query's softmax is its own), each chunk's
+  [R, H, U, S] scores recomputed in the backward pass rather than stored (`lax.map` of a
+  `jax.checkpoint`): the memory of one chunk's scores instead of all L rows'."""
+  R, L, H, E = q_RxLxHxE.shape
+  Q = math.ceil(L / U)
+  pad = Q * U - L  # Padded queries see no key (uniform weights) and are dropped.
+  q_QxRxUxHxE = (
+    jnp.pad(q_RxLxHxE, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(R, Q, U, H, E).swapaxes(0, 1)
+  )
+  mask_QxRxUxS = (  # Its rows may be 1 (broadcast over R).
+    jnp.pad(mask_RxLxS, ((0, 0), (0, pad), (0, 0)))
+    .reshape(mask_RxLxS.shape[0], Q, U, -1)
+    .swapaxes(0, 1)
+  )
+
+  @jax.checkpoint
+  def one_chunk(xs):
+    q_RxUxHxE, mask_RxUxS = xs
+    return attend(shard(q_RxUxHxE, ("act_batch", "act_len", "act_heads", None)), mask_RxUxS)
+
+  out_QxRxUxHxE = jax.lax.map(one_chunk, (q_QxRxUxHxE, mask_QxRxUxS))
+  return out_QxRxUxHxE.swapaxes(0, 1).reshape(R, Q * U, H, E)[:, :L]
 
 
 class Mlp(nnx.Module):
@@ -421,7 +489,7 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: ModelConfig, local: bool = False, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, local: bool | None = False, *, rngs: nnx.Rngs):
     self.attn_norm = Norm(cfg, rngs=rngs)
     self.attn = Attention(cfg, local, rngs=rngs)
     self.mlp_norm = Norm(cfg, rngs=rngs)
@@ -431,9 +499,9 @@ class Block(nnx.Module):
       self.post_mlp_norm = Norm(cfg, rngs=rngs)
     self.post_norms = cfg.post_norms
 
-  def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
+  def __call__(self, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS, local=None):
     h_RxLxD, new_cache = self.attn(
-      self.attn_norm(x_RxLxD), positions_RxL, cache, cache_index, kv_mask_RxS
+      self.attn_norm(x_RxLxD), positions_RxL, cache, cache_index, kv_mask_RxS, local
     )
     x_RxLxD = x_RxLxD + (self.post_attn_norm(h_RxLxD) if self.post_norms else h_RxLxD)
     h_RxLxD = self.mlp(self.mlp_norm(x_RxLxD))
@@ -452,7 +520,10 @@ class Transformer(nnx.Module):
       self.pos_embed_LxD = _param(
         rngs, (cfg.max_positions, cfg.d_model), ("positions", "embed"), cfg.param_dtype, 1.0
       )
-    self.layers = nnx.List([Block(cfg, cfg.is_local(i), rngs=rngs) for i in range(cfg.n_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, cfg.is_local(i), rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = Norm(cfg, rngs=rngs)
     if cfg.num_scores:
       self.score_DxO = _param(
@@ -468,7 +539,7 @@ class Transformer(nnx.Module):
     tokens_RxL: jax.Array,
     positions_RxL: jax.Array | None = None,
     *,
-    cache: list[dict] | None = None,
+    cache: list[dict] | dict | None = None,
     cache_index: jax.Array | int = 0,
     kv_mask_RxS: jax.Array | None = None,
   ):
@@ -477,10 +548,34 @@ class Transformer(nnx.Module):
     Args:
       tokens_RxL: token ids.
       positions_RxL: positions (RoPE angles or learned rows); defaults to 0..L-1.
-      cache: per-layer {"k", "v"} arrays [R, S, G, E] (see `init_cache`), or None.
+      cache: the KV cache of `init_cache` (per layer {"k", "v"} [R, S, G, E], or stacked
+        [A, R, S, G, E] with scan_layers), or None.
       cache_index: the cache slot of this call's first token.
       kv_mask_RxS: False for key slots that must not be attended (padding).
     """
+    x_RxLxD, new_cache = self.hidden(
+      tokens_RxL, positions_RxL, cache=cache, cache_index=cache_index, kv_mask_RxS=kv_mask_RxS
+    )
+    if self.cfg.num_scores:
+      return jnp.einsum(
+        "rld,do->rlo",
+        x_RxLxD,
+        self.score_DxO[...].astype(self.cfg.dtype),
+        preferred_element_type=wide(self.cfg.dtype),
+      ), None
+    return unembed(self.cfg, x_RxLxD, self.unembed_weight()), new_cache
+
+  def hidden(
+    self,
+    tokens_RxL: jax.Array,
+    positions_RxL: jax.Array | None = None,
+    *,
+    cache: list[dict] | dict | None = None,
+    cache_index: jax.Array | int = 0,
+    kv_mask_RxS: jax.Array | None = None,
+  ):
+    """(final hidden states x_RxLxD after the final norm, new cache or None): `__call__` without
+    the output head (arguments as there)."""
     cfg = self.cfg
     if positions_RxL is None:
       positions_RxL = jnp.broadcast_to(jnp.arange(tokens_RxL.shape[1]), tokens_RxL.shape)
@@ -490,43 +585,118 @@ class Transformer(nnx.Module):
     if cfg.positions == "learned":
       x_RxLxD = x_RxLxD + self.pos_embed_LxD[...].astype(cfg.dtype)[positions_RxL]
     x_RxLxD = shard(x_RxLxD, ("act_batch", "act_len", "act_embed"))
-    new_cache = []
-    for i, block in enumerate(self.layers):
-      layer_cache = None if cache is None else cache[i]
-      if cfg.remat:
-        call = nnx.remat(
-          lambda b, *a: b(*a), prevent_cse=True, policy=REMAT_POLICIES[cfg.remat_policy]
+    args = (positions_RxL, cache, cache_index, kv_mask_RxS)
+    if cfg.scan_layers:
+      x_RxLxD, new_cache = _scan_blocks(cfg, self.layers, x_RxLxD, *args)
+    else:
+      x_RxLxD, new_cache = _unrolled_blocks(cfg, self.layers, x_RxLxD, *args)
+    return self.final_norm(x_RxLxD), (None if cache is None else new_cache)
+
+  def unembed_weight(self) -> jax.Array:
+    """W [D, V] of the output projection (the embedding table's transpose when tied)."""
+    return self.embed_VxD[...].T if self.cfg.tie_embeddings else self.unembed_DxV[...]
+
+
+def unembed(cfg: ModelConfig, x_RxLxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+  """Next-token logits softcap(x·W) in the wide dtype [R, L, V], vocabulary over act_vocab."""
+  logits_RxLxV = softcap(
+    jnp.einsum(
+      "rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype), preferred_element_type=wide(cfg.dtype)
+    ),
+    cfg.final_softcap,
+  )
+  return shard(logits_RxLxV, ("act_batch", "act_len", "act_vocab"))
+
+
+def _unrolled_blocks(cfg, layers, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
+  """The blocks one after another (one compiled body each); the cache is a list per layer."""
+  new_cache = []
+  for i, block in enumerate(layers):
+    layer_cache = None if cache is None else cache[i]
+    if cfg.remat:
+      call = nnx.remat(
+        lambda b, *a: b(*a), prevent_cse=True, policy=REMAT_POLICIES[cfg.remat_policy]
+      )
+      x_RxLxD, c = call(block, x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
+    else:
+      x_RxLxD, c = block(x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
+    new_cache.append(c)
+  return x_RxLxD, new_cache
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """N blocks as one Block whose parameters have a leading layer axis (logical name `layers`);
+  each layer's slice is initialised from its own key."""
+
+  @nnx.split_rngs(splits=cfg.n_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(cfg, None, rngs=rngs)
+
+  return make(rngs)
+
+
+def _scan_blocks(cfg, layers, x_RxLxD, positions_RxL, cache, cache_index, kv_mask_RxS):
+  """One compiled block body scanned over the stacked parameters, with layer i's local flag.
+
+  The cache {"k", "v"} [A, R, S, G, E] is carried through the scan; each layer writes only this
+  call's L new slots of its own row (an in-place update of the carry).
+  """
+  graphdef, stacked = nnx.split(layers)
+  local_A = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
+
+  def body(carry, xs):
+    x_RxLxD, cache = carry
+    layer_params, local, i = xs
+    block = nnx.merge(graphdef, layer_params)
+    layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
+    x_RxLxD, new = block(x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS, local)
+    if cache is not None:
+      L = x_RxLxD.shape[1]
+      cache = {
+        k: jax.lax.dynamic_update_slice(
+          v,
+          jax.lax.dynamic_slice_in_dim(new[k], cache_index, L, axis=1)[None],
+          (i, 0, cache_index, 0, 0),
         )
-        x_RxLxD, c = call(block, x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
-      else:
-        x_RxLxD, c = block(x_RxLxD, positions_RxL, layer_cache, cache_index, kv_mask_RxS)
-      new_cache.append(c)
-    x_RxLxD = self.final_norm(x_RxLxD)
-    if cfg.num_scores:
-      return jnp.einsum(
-        "rld,do->rlo",
-        x_RxLxD,
-        self.score_DxO[...].astype(cfg.dtype),
-        preferred_element_type=wide(cfg.dtype),
-      ), None
-    w_DxV = self.embed_VxD[...].T if cfg.tie_embeddings else self.unembed_DxV[...]
-    logits_RxLxV = softcap(
-      jnp.einsum(
-        "rld,dv->rlv", x_RxLxD, w_DxV.astype(cfg.dtype), preferred_element_type=wide(cfg.dtype)
-      ),
-      cfg.final_softcap,
-    )
-    logits_RxLxV = shard(logits_RxLxV, ("act_batch", "act_len", "act_vocab"))
-    return logits_RxLxV, (None if cache is None else new_cache)
+        for k, v in cache.items()
+      }
+    return (x_RxLxD, cache), None
+
+  if cfg.remat:
+    body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
+  (x_RxLxD, new_cache), _ = jax.lax.scan(
+    body, (x_RxLxD, cache), (stacked, local_A, jnp.arange(cfg.n_layers))
+  )
+  return x_RxLxD, new_cache
 
 
-def init_cache(cfg: ModelConfig, rows: int, slots: int) -> list[dict]:
-  """An empty KV cache: per layer {"k", "v"} of shape [rows, slots, G, E] in the compute dtype."""
+def init_cache(cfg: ModelConfig, rows: int, slots: int) -> list[dict] | dict:
+  """An empty KV cache in the compute dtype: per layer {"k", "v"} of shape [rows, slots, G, E], or
+  with scan_layers one {"k", "v"} of shape [A, rows, slots, G, E]."""
   shape = (rows, slots, cfg.n_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.n_layers, *shape)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
   return [
     {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
     for _ in range(cfg.n_layers)
   ]
+
+
+def stack_layers(params: dict) -> dict:
+  """Unrolled parameters (`params["layers"][i]`) in the scan_layers layout: each block
+  parameter stacked over the layers on a new leading axis."""
+  layers = params["layers"]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in range(len(layers))))
+  return {**params, "layers": stacked}
+
+
+def unstack_layers(params: dict) -> dict:
+  """Stacked parameters (scan_layers) in the unrolled layout `params["layers"][i]`."""
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}
+  return {**params, "layers": layers}
 
 
 def _build(cfg: ModelConfig, seed: int) -> Transformer:

@@ -26,6 +26,9 @@ def cache_root() -> str:
   return os.path.join(base, "align_jax")
 
 
+_NOT_THE_MODEL = ("scan_layers", "logits_chunk", "attention_chunk")
+
+
 def base_key(tb_cfg, model_cfg) -> str:
   """Identifies a base LM by everything that determines it."""
   fields = (
@@ -39,7 +42,9 @@ def base_key(tb_cfg, model_cfg) -> str:
   blob = json.dumps(
     {
       "testbed": {k: tb_cfg[k] for k in fields},
-      "model": model_cfg.to_dict(),
+      # The parameters' layout and the chunks of log-probs and attention do not change the base
+      # LM (read_lm converts the layout).
+      "model": {k: v for k, v in model_cfg.to_dict().items() if k not in _NOT_THE_MODEL},
       "chain": "toylang-v1",
       "params": "head-dim-E",
     },
@@ -100,6 +105,7 @@ def language_model(model_cfg):
   from the language model's body, so they share its base."""
   lm = mlc.ConfigDict(model_cfg.to_dict())
   lm.num_scores = 0
+  lm.scan_layers = False  # Stored unrolled; a scan_layers run stacks it as it reads it.
   return lm
 
 

@@ -300,6 +300,40 @@ def test_sharded_import_reads_only_each_device_block(tmp_path, devices8, monkeyp
     assert max(b.size for _, _, b in read) < max(x.size for x in jax.tree.leaves(shapes))
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_scanned_layout_imports_sharded_and_exports(family, tmp_path, devices8, tokens_RxL):
+  """With scan_layers the same directory imports into stacked parameters [N, ...] on a (1, 4, 2)
+  mesh (each layer's device block read from its own tensor, once), equal to the unrolled import
+  stacked, with transformers' logits; the export unstacks them into a directory transformers
+  reads back. Gemma 3: local and global layers in one scan; GPT-2: the fused c_attn."""
+  config_class, kwargs, _ = FAMILIES[family]
+  model = _hf_model(config_class, kwargs)
+  model.save_pretrained(tmp_path / "hf")
+  cfg, graphdef, plain = _import(tmp_path / "hf")
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  mesh = sharding.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"))
+  table = sharding.check_rules(config_lib.base().rules, mesh, set(models.transformer.PARAM_AXES))
+  scan_graphdef, shapes, names = models.abstract(scanned)
+  shardings = sharding.tree_shardings(names, mesh, table)
+  reads = []
+  real_read = hf._read_block
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(hf, "_read_block", lambda t, *a: reads.append(real_read(t, *a)) or reads[-1])
+    params = hf.load_params(tmp_path / "hf", scanned, shardings)
+  for got, want, sh in zip(
+    *(jax.tree.leaves(t) for t in (params, models.stack_layers(plain), shardings))
+  ):
+    assert got.sharding == sh
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert sum(b.size for b in reads) == sum(x.size for x in jax.tree.leaves(shapes))
+  expected = _hf_logits(model, tokens_RxL)
+  np.testing.assert_allclose(_forward(scan_graphdef, params, tokens_RxL), expected, atol=1e-4)
+  host = jax.tree.map(np.asarray, params)
+  hf.save(tmp_path / "out", host, scanned)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_allclose(_hf_logits(reloaded, tokens_RxL), expected, atol=1e-5, rtol=0)
+
+
 def test_bfloat16_checkpoint_imports_into_float32_params_and_exports_back(tmp_path):
   config_class, kwargs, _ = FAMILIES["qwen3"]
   model = _hf_model(config_class, kwargs).to(torch.bfloat16)
