@@ -87,3 +87,14 @@ def run_study_quick(name: str, tmp_path) -> tuple[dict, str]:
   assert json.load(open(tmp_path / f"{name}.json"))["meta"] == out["meta"]
   assert out["meta"]["command"] == f"python experiments/{name}.py --quick"
   return out, open(tmp_path / f"{name}.md").read()
+
+
+SLOW = ("tests/experiments/", "tests/test_plan.py")  # Studies and plans: `pytest -m slow`.
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks the studies' and plans' tests `slow` (the fast suite leaves them to `pytest -m slow`)."""
+  for item in items:
+    path = os.path.relpath(str(item.path), ROOT)
+    if path.startswith(SLOW):
+      item.add_marker(pytest.mark.slow)
