@@ -92,6 +92,9 @@ def topology(name: str) -> tuple[Chip, list]:
     )
   if importlib.util.find_spec("libtpu") is None:
     raise PlanError('planning for a TPU topology needs libtpu: pip install -e ".[tpu]"')
+  # libtpu takes a host-wide lock file when it loads, which guards real chips; a plan only
+  # compiles, so two plans (or a plan beside a test) may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   try:
@@ -312,7 +315,7 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
       jax.ShapeDtypeStruct((d.batch_size, *shape), dtype) for shape, dtype in prompt_shapes.values()
     ]
     prompt_shardings = [sharding.batch_sharding(mesh, p.ndim) for p in prompts]
-    args = (state, *prompts, model.ref_params, reward_params)
+    args = (state, *prompts, model.ref_params, reward_params, None)  # No teacher.
     make_batch, batch_shardings, _ = train.jit_rollout(
       cfg,
       objective,

@@ -423,7 +423,6 @@ def jit_rollout(
     anchor_is_teacher=cfg.rollout.anchor == "teacher",
     teacher_distributions=objective.granularity == "distribution",
   )
-  args = (*args, None)[:6]  # No teacher: its parameters are None.
   shapes = jax.eval_shape(roll, *args)
   out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}
   in_shardings = (*arg_shardings, model.shardings, reward_shardings, teacher_shardings)
