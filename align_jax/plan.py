@@ -94,6 +94,8 @@ def topology(name: str) -> tuple[Chip, list]:
     raise PlanError('planning for a TPU topology needs libtpu: pip install -e ".[tpu]"')
   from jax.experimental import topologies
 
+  # A plan opens no TPU: let several processes (plans, test workers) load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     with _quiet_stderr():  # libtpu logs that this host is no TPU worker: expected here.
       desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
