@@ -274,6 +274,7 @@ def plan(cfg, topology_name: str) -> dict:
       "remat": model_cfg.remat_policy if model_cfg.remat else "off",
       "scan_layers": model_cfg.scan_layers,
       "logits_chunk": model_cfg.logits_chunk,
+      "attention_chunk": model_cfg.attention_chunk,
       "lora_rank": cfg.lora.rank,
     },
     "topology": topology_name,
@@ -509,7 +510,8 @@ def markdown(report: dict, command: str = "") -> str:
     f"- {report['chips']} chips of {report['chip']['name']} "
     f"({gib(report['chip']['hbm_bytes'])} GiB usable HBM each), mesh {c['mesh']}",
     f"- {shape}; remat {c['remat']}, scan_layers {c['scan_layers']}, "
-    f"logits_chunk {c['logits_chunk']}, LoRA rank {c['lora_rank']}",
+    f"logits_chunk {c['logits_chunk']}, attention_chunk {c.get('attention_chunk')}, "
+    f"LoRA rank {c['lora_rank']}",
     f"- **{fits}**: peak {gib(report['peak_bytes_per_chip'])} GiB per chip",
     f"- estimated {report['step']}: {report['estimated_step_s']:.3g} s, MFU ≤ "
     f"{100 * (report['estimated_mfu'] or 0):.0f} % (roofline estimates, see below)",
