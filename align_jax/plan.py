@@ -312,9 +312,12 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
     sampling_cfg = sampling.SamplingConfig(**cfg.sampling)
     prompt_shapes = records.record_shapes(cfg, "prompts", objective.needs_ref)
     prompts = [
-      jax.ShapeDtypeStruct((d.batch_size, *shape), dtype) for shape, dtype in prompt_shapes.values()
+      jax.ShapeDtypeStruct(
+        (d.batch_size, *shape), dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape))
+      )
+      for shape, dtype in prompt_shapes.values()
     ]
-    prompt_shardings = [sharding.batch_sharding(mesh, p.ndim) for p in prompts]
+    prompt_shardings = [p.sharding for p in prompts]
     args = (state, *prompts, model.ref_params, reward_params)
     make_batch, batch_shardings = train.jit_rollout(
       cfg,
