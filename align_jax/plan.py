@@ -92,11 +92,10 @@ def topology(name: str) -> tuple[Chip, list]:
     )
   if importlib.util.find_spec("libtpu") is None:
     raise PlanError('planning for a TPU topology needs libtpu: pip install -e ".[tpu]"')
-  # libtpu takes a host-wide lock file when it loads, which guards real chips; a plan only
-  # compiles, so two plans (or a plan beside a test) may run at once.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
+  # A plan opens no TPU: let several processes (plans, test workers) load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     with _quiet_stderr():  # libtpu logs that this host is no TPU worker: expected here.
       desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
@@ -275,6 +274,7 @@ def plan(cfg, topology_name: str) -> dict:
       "remat": model_cfg.remat_policy if model_cfg.remat else "off",
       "scan_layers": model_cfg.scan_layers,
       "logits_chunk": model_cfg.logits_chunk,
+      "attention_chunk": model_cfg.attention_chunk,
       "lora_rank": cfg.lora.rank,
     },
     "topology": topology_name,
@@ -312,9 +312,12 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
     sampling_cfg = sampling.SamplingConfig(**cfg.sampling)
     prompt_shapes = records.record_shapes(cfg, "prompts", objective.needs_ref)
     prompts = [
-      jax.ShapeDtypeStruct((d.batch_size, *shape), dtype) for shape, dtype in prompt_shapes.values()
+      jax.ShapeDtypeStruct(
+        (d.batch_size, *shape), dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape))
+      )
+      for shape, dtype in prompt_shapes.values()
     ]
-    prompt_shardings = [sharding.batch_sharding(mesh, p.ndim) for p in prompts]
+    prompt_shardings = [p.sharding for p in prompts]
     args = (state, *prompts, model.ref_params, reward_params, None)  # No teacher.
     make_batch, batch_shardings, _ = train.jit_rollout(
       cfg,
@@ -510,7 +513,8 @@ def markdown(report: dict, command: str = "") -> str:
     f"- {report['chips']} chips of {report['chip']['name']} "
     f"({gib(report['chip']['hbm_bytes'])} GiB usable HBM each), mesh {c['mesh']}",
     f"- {shape}; remat {c['remat']}, scan_layers {c['scan_layers']}, "
-    f"logits_chunk {c['logits_chunk']}, LoRA rank {c['lora_rank']}",
+    f"logits_chunk {c['logits_chunk']}, attention_chunk {c.get('attention_chunk')}, "
+    f"LoRA rank {c['lora_rank']}",
     f"- **{fits}**: peak {gib(report['peak_bytes_per_chip'])} GiB per chip",
     f"- estimated {report['step']}: {report['estimated_step_s']:.3g} s, MFU ≤ "
     f"{100 * (report['estimated_mfu'] or 0):.0f} % (roofline estimates, see below)",

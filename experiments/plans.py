@@ -26,6 +26,7 @@ OUT = os.path.join(ROOT, "experiments", "results", "plans")
 SLICES = {
   "v5p-8": "v5p:2x2x1",
   "v5p-32": "v5p:2x2x4",
+  "v5p-64": "v5p:4x4x2",
   "v5p-128": "v5p:4x4x4",
   "v6e-8": "v6e:2x4",
 }
@@ -68,6 +69,15 @@ def grid() -> dict[str, tuple[str, list[str]]]:
       out.setdefault(f"{model}_dpo_{slice_name}", (slice_name, _dpo(model, 32)))
       out.setdefault(f"{model}_bond_{slice_name}", (slice_name, _bond(model, 16)))
   out["llama3_70b_bond_v5p-128"] = ("v5p-128", _bond("llama3_70b", 64))
+  # The reference step (llama3_8b DPO, 32 pairs × 4096 on v5p:4x4x2: 38.6 GiB of
+  # temporaries unrolled, unchunked): as planned now, then without each saving.
+  plain = ["--config.model.logits_chunk=0", "--config.model.attention_chunk=0"]
+  out["llama3_8b_dpo_v5p-64"] = ("v5p-64", _dpo("llama3_8b", 32))
+  args = _dpo("llama3_8b", 32) + ["--config.model.attention_chunk=0"]
+  out["llama3_8b_dpo_v5p-64_attention_unchunked"] = ("v5p-64", args)
+  out["llama3_8b_dpo_v5p-64_unchunked"] = ("v5p-64", _dpo("llama3_8b", 32) + plain)
+  args = _dpo("llama3_8b", 32) + plain + ["--config.model.scan_layers=False"]
+  out["llama3_8b_dpo_v5p-64_unrolled_unchunked"] = ("v5p-64", args)
   return out
 
 
@@ -106,8 +116,12 @@ def table() -> str:
       else f"BOND {c['batch_size']} prompts × {c['samples_per_prompt']}, "
       f"{c['prompt_len']} + {c['max_new_tokens']}"
     )
+    if not c["scan_layers"]:
+      workload += ", layers unrolled"
     if c["logits_chunk"] == 0:
       workload += ", logits unchunked"
+    if c.get("attention_chunk", 512) == 0:  # Plans made before the field was reported: 512.
+      workload += ", attention unchunked"
     fits = "yes" if r["fits"] else f"**no** (short {r['short_by_bytes'] / gib:.1f} GiB)"
     rows.append(
       f"| {c['model']} | {workload} | {slice_name} ({r['chips']}) | {fits} | "

@@ -52,7 +52,11 @@ def test_dpo_plan_reports_memory_flops_and_estimates(tmp_path):
     m = f["memory_per_chip"]
     assert m["arguments"] > 0 and m["outputs"] > 0 and f["compile_s"] > 0
     assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"]
-  update = report["functions"][1]
+  init, update = report["functions"]
+  # The init writes the parameters and Adam's two moments, each sharded as the parameters (and
+  # a few scalars: step, rng, count).
+  params = init["memory_per_chip"]["arguments"]
+  assert 3 * params <= init["memory_per_chip"]["outputs"] <= 3 * params + 4096
   assert update["memory_per_chip"]["aliased"] > 0  # The donated state.
   # Tiny, unchunked, no remat: the update's matmuls are exactly the model FLOPs of 16 × 2 rows
   # of 32 tokens with one reference forward.
@@ -103,6 +107,7 @@ def test_bond_plan_compiles_the_rollout_with_its_kv_cache():
   rollout = report["functions"][1]
   estimate = rollout["estimate"]
   assert estimate["decode_s"] > 0 and estimate["prefill_and_scoring_s"] > 0
+  assert estimate["bound"] == "decode: memory"  # 48 rows of a tiny model: reading weights.
   # Forward only: the rollout's model FLOPs are its matmuls, the decode loop's 3 steps included.
   assert estimate["model_flops"] == rollout["matmul_flops"]
   model_cfg = models.ModelConfig(**cfg.model)

@@ -1,6 +1,7 @@
 """Meshes, the rules table, and parameters created already sharded."""
 
 import functools
+import types
 
 import jax
 import numpy as np
@@ -60,3 +61,29 @@ def test_parameters_are_created_sharded_by_their_logical_names(devices8):
   jax.tree.map(
     lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, plain
   )
+
+
+def test_train_state_copies_of_the_parameters_are_sharded_as_they_are(devices8):
+  """Adam's moments and a moving anchor take each parameter's sharding (left to XLA, a jitted
+  optax init puts them on one device); step, rng and statistics are replicated."""
+  from align_jax import step, train
+
+  mesh = sharding.make_mesh((1, 4, 2), AXES)
+  table = sharding.check_rules(RULES, mesh, USED)
+  cfg = models.ModelConfig(**models.preset("tiny"))
+  _, shapes, names = models.abstract(cfg)
+  shardings = sharding.tree_shardings(names, mesh, table)
+  params = jax.jit(functools.partial(models.init_params, cfg), out_shardings=shardings)(
+    jax.random.key(0)
+  )
+  tx = step.optimizer(types.SimpleNamespace(**config_lib.base().optim, total_steps=10))
+  init = lambda p: step.init_state(p, tx, 0, {"z": jax.numpy.zeros(3)}, moving_anchor=True)
+  state_shardings = train.state_shardings(jax.eval_shape(init, params), params, mesh)
+  state = jax.jit(init, out_shardings=state_shardings)(params)
+  adam = state.opt_state[1][0]
+  for tree in (adam.mu, adam.nu, state.anchor["params"], state.params):
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+      assert x.sharding == s
+  assert state.params["layers"][0]["mlp"]["wup_DxF"].sharding.spec == P("fsdp", "tensor")
+  for x in (state.step, state.rng, state.stats["z"], adam.count):
+    assert x.sharding == sharding.replicated(mesh)
