@@ -4,8 +4,12 @@ import os
 import sys
 import tempfile
 
+# XLA's CPU backend at optimisation level 0: the tests' programs are tiny and each is compiled
+# about once, so LLVM's optimisation passes cost more than they save (a quarter of the suite's CPU
+# time); the numbers are IEEE arithmetic either way.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Testbed base LMs pretrained by tests are cached here for the session (and reused by subprocesses).
@@ -37,7 +41,7 @@ def main_command(*args: str) -> list[str]:
 
 def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
   env["PYTHONUNBUFFERED"] = "1"
   env.update(_XLA_CACHE)
   return env
@@ -90,6 +94,8 @@ def run_study_quick(name: str, tmp_path) -> tuple[dict, str]:
 
 
 SLOW = ("tests/experiments/", "tests/test_plan.py")  # Studies and plans: `pytest -m slow`.
+# The default configs trained at their full budget (the README's claims, minutes of training
+# each) are studies too; their tests carry `@pytest.mark.slow` where they are.
 
 
 def pytest_collection_modifyitems(config, items):

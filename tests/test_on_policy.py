@@ -218,6 +218,7 @@ def _default(name, arg, tmp_path):
   return train.run(cfg, str(tmp_path)).summary
 
 
+@pytest.mark.slow  # Default budgets: studies.
 @pytest.mark.parametrize(
   "name, arg, divergence",
   [
@@ -238,6 +239,7 @@ def test_fdpg_default_configs_halve_their_own_divergence(tmp_path, name, arg, di
   )
 
 
+@pytest.mark.slow  # The default budget: a study.
 def test_bond_default_config_halves_the_jeffreys_divergence_to_best_of_n(tmp_path):
   """β = 0.5, n = 4: measured J 1.12 → 0.06 and E_π[p≤] 0.50 → 0.80 (BoN_4's own is 0.8)."""
   summary = _default("bond", None, tmp_path)
@@ -248,14 +250,21 @@ def test_bond_default_config_halves_the_jeffreys_divergence_to_best_of_n(tmp_pat
 
 
 @pytest.mark.parametrize(
-  "name, arg", [("bond", "smoke,anchor=ema"), ("fdpg", "smoke"), ("grpo", "smoke")]
+  "name, arg, mesh",
+  [
+    ("bond", "smoke,anchor=ema", (2, 2, 2)),
+    ("fdpg", "smoke", (8, 1, 1)),
+    ("grpo", "smoke", (1, 4, 2)),
+  ],
 )
-def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg):
-  """Three steps (rollout + update) on meshes of 1 and 8 devices give the same losses: sampling
-  is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor, GRPO's
-  token-mean over the batch) are global; GRPO takes two mini-batches of 8 prompts per rollout."""
+def test_on_policy_step_is_the_same_on_every_mesh(tmp_path, name, arg, mesh):
+  """Three steps (rollout + update) on one device and on a mesh of 8 give the same losses:
+  sampling is sharding-invariant and the batch-coupled statistics (Ẑ, baseline window, anchor,
+  GRPO's token-mean over the batch) are global; GRPO takes two mini-batches of 8 prompts per
+  rollout. The three objectives share the Foundation issue's meshes of 8 (data; data × fsdp ×
+  tensor; fsdp × tensor) between them."""
   losses = {}
-  for shape in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:  # The Foundation issue's meshes.
+  for shape in [(1, 1, 1), mesh]:
     cfg = load_config(name, arg)
     with cfg.unlocked():
       cfg.mesh.shape = shape

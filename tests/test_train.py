@@ -155,6 +155,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     assert np.all(np.isfinite(leaf))
 
 
+@pytest.mark.slow  # The default budget (300 steps): a study.
 def test_default_dpo_raises_exact_reward(tmp_path):
   """The README's command, no flag: pretrains the base, trains DPO, reports exact metrics."""
   out = subprocess.run(
