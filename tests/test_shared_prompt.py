@@ -16,6 +16,7 @@ from conftest import FAMILIES
 
 TINY = dict(models.preset("tiny"))
 B, K, L, LO = 3, 3, 10, 2
+INIT = jax.jit(models.init_params, static_argnums=0)
 
 
 def _batch(vocab: int, K: int = K):
@@ -31,12 +32,6 @@ def _batch(vocab: int, K: int = K):
   mask = (position_L >= start) & (position_L < start + length_BxK[..., None])
   tokens = np.where(position_L < start + length_BxK[..., None], tokens, 0)  # Padding: 0.
   return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.float32)
-
-
-def _both(cfg, params, tokens, mask):
-  fn = jax.jit(logps.token_logps_BxK, static_argnums=(0, 4))
-  graphdef = models.abstract(cfg)[0]
-  return fn(graphdef, params, tokens, mask, 0)[0], fn(graphdef, params, tokens, mask, LO)[0]
 
 
 def _weighted_sum(cfg, shared, params, tokens, mask, w):
@@ -62,21 +57,30 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_shared_rows_equal_the_unshared_rows_and_their_gradients(case):
   cfg = models.ModelConfig(**{**TINY, **CASES[case]})
-  params = models.init_params(cfg, jax.random.key(0))
+  params = INIT(cfg, jax.random.key(0))
   tokens, mask = _batch(cfg.vocab_size)
-  unshared, shared = _both(cfg, params, tokens, mask)
+  w = jax.random.normal(jax.random.key(3), mask[..., 1:].shape)
+  graphdef = models.abstract(cfg)[0]
+
+  @jax.jit
+  def both(params):  # One program: (log-probs, gradient) shared, then unshared.
+    def weighted(params, shared):
+      logp, m = logps.token_logps_BxK(graphdef, params, tokens, mask, shared)
+      return jnp.sum(logp * m * w), logp
+
+    return [jax.grad(weighted, has_aux=True)(params, shared)[::-1] for shared in (LO, 0)]
+
+  (shared, g_shared), (unshared, g_plain) = both(params)
   # Every entry, scored or not: each slot sees exactly what it sees in its own row.
   np.testing.assert_allclose(shared, unshared, atol=1e-5, rtol=0)
-  w = jax.random.normal(jax.random.key(3), mask[..., 1:].shape)
-  grad = jax.jit(jax.grad(_weighted_sum, argnums=2), static_argnums=(0, 1))
-  _rel_close(grad(cfg, LO, params, tokens, mask, w), grad(cfg, 0, params, tokens, mask, w), 1e-5)
+  _rel_close(g_shared, g_plain, 1e-5)
 
 
 def test_shared_rows_under_lora_give_the_adapters_the_same_gradients():
   cfg = models.ModelConfig(**TINY)
   graphdef, shapes, names = models.abstract(cfg)
   rank = mlc.ConfigDict(dict(rank=2, alpha=4.0, targets=("attn", "mlp")))
-  base = models.init_params(cfg, jax.random.key(0))
+  base = INIT(cfg, jax.random.key(0))
   rng = np.random.default_rng(1)
   adapters = jax.tree.map(
     lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
@@ -110,7 +114,7 @@ def test_a_response_never_sees_another():
   """Changing response 2's tokens leaves response 1's log-probs as they were, and the converse;
   changing the prompt changes both."""
   cfg = models.ModelConfig(**TINY)
-  params = models.init_params(cfg, jax.random.key(0))
+  params = INIT(cfg, jax.random.key(0))
   graphdef = models.abstract(cfg)[0]
   tokens, mask = _batch(cfg.vocab_size)
   fn = jax.jit(logps.token_logps_BxK, static_argnums=(0, 4))
@@ -131,8 +135,8 @@ def test_a_shared_prompt_step_is_the_unshared_step():
   """One DPO update from the same state, shared and unshared: equal loss, metrics and params."""
   cfg = models.ModelConfig(**TINY)
   graphdef = models.abstract(cfg)[0]
-  params = models.init_params(cfg, jax.random.key(0))
-  ref = models.init_params(cfg, jax.random.key(1))
+  params = INIT(cfg, jax.random.key(0))
+  ref = INIT(cfg, jax.random.key(1))
   tokens, mask = _batch(cfg.vocab_size, K=2)
   batch = {"tokens_BxKxL": tokens, "loss_mask_BxKxL": mask, "example_mask_B": jnp.ones(B)}
   optim = mlc.ConfigDict(
