@@ -152,6 +152,9 @@ def base() -> mlc.ConfigDict:
       num_samples=4,  # Negatives-only (D2O): the model's own samples per negative.
       num_examples=4096,  # Testbed datasets: records generated; file prompts: read.
       precompute_ref=False,  # Reference log-probs once per dataset, cached in the workdir.
+      # An example's K responses in one row [prompt | r1 | … | rK] (block-causal attention,
+      # align_jax/logps.py): the prompt is computed once; the same log-probs.
+      share_prompt=True,
       # BCO's underlying-distribution matching: undesirable examples weighted by the clipped
       # density ratio p̂/(1−p̂) of a prompt classifier (align_jax/data/udm.py).
       udm=False,

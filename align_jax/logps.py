@@ -80,7 +80,7 @@ def chunked_token_logps(
 
 
 def token_logps_BxK(
-  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array
+  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array, shared_prompt: int = 0
 ) -> tuple[jax.Array, jax.Array]:
   """Per-token log-probs of every response and the mask of the scored ones.
 
@@ -89,6 +89,8 @@ def token_logps_BxK(
     params: the model's parameters.
     tokens_BxKxL: int tokens, K responses per example.
     loss_mask_BxKxL: 1 where token t is scored (see the module docstring).
+    shared_prompt: 0, or a lower bound on every example's prompt length: its K responses are
+      then scored in one shared-prompt row (`shared_token_logps_BxK`; the same values).
 
   Returns:
     logp_BxKxT: float32, T = L - 1; position t is log π(tokens[t + 1] | tokens[≤t]), whatever
@@ -96,8 +98,82 @@ def token_logps_BxK(
     mask_BxKxT: `loss_mask_BxKxL[..., 1:]` in the dtype of logp_BxKxT.
   """
   B, K, L = tokens_BxKxL.shape
-  logp_BxKxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L)).reshape(B, K, L - 1)
+  if shared_prompt and K > 1:
+    logp_BxKxT = shared_token_logps_BxK(
+      graphdef, params, tokens_BxKxL, loss_mask_BxKxL, shared_prompt
+    )
+  else:
+    logp_RxT = token_logps(graphdef, params, tokens_BxKxL.reshape(B * K, L))
+    logp_BxKxT = logp_RxT.reshape(B, K, L - 1)
   return logp_BxKxT, loss_mask_BxKxL[..., 1:].astype(logp_BxKxT.dtype)
+
+
+def shared_rows(
+  tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array, lo: int
+) -> tuple[jax.Array, jax.Array, models.SharedPrompt]:
+  """The K responses of each example in one row `[prompt | r_1 | r_2 | … | r_K]`.
+
+  Example b's prompt is its first p_b tokens, p_b the first position any response scores
+  (at least `lo`, a static lower bound on every prompt's length); its K rows share them. The
+  row is row 1 as it is (L tokens: prompt, response 1, padding) followed, for k = 2..K, by the
+  W = L − lo tokens tokens[b, k, p_b : p_b + W] (the slots past L − p_b are padding):
+  S = L + (K − 1)·W slots instead of K·L.
+
+  Returns:
+    row_BxS: the tokens; positions_BxS: each token's position in its own unshared row (response
+    k continues from the prompt's end); the `models.SharedPrompt` layout the model's attention
+    takes (each response sees the prompt and its own past only).
+  """
+  B, K, L = tokens_BxKxL.shape
+  W = L - lo
+  first_B = jnp.argmax(jnp.any(loss_mask_BxKxL > 0, axis=1), axis=-1)
+  start_B = jnp.maximum(first_B, lo).astype(jnp.int32)
+  source_BxW = jnp.minimum(start_B[:, None] + jnp.arange(W)[None], L - 1)  # Padding: clipped.
+  rest_BxKxW = jnp.take_along_axis(tokens_BxKxL[:, 1:], source_BxW[:, None], axis=2)
+  row_BxS = jnp.concatenate([tokens_BxKxL[:, 0], rest_BxKxW.reshape(B, -1)], axis=1)
+  positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+  positions_BxS = jnp.concatenate([positions_BxL, jnp.tile(source_BxW, (1, K - 1))], axis=1)
+  return row_BxS, positions_BxS, models.SharedPrompt(start_B, L, W)
+
+
+def shared_token_logps_BxK(
+  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array, lo: int
+) -> jax.Array:
+  """`token_logps_BxK`'s log-probs [B, K, L − 1] from one shared-prompt row per example
+  (`shared_rows`): the prompt is run once, not K times, and each response attends to the prompt
+  and its own past only, at its own positions, so every entry equals the unshared row's (the
+  prompt's entries are the first row's for every k; the prompt's last position predicts each
+  response's first token from its one hidden state)."""
+  B, K, L = tokens_BxKxL.shape
+  W = L - lo
+  row_BxS, positions_BxS, layout = shared_rows(tokens_BxKxL, loss_mask_BxKxL, lo)
+  start_B = layout.start_R
+  model = nnx.merge(graphdef, params)
+  x_BxSxD, _ = model.hidden(row_BxS, positions_BxS, kv_mask_RxS=layout)
+  # Each slot predicts the next token of its own branch (a block's last slot: a dummy 0).
+  blocks = [
+    jnp.pad(row_BxS[:, L + k * W + 1 : L + (k + 1) * W], ((0, 0), (0, 1))) for k in range(K - 1)
+  ]
+  next_BxS = jnp.concatenate([row_BxS[:, 1:L], jnp.zeros((B, 1), row_BxS.dtype), *blocks], axis=1)
+  w_DxV = model.unembed_weight()
+  if model.cfg.logits_chunk and row_BxS.shape[1] > model.cfg.logits_chunk:
+    logp_BxS = chunked_token_logps(model.cfg, x_BxSxD, w_DxV, next_BxS)
+  else:
+    logp_BxS = _picked(models.unembed(model.cfg, x_BxSxD, w_DxV), next_BxS)
+  # The prompt's last slot predicts every response's first token.
+  end_Bx1xD = jnp.take_along_axis(x_BxSxD, (start_B - 1)[:, None, None], axis=1)
+  logits_Bx1xV = models.unembed(model.cfg, end_Bx1xD, w_DxV)
+  first_BxK = jnp.take_along_axis(tokens_BxKxL, start_B[:, None, None], axis=2)[..., 0]
+  first_BxK = _picked(jnp.broadcast_to(logits_Bx1xV, (B, K, logits_Bx1xV.shape[-1])), first_BxK)
+  # Entry (k, t) of the unshared layout: the first row's slot t (the prompt, and response 1),
+  # or response k's slot t − p_b of its block.
+  t_1x1xT, k_1xKx1 = jnp.arange(L - 1)[None, None], jnp.arange(K)[None, :, None]
+  offset_Bx1xT = t_1x1xT - start_B[:, None, None]
+  in_block_BxKxT = (k_1xKx1 > 0) & (offset_Bx1xT >= 0)
+  slot_BxKxT = jnp.where(in_block_BxKxT, L + (k_1xKx1 - 1) * W + offset_Bx1xT, t_1x1xT)
+  logp_BxKxT = jnp.take_along_axis(logp_BxS[:, None], slot_BxKxT, axis=2)
+  at_end_BxKxT = (k_1xKx1 > 0) & (offset_Bx1xT == -1)
+  return jnp.where(at_end_BxKxT, first_BxK[..., None], logp_BxKxT)
 
 
 def next_token_logprobs_BxK(graphdef, params, tokens_BxKxL: jax.Array) -> jax.Array:
@@ -115,10 +191,13 @@ def sum_tokens(logp_BxKxT: jax.Array, mask_BxKxT: jax.Array) -> jax.Array:
 
 
 def sequence_logps(
-  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array
+  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array, shared_prompt: int = 0
 ) -> jax.Array:
-  """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]."""
-  return sum_tokens(*token_logps_BxK(graphdef, params, tokens_BxKxL, loss_mask_BxKxL))
+  """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]
+  (`shared_prompt` as in `token_logps_BxK`)."""
+  return sum_tokens(
+    *token_logps_BxK(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, shared_prompt)
+  )
 
 
 def sequence_scores(

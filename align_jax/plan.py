@@ -351,7 +351,9 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
     )
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
 
-  update = train.jit_update(cfg, objective, model, mesh, state_shardings, batch_shardings)
+  # Rollout rows share their prompt (P); fixed records' prompt lengths are the data's, unknown here.
+  shared = records.shared_prompt(cfg, objective, {"prompt_P": prompts[0]}) if on_policy else 0
+  update = train.jit_update(cfg, objective, model, mesh, state_shardings, batch_shardings, shared)
   update_report, _ = _compile("update", update, (state, batch, model.ref_params))
   B, K, L = batch["tokens_BxKxL"].shape
   update_report["estimate"] = _update_estimate(

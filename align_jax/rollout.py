@@ -11,6 +11,7 @@ follow the sharding of `prompts_BxP`.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ def _draw(graphdef, params, prompts_BxP, count, key, cfg):
   log-prob of each sample [B, count] and of each of its tokens [B, count, T] (T = L - 1, the layout
   of `logps.token_logps_BxK`: position t holds token t + 1's log-prob, 0 where the mask is 0)."""
   B, P = prompts_BxP.shape
-  out = sampling.sample(graphdef, params, jnp.repeat(prompts_BxP, count, axis=0), key, cfg)
+  out = sampling.sample(graphdef, params, prompts_BxP, key, cfg, samples=count)  # One prefill.
   tokens = out["tokens_RxL"].reshape(B, count, -1)
   mask = jnp.concatenate([jnp.zeros((B * count, P), jnp.float32), out["mask_RxN"]], axis=1)
   logp_RxN = out["logp_RxN"] * out["mask_RxN"]
@@ -55,6 +56,7 @@ def rollout(
   teacher_graphdef=None,
   anchor_is_teacher: bool = False,
   teacher_distributions: bool = False,
+  shared_prompt: int = 0,
 ) -> dict[str, jax.Array]:
   """The batch of one on-policy step.
 
@@ -81,6 +83,8 @@ def rollout(
     teacher_graphdef: the teacher's graph definition (its architecture may differ).
     anchor_is_teacher: the anchor's samples are the teacher's (GKD's mixture of samples).
     teacher_distributions: add the teacher's next-token distributions (distillation objectives).
+    shared_prompt: P to score a prompt's samples in one shared-prompt row (the reference's and
+      the anchor's log-probs; `logps.token_logps_BxK`), 0 for a row each.
 
   Returns:
     tokens_BxKxL, loss_mask_BxKxL, example_mask_B, prompt_index_B, sample_logp_BxK (log-prob of
@@ -107,7 +111,8 @@ def rollout(
     key_1 = jax.random.fold_in(key, 1)
     parts.append(_draw(anchor_graphdef, anchor, prompts_BxP, num_anchor, key_1, sampling_cfg))
   tokens, mask, sample_logp, sample_token_logp = (jnp.concatenate(x, axis=1) for x in zip(*parts))
-  ref_logp = jax.lax.stop_gradient(sequence_logps(graphdef, ref_params, tokens, mask))
+  logps = functools.partial(sequence_logps, shared_prompt=shared_prompt)
+  ref_logp = jax.lax.stop_gradient(logps(graphdef, ref_params, tokens, mask))
   from_policy = jnp.arange(tokens.shape[1]) < num_policy
   batch = {
     "tokens_BxKxL": tokens,
@@ -121,7 +126,7 @@ def rollout(
   }
   if num_anchor:
     batch["anchor_logp_BxK"] = (
-      ref_logp if anchor_is_ref else sequence_logps(anchor_graphdef, anchor, tokens, mask)
+      ref_logp if anchor_is_ref else logps(anchor_graphdef, anchor, tokens, mask)
     )
   if teacher_distributions:
     batch["teacher_logp_BxKxTxV"] = jax.lax.stop_gradient(

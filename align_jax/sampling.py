@@ -111,7 +111,7 @@ def _shard_cache(cache: list[dict] | dict) -> list[dict] | dict:
   return jax.tree.map(lambda x: shard(x, (None,) * (x.ndim - 4) + names), cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "samples"))
 def sample(
   graphdef,
   params: dict,
@@ -119,8 +119,9 @@ def sample(
   rng: jax.Array,
   cfg: SamplingConfig,
   prompt_mask_RxP: jax.Array | None = None,
+  samples: int = 1,
 ) -> dict[str, jax.Array]:
-  """Samples N = cfg.max_new_tokens tokens after each prompt.
+  """Samples N = cfg.max_new_tokens tokens after each prompt, `samples` times per prompt.
 
   Step i draws token i of every row from `transform_logits` of the model's next-token logits with
   the key `fold_in(rng, i)`; a row stops at its first EOS (later tokens are `cfg.pad_id`, masked).
@@ -136,35 +137,44 @@ def sample(
     prompt_mask_RxP: optional, for left-padded prompts: 1 on real tokens, 0 on padding at the
       left (each row needs ≥ 1 real token). RoPE positions then count real tokens per row, so a
       row samples as if it had no padding.
+    samples: n rows per prompt from one prefill: the prompts' KV cache and last logits are
+      computed once and repeated (the rows of `jnp.repeat(prompts_RxP, n, axis=0)`, drawn as
+      they would be from those rows).
 
-  Returns:
+  Returns (R below counts the output rows, n per prompt):
     "tokens_RxL": int32 prompts followed by the generated tokens, L = P + N.
     "logp_RxN": float32 log-prob of each generated token under the transformed distribution it
       was drawn from; 0 where the mask is 0. Column n scores token P + n, i.e. column P - 1 + n
       of `logps.token_logps` (the rollout's sample_token_logp_BxKxT uses that layout).
     "mask_RxN": float32, 1 for generated tokens up to and including the first EOS, 0 after.
   """
-  R, P = prompts_RxP.shape
-  N = cfg.max_new_tokens
-  prompts_RxP = prompts_RxP.astype(jnp.int32)
+  B, P = prompts_RxP.shape  # B prompts; R = n·B rows out.
+  N, R = cfg.max_new_tokens, B * samples
+  prompts_BxP = prompts_RxP.astype(jnp.int32)
   if prompt_mask_RxP is None:
-    positions_RxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (R, P))
-    next_position_R = jnp.full((R,), P, jnp.int32)
-    kv_mask_RxS = None
+    positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    next_position_B = jnp.full((B,), P, jnp.int32)
+    kv_mask_BxS = None
   else:
-    real_RxP = prompt_mask_RxP.astype(bool)
-    count_RxP = jnp.cumsum(real_RxP, axis=1, dtype=jnp.int32)
-    positions_RxP = jnp.maximum(count_RxP - 1, 0)
-    next_position_R = count_RxP[:, -1]
-    kv_mask_RxS = jnp.concatenate([real_RxP, jnp.ones((R, N), bool)], axis=1)
+    real_BxP = prompt_mask_RxP.astype(bool)
+    count_BxP = jnp.cumsum(real_BxP, axis=1, dtype=jnp.int32)
+    positions_BxP = jnp.maximum(count_BxP - 1, 0)
+    next_position_B = count_BxP[:, -1]
+    kv_mask_BxS = jnp.concatenate([real_BxP, jnp.ones((B, N), bool)], axis=1)
 
   model = nnx.merge(graphdef, params)
-  cache = _shard_cache(models.init_cache(model.cfg, R, P + N))
-  # The prefill needs the logits of the prompt's last position only (not [R, P, V]).
-  x_RxPxD, cache = model.hidden(
-    prompts_RxP, positions_RxP, cache=cache, cache_index=0, kv_mask_RxS=kv_mask_RxS
+  cache = _shard_cache(models.init_cache(model.cfg, B, P + N))
+  # The prefill needs the logits of the prompt's last position only (not [B, P, V]).
+  x_BxPxD, cache = model.hidden(
+    prompts_BxP, positions_BxP, cache=cache, cache_index=0, kv_mask_RxS=kv_mask_BxS
   )
-  logits_RxV = models.unembed(model.cfg, x_RxPxD[:, -1:], model.unembed_weight())[:, 0]
+  logits_BxV = models.unembed(model.cfg, x_BxPxD[:, -1:], model.unembed_weight())[:, 0]
+  # One prefill per prompt, its n rows' caches and first logits repeated (rows b·n .. b·n + n − 1).
+  repeat = functools.partial(jnp.repeat, repeats=samples, total_repeat_length=R)
+  cache = _shard_cache(jax.tree.map(lambda x: repeat(x, axis=x.ndim - 4), cache))
+  logits_RxV, next_position_R = repeat(logits_BxV, axis=0), repeat(next_position_B, axis=0)
+  kv_mask_RxS = None if kv_mask_BxS is None else repeat(kv_mask_BxS, axis=0)
+  prompts_RxP = repeat(prompts_BxP, axis=0)
 
   def step(carry):
     i, cache, logits_RxV, tokens_RxN, logp_RxN, mask_RxN, done_R = carry

@@ -1,7 +1,6 @@
 """The train state and the one update step. Pure; jitted once per run in train.py."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +92,7 @@ def train_step(
   lr_fn: optax.Schedule,
   move_anchor=None,
   merge=None,
+  shared_prompt: int = 0,
 ):
   """One optimizer update: (state, batch, frozen reference) -> (state, scalar metrics).
 
@@ -112,6 +112,10 @@ def train_step(
   `agreement/*` (`logps.agreement`) between the trainer's token log-probs of the policy's samples
   and the sampler's: their numerical agreement on the first update of a rollout, the policy's
   movement since on later ones.
+
+  `shared_prompt` > 0 (a lower bound on every example's prompt length) scores the K responses of
+  an example in one shared-prompt row, for the policy and the reference (`logps.token_logps_BxK`):
+  the same log-probs, less work.
   """
   tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
   if objective.granularity != "sequence":  # Token log-probs [B, K, T] or distributions.
@@ -120,14 +124,15 @@ def train_step(
     batch = {**batch, "token_mask_BxKxT": mask_BxKxL[..., 1:].astype(jnp.float32)}
     if objective.needs_ref and "ref_token_logp_BxKxT" not in batch:
       ref_BxKxT, ref_mask_BxKxT = jax.lax.stop_gradient(
-        token_logps_BxK(graphdef, ref_params, tokens_BxKxL, mask_BxKxL)
+        token_logps_BxK(graphdef, ref_params, tokens_BxKxL, mask_BxKxL, shared_prompt)
       )
       batch["ref_token_logp_BxKxT"] = ref_BxKxT
       batch.setdefault("ref_logp_BxK", sum_tokens(ref_BxKxT, ref_mask_BxKxT))  # Keep a cached one.
   else:
-    logps = functools.partial(sequence_logps, graphdef)
     if objective.needs_ref and "ref_logp_BxK" not in batch:
-      ref_logp_BxK = jax.lax.stop_gradient(logps(ref_params, tokens_BxKxL, mask_BxKxL))
+      ref_logp_BxK = jax.lax.stop_gradient(
+        sequence_logps(graphdef, ref_params, tokens_BxKxL, mask_BxKxL, shared_prompt)
+      )
       batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
   w_B = batch["example_mask_B"].astype(jnp.float32)
   sampled = "sample_token_logp_BxKxT" in batch and not objective.scores  # A rollout's batch.
@@ -140,15 +145,15 @@ def train_step(
       token_logp_BxKxT = picked_BxKxTx1[..., 0]
     elif objective.granularity == "token" or sampled:  # sequence_logps is their masked sum.
       token_logp_BxKxT, token_mask_BxKxT = token_logps_BxK(
-        graphdef, params, tokens_BxKxL, mask_BxKxL
+        graphdef, params, tokens_BxKxL, mask_BxKxL, shared_prompt
       )
       out = token_logp_BxKxT
       if objective.granularity == "sequence":
         out = sum_tokens(token_logp_BxKxT, token_mask_BxKxT)
-    else:  # Sequence log-probs [B, K]; reward models: head outputs [B, K, O].
-      out = (sequence_scores if objective.scores else sequence_logps)(
-        graphdef, params, tokens_BxKxL, mask_BxKxL
-      )
+    elif objective.scores:  # Reward models: head outputs [B, K, O].
+      out = sequence_scores(graphdef, params, tokens_BxKxL, mask_BxKxL)
+    else:  # Sequence log-probs [B, K].
+      out = sequence_logps(graphdef, params, tokens_BxKxL, mask_BxKxL, shared_prompt)
     loss_B, metrics_B, stats = objective.fn(out, batch, state.stats, **loss_cfg)
     metrics = {f"objective/{k}": _weighted_mean(v, w_B) for k, v in metrics_B.items()}
     if sampled:  # The policy's samples of real prompts.

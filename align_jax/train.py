@@ -250,9 +250,11 @@ def _anchor_update(cfg):
   )
 
 
-def jit_update(cfg, objective, model: loading.RunModel, mesh, state_shardings, batch_shardings):
+def jit_update(
+  cfg, objective, model: loading.RunModel, mesh, state_shardings, batch_shardings, shared_prompt=0
+):
   """The run's jitted update (state, batch, reference) -> (state, metrics), donating the state
-  (align_jax/plan.py compiles it ahead of time)."""
+  (align_jax/plan.py compiles it ahead of time); `shared_prompt` from `records.shared_prompt`."""
   optim = _optim(cfg)
   bound = functools.partial(
     step.train_step,
@@ -263,6 +265,7 @@ def jit_update(cfg, objective, model: loading.RunModel, mesh, state_shardings, b
     lr_fn=step.learning_rate(optim),
     move_anchor=_anchor_update(cfg),
     merge=model.merge,
+    shared_prompt=shared_prompt,
   )
   ref_shardings = model.shardings if model.ref_params is not None else None
   return jax.jit(
@@ -301,7 +304,8 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
     state, state_shardings, take = _rollout_buffer(
       cfg, state, state_shardings, batch_shapes, batch_shardings, rows
     )
-  update = jit_update(cfg, parts.objective, model, mesh, state_shardings, batch_shardings)
+  shared = records.shared_prompt(cfg, parts.objective, parts.data)
+  update = jit_update(cfg, parts.objective, model, mesh, state_shardings, batch_shardings, shared)
 
   def step_fn(state, host_batch, s):
     if host_batch is not None:
@@ -422,6 +426,7 @@ def jit_rollout(
     teacher_graphdef=teacher.graphdef if teacher else None,
     anchor_is_teacher=cfg.rollout.anchor == "teacher",
     teacher_distributions=objective.granularity == "distribution",
+    shared_prompt=records.shared_prompt(cfg, objective, {"prompt_P": args[1]}),
   )
   shapes = jax.eval_shape(roll, *args)
   out_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in shapes.items()}

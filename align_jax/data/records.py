@@ -191,6 +191,40 @@ def check_tokenizer(text: tokenize.Text, vocab_size: int, init_checkpoint: str) 
     )
 
 
+def shared_prompt(cfg, objective, records: dict) -> int:
+  """The step's `shared_prompt` (`logps.shared_token_logps_BxK`): a lower bound on every
+  example's prompt length when its K > 1 responses are scored in one shared-prompt row
+  (data.share_prompt), else 0.
+
+  On-policy batches are [prompt P | response] rows: P. Fixed records: the shortest prompt (the
+  positions before a record's first scored token), provided each record's K rows agree there
+  (else one logged line, and rows unshared). Reward models' scores and whole next-token
+  distributions stay unshared.
+  """
+  if not cfg.data.share_prompt or objective.scores or objective.granularity == "distribution":
+    return 0
+  if "prompt_P" in records:  # The rollout's rows: each prompt with its samples.
+    samples = cfg.rollout.num_policy + cfg.rollout.num_anchor
+    return records["prompt_P"].shape[-1] if samples > 1 else 0
+  tokens_NxKxL, mask_NxKxL = records["tokens_KxL"], records["loss_mask_KxL"] > 0
+  if tokens_NxKxL.shape[1] < 2:
+    return 0
+  scored_NxK = mask_NxKxL.any(axis=-1)
+  start_N = np.argmax(mask_NxKxL.any(axis=1), axis=-1)  # A record's first scored position.
+  before_NxL = np.arange(tokens_NxKxL.shape[-1]) < start_N[:, None]
+  differ_NxK = ((tokens_NxKxL != tokens_NxKxL[:, :1]) & before_NxL[:, None]).any(axis=-1)
+  bad = np.flatnonzero((differ_NxK & scored_NxK).any(axis=-1))
+  if len(bad):
+    logging.info(
+      "data.share_prompt: record %d's %d responses follow different prompts; rows unshared",
+      bad[0],
+      tokens_NxKxL.shape[1],
+    )
+    return 0
+  real_N = scored_NxK.any(axis=-1)
+  return int(start_N[real_N].min()) if real_N.any() else 0
+
+
 def sampling_config(cfg, file_data) -> sampling.SamplingConfig:
   """cfg.sampling; with text data and sampling.eos_id = -1, responses stop at the chat template's
   end-of-turn token (else the tokenizer's EOS, if it has one)."""

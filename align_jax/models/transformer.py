@@ -369,51 +369,130 @@ class Attention(nnx.Module):
     v_RxLxGxE = shard(v_RxLxGxE, ("act_batch", "act_len", "act_kv_heads", None))
 
     L = x_RxLxD.shape[1]
-    if cache is None:  # Training / scoring: keys are this call's tokens.
-      k_RxSxGxE, v_RxSxGxE, new_cache = k_RxLxGxE, v_RxLxGxE, None
-    else:  # Sampling: write this call's keys at `cache_index`, attend to the cache.
-      k_RxSxGxE = jax.lax.dynamic_update_slice_in_dim(
-        cache["k"], k_RxLxGxE.astype(cache["k"].dtype), cache_index, axis=1
-      )
-      v_RxSxGxE = jax.lax.dynamic_update_slice_in_dim(
-        cache["v"], v_RxLxGxE.astype(cache["v"].dtype), cache_index, axis=1
-      )
-      new_cache = {"k": k_RxSxGxE, "v": v_RxSxGxE}
-    S = k_RxSxGxE.shape[1]
-    q_slot_L = cache_index + jnp.arange(L)
-    mask_RxLxS = (jnp.arange(S)[None, :] <= q_slot_L[:, None])[None]
-    if window:  # Slots, like HF's cache positions (left padding is masked and contiguous).
-      in_window_LxS = q_slot_L[:, None] - jnp.arange(S)[None, :] < window
-      mask_RxLxS = mask_RxLxS & (in_window_LxS if static else in_window_LxS | ~local)[None]
-    if kv_mask_RxS is not None:
-      mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
-
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    if _fused_attention(cfg):
-      # Plain causal training passes no mask, so the kernel skips the upper triangle.
-      plain = cache is None and kv_mask_RxS is None and not window
-      out_RxLxHxE = jax.nn.dot_product_attention(
-        q_RxLxHxE,
-        k_RxSxGxE.astype(dt),
-        v_RxSxGxE.astype(dt),
-        mask=None if plain else mask_RxLxS[:, None],
-        is_causal=plain,
-        scale=scale,
-        implementation="cudnn",
+
+    def in_window(distance):  # Of a query from a key; layers without a window: everything.
+      if not window:
+        return True
+      return distance < window if static else (distance < window) | ~local
+
+    if isinstance(kv_mask_RxS, SharedPrompt):  # Training on shared-prompt rows.
+      out_RxLxHxE = _shared_prompt_attention(
+        cfg, kv_mask_RxS, q_RxLxHxE, k_RxLxGxE, v_RxLxGxE, positions_RxL, in_window, scale
       )
+      new_cache = None
     else:
-      attend = functools.partial(
-        _attend, cfg, k_RxSxGxE=k_RxSxGxE, v_RxSxGxE=v_RxSxGxE, scale=scale
+      if cache is None:  # Training / scoring: keys are this call's tokens.
+        k_RxSxGxE, v_RxSxGxE, new_cache = k_RxLxGxE, v_RxLxGxE, None
+      else:  # Sampling: write this call's keys at `cache_index`, attend to the cache.
+        k_RxSxGxE = jax.lax.dynamic_update_slice_in_dim(
+          cache["k"], k_RxLxGxE.astype(cache["k"].dtype), cache_index, axis=1
+        )
+        v_RxSxGxE = jax.lax.dynamic_update_slice_in_dim(
+          cache["v"], v_RxLxGxE.astype(cache["v"].dtype), cache_index, axis=1
+        )
+        new_cache = {"k": k_RxSxGxE, "v": v_RxSxGxE}
+      S = k_RxSxGxE.shape[1]
+      q_slot_L = cache_index + jnp.arange(L)
+      mask_RxLxS = (jnp.arange(S)[None, :] <= q_slot_L[:, None])[None]
+      # Slots, like HF's cache positions (left padding is masked and contiguous).
+      mask_RxLxS = mask_RxLxS & in_window(q_slot_L[:, None] - jnp.arange(S)[None, :])
+      if kv_mask_RxS is not None:
+        mask_RxLxS = mask_RxLxS & kv_mask_RxS[:, None, :]
+      # Plain causal training passes no mask, so a fused kernel skips the upper triangle.
+      plain = cache is None and kv_mask_RxS is None and not window
+      out_RxLxHxE = _attention(
+        cfg, q_RxLxHxE, k_RxSxGxE, v_RxSxGxE, None if plain else mask_RxLxS, scale
       )
-      chunk = cfg.attention_chunk
-      if chunk and L > chunk:
-        out_RxLxHxE = _query_chunks(attend, chunk, q_RxLxHxE, mask_RxLxS)
-      else:
-        out_RxLxHxE = attend(q_RxLxHxE, mask_RxLxS)
     out_RxLxD = jnp.einsum("rlhk,hkd->rld", out_RxLxHxE, self.wo_HxExD[...].astype(dt))
     if cfg.out_bias:
       out_RxLxD = out_RxLxD + self.bo_D[...].astype(dt)
     return shard(out_RxLxD, ("act_batch", "act_len", "act_embed")), new_cache
+
+
+def _attention(cfg, q_RxLxHxE, k_RxSxGxE, v_RxSxGxE, mask_RxLxS, scale):
+  """Attention through the fused kernel or the einsum path (in query chunks when
+  model.attention_chunk is set); mask None: plain causal."""
+  dt = cfg.dtype
+  if _fused_attention(cfg):
+    return jax.nn.dot_product_attention(
+      q_RxLxHxE,
+      k_RxSxGxE.astype(dt),
+      v_RxSxGxE.astype(dt),
+      mask=None if mask_RxLxS is None else mask_RxLxS[:, None],
+      is_causal=mask_RxLxS is None,
+      scale=scale,
+      implementation="cudnn",
+    )
+  L, S = q_RxLxHxE.shape[1], k_RxSxGxE.shape[1]
+  if mask_RxLxS is None:
+    mask_RxLxS = (jnp.arange(S)[None, :] <= jnp.arange(L)[:, None])[None]
+  attend = functools.partial(_attend, cfg, k_RxSxGxE=k_RxSxGxE, v_RxSxGxE=v_RxSxGxE, scale=scale)
+  if cfg.attention_chunk and L > cfg.attention_chunk:
+    return _query_chunks(attend, cfg.attention_chunk, q_RxLxHxE, mask_RxLxS)
+  return attend(q_RxLxHxE, mask_RxLxS)
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["start_R"], meta_fields=["length", "width"]
+)
+@dataclasses.dataclass(frozen=True)
+class SharedPrompt:
+  """The layout of shared-prompt rows (`logps.shared_rows`), passed as a training call's
+  `kv_mask_RxS`: a row's first `length` slots are an ordinary row (its prompt, the first
+  start_R tokens, then the first response), followed by blocks of `width` slots, one response
+  each, continuing from the prompt's end (their positions say where); a block's slots past
+  `length` − start_R are padding. A response sees the prompt and its own past, never another
+  response."""
+
+  start_R: jax.Array
+  length: int
+  width: int
+
+
+def _shared_prompt_attention(
+  cfg, layout, q_RxSxHxE, k_RxSxGxE, v_RxSxGxE, positions_RxS, in_window, scale
+):
+  """Attention over shared-prompt rows (`SharedPrompt`) at the cost of the rows it stands for:
+  the first `length` slots attend causally among themselves; each further block's W queries
+  attend to the prompt's keys and their block's own causally (scores [W, length + W] per block,
+  not [S, S] per row). Sliding windows are measured in positions."""
+  L, W, start_R = layout.length, layout.width, layout.start_R
+  R, S, H, E = q_RxSxHxE.shape
+  G, N = k_RxSxGxE.shape[2], (S - L) // W
+  pos_RxL, pos_RxNxW = positions_RxS[:, :L], positions_RxS[:, L:].reshape(R, N, W)
+  causal_LxL = jnp.arange(L)[None, :] <= jnp.arange(L)[:, None]
+  mask_RxLxL = causal_LxL[None] & in_window(pos_RxL[:, :, None] - pos_RxL[:, None, :])
+  first_RxLxHxE = _attention(
+    cfg, q_RxSxHxE[:, :L], k_RxSxGxE[:, :L], v_RxSxGxE[:, :L], mask_RxLxL, scale
+  )
+
+  def blocks(x_RxSxGxE):  # [R·N, L + W, G, E]: the prompt's keys, then the block's own.
+    own_RxNxWxGxE = x_RxSxGxE[:, L:].reshape(R, N, W, G, E)
+    prompt_RxNxLxGxE = jnp.broadcast_to(x_RxSxGxE[:, None, :L], (R, N, L, G, E))
+    both = jnp.concatenate([prompt_RxNxLxGxE, own_RxNxWxGxE], axis=2)
+    return both.reshape(R * N, L + W, G, E)
+
+  key_pos_RxNxT = jnp.concatenate([jnp.broadcast_to(pos_RxL[:, None], (R, N, L)), pos_RxNxW], 2)
+  prompt_Rx1x1xL = (jnp.arange(L) < start_R[:, None])[:, None, None, :]
+  real_Rx1xW = (start_R[:, None] + jnp.arange(W)[None, :] < L)[:, None, :]
+  own_RxWxW = (jnp.arange(W)[None, :] <= jnp.arange(W)[:, None])[None] & real_Rx1xW
+  mask_RxNxWxT = jnp.concatenate(
+    [
+      jnp.broadcast_to(prompt_Rx1x1xL, (R, N, W, L)),
+      jnp.broadcast_to(own_RxWxW[:, None], (R, N, W, W)),
+    ],
+    axis=-1,
+  ) & in_window(pos_RxNxW[..., None] - key_pos_RxNxT[:, :, None, :])
+  rest = _attention(
+    cfg,
+    q_RxSxHxE[:, L:].reshape(R * N, W, H, E),
+    blocks(k_RxSxGxE),
+    blocks(v_RxSxGxE),
+    mask_RxNxWxT.reshape(R * N, W, L + W),
+    scale,
+  )
+  return jnp.concatenate([first_RxLxHxE, rest.reshape(R, N * W, H, E)], axis=1)
 
 
 def _attend(cfg, q_RxLxHxE, mask_RxLxS, *, k_RxSxGxE, v_RxSxGxE, scale):
@@ -551,7 +630,8 @@ class Transformer(nnx.Module):
       cache: the KV cache of `init_cache` (per layer {"k", "v"} [R, S, G, E], or stacked
         [A, R, S, G, E] with scan_layers), or None.
       cache_index: the cache slot of this call's first token.
-      kv_mask_RxS: False for key slots that must not be attended (padding).
+      kv_mask_RxS: False for key slots that must not be attended (padding); or, for a training
+        call (no cache) on shared-prompt rows, their `SharedPrompt` layout.
     """
     x_RxLxD, new_cache = self.hidden(
       tokens_RxL, positions_RxL, cache=cache, cache_index=cache_index, kv_mask_RxS=kv_mask_RxS

@@ -39,7 +39,7 @@ def main(argv=None):
     args.preset, remat=args.remat or None, attention_impl=args.attention_impl
   )
   env = report.environment()
-  s = harness.build_step(cfg, model_cfg)
+  s = harness.build_step(cfg, model_cfg, shared_prompt=args.prompt_len)
   make_batch = harness.build_rollout(s, args.batch, args.prompt_len)
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, model_cfg.vocab_size, (args.batch, args.prompt_len), np.int32)

@@ -128,9 +128,10 @@ class Step:
       return self.update(self.device_batch(host_batch))
 
 
-def update(cfg, model_cfg: models.ModelConfig):
+def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0):
   """(graphdef, optax transformation, `step.train_step` with its static arguments bound), as
-  train.py binds them for `cfg` with the model `model_cfg`."""
+  train.py binds them for `cfg` with the model `model_cfg` (`shared_prompt`: the prompt length
+  when responses share their prompt's row, `records.shared_prompt`)."""
   graphdef, _, _ = models.abstract(model_cfg)
   optim = types.SimpleNamespace(**cfg.optim.to_dict(), total_steps=cfg.total_steps)
   tx = step.optimizer(optim)
@@ -144,12 +145,14 @@ def update(cfg, model_cfg: models.ModelConfig):
       loss_cfg=cfg.loss.to_dict(),
       tx=tx,
       lr_fn=step.learning_rate(optim),
+      shared_prompt=shared_prompt if cfg.data.share_prompt else 0,
     ),
   )
 
 
-def build_step(cfg, model_cfg: models.ModelConfig) -> Step:
-  """train.py's model, state and `train_step` for `cfg` with the model `model_cfg`."""
+def build_step(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0) -> Step:
+  """train.py's model, state and `train_step` for `cfg` with the model `model_cfg`; batches
+  whose prompts are `shared_prompt` tokens share them (`data.share_prompt`)."""
   objective = objectives.get(cfg.objective)
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
   table = sharding.check_rules(
@@ -158,7 +161,7 @@ def build_step(cfg, model_cfg: models.ModelConfig) -> Step:
   fields = ("tokens_KxL", "loss_mask_KxL") + (
     ("score_K", "response_mask_K") if objective.data == "lists" else ()
   )
-  graphdef, tx, update_fn = update(cfg, model_cfg)
+  graphdef, tx, update_fn = update(cfg, model_cfg, shared_prompt)
   with jax.set_mesh(mesh), sharding.use_rules(table):
     replicated = sharding.replicated(mesh)
     _, _, names = models.abstract(model_cfg)
@@ -210,6 +213,7 @@ def build_rollout(s: Step, batch_size: int, prompt_len: int):
     num_anchor=cfg.rollout.num_anchor,
     anchor_is_ref=True,
     score_fn=_rule_score,
+    shared_prompt=prompt_len if cfg.data.share_prompt else 0,
   )
   with jax.set_mesh(s.mesh), sharding.use_rules(s.table):
     shapes = jax.eval_shape(

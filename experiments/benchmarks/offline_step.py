@@ -1,7 +1,11 @@
-r"""Offline DPO and LiPO update steps: step time, tokens/s, peak memory, MFU.
+r"""Offline DPO and LiPO update steps, shared-prompt rows and unshared: step time, useful
+tokens/s, peak memory, MFU.
 
-  # CPU (default): the 4-layer tiny Llama, 8 prompts x (2 | 4) responses x 128 tokens:
+  # CPU (default): the tiny Llama, 8 prompts x (2 | 4) responses, prompt 32 + response 96:
   python -m experiments.benchmarks.offline_step
+  # The shared-prompt comparison: LiPO lists of 8, prompt 256 + 8 x 128:
+  python -m experiments.benchmarks.offline_step --objectives=lipo --list_size=8 \
+      --prompt_len=256 --response_len=128 --batch=2 --out=offline_step_lipo8
   # Accelerator: the ~1.2B Llama-3.2-1B shape in bf16 compute (GPU / TPU):
   python -m experiments.benchmarks.offline_step --preset=llama_1b --batch=4 --prompt_len=256 \
       --response_len=768 --remat --attention_impl=auto --steps=5 --reps=5 \
@@ -10,9 +14,11 @@ r"""Offline DPO and LiPO update steps: step time, tokens/s, peak memory, MFU.
 Each update is `step.train_step` jitted as train.py jits it (shardings, donated state), fed host
 batches through `pipeline.to_global`; the loss settings and the optimizer are those of
 configs/dpo.py and configs/lipo.py. The frozen reference's forward runs inside the step (no
-precomputed log-probs). Objectives alternate repetition by repetition (with the CPU's matmul
-probe between them) so that load from other processes hits all alike; figures are medians.
-MFU's FLOP formula and peak are in roofline.py's docstring and in the output.
+precomputed log-probs). Each objective runs twice: its K responses scored in one shared-prompt
+row (`data.share_prompt`, the default; logps.py) and each in its own row. Runs alternate
+repetition by repetition (with the CPU's matmul probe between them); figures are medians.
+Useful tokens/s counts each prompt once and each response once: B·(P + K·R) per step. MFU's FLOP
+formula (of unshared rows) and peak are in roofline.py's docstring and in the output.
 """
 
 import argparse
@@ -54,19 +60,21 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   runs = {}
   for name in args.objectives.split(","):
-    cfg = harness.run_config({"dpo": "dpo", "lipo": "lipo"}[name])
     k = 2 if name == "dpo" else args.list_size
-    s = harness.build_step(cfg, model_cfg)
     batch = harness.records(
       rng, args.batch, k, args.prompt_len, args.response_len, model_cfg.vocab_size
     )
-    t0 = time.perf_counter()
-    jax.block_until_ready(s(batch))  # Compiles.
-    compile_s = time.perf_counter() - t0
-    jaxpr_flops = roofline.jaxpr_matmul_flops(harness.step_jaxpr(s, s.device_batch(batch)))
-    runs[name] = dict(
-      step=s, batch=batch, k=k, times=[], compile_s=compile_s, jaxpr_flops=jaxpr_flops
-    )
+    for shared in (True, False):
+      cfg = harness.run_config({"dpo": "dpo", "lipo": "lipo"}[name])
+      cfg.data.share_prompt = shared
+      s = harness.build_step(cfg, model_cfg, shared_prompt=args.prompt_len)
+      t0 = time.perf_counter()
+      jax.block_until_ready(s(batch))  # Compiles.
+      compile_s = time.perf_counter() - t0
+      jaxpr_flops = roofline.jaxpr_matmul_flops(harness.step_jaxpr(s, s.device_batch(batch)))
+      runs[name, shared] = dict(
+        step=s, batch=batch, k=k, times=[], compile_s=compile_s, jaxpr_flops=jaxpr_flops
+      )
 
   probes = []
   for _ in range(args.reps):
@@ -83,31 +91,39 @@ def main(argv=None):
   peak = peaks["peak_flops_per_s"]
 
   rows = []
-  for name, run in runs.items():
+  for (name, shared), run in runs.items():
     rows_per_step = args.batch * run["k"]
     step_s = float(np.median(run["times"]))
+    unshared_s = float(np.median(runs[name, False]["times"]))
     flops = roofline.train_step_flops(model_cfg, rows_per_step, L)
+    useful = args.batch * (args.prompt_len + run["k"] * args.response_len)
     rows.append(
       {
         "objective": name,
+        "rows": "shared prompt" if shared else "unshared",
         "model": args.preset,
         "B": args.batch,
         "K": run["k"],
-        "L": L,
+        "P + R": f"{args.prompt_len} + {args.response_len}",
         "dtype": model_cfg.dtype,
         "remat": model_cfg.remat,
-        "attention": model_cfg.attention_impl,
         "step_ms (median)": 1e3 * step_s,
         "step_ms (min..max)": f"{1e3 * min(run['times']):.1f}..{1e3 * max(run['times']):.1f}",
-        "tokens/s": rows_per_step * L / step_s,
-        "model GFLOP/step": flops / 1e9,
+        "useful tokens/s": useful / step_s,
+        "speed-up vs unshared": unshared_s / step_s,
         "jaxpr matmul GFLOP/step": run["jaxpr_flops"] / 1e9,
-        "achieved TFLOP/s": flops / step_s / 1e12,
-        "MFU %": 100 * flops / step_s / peak,
+        "MFU % (unshared formula)": "" if shared else 100 * flops / step_s / peak,
         "compile_s": run["compile_s"],
       }
     )
+  ideal = {
+    name: (args.prompt_len + args.response_len) * k / (args.prompt_len + k * args.response_len)
+    for name, k in ((n, r["k"]) for (n, _), r in runs.items())
+  }
   notes = [
+    "Ideal speed-up of sharing (token positions K·(P + R) over P + K·R): "
+    + ", ".join(f"{n} {v:.2f}×" for n, v in ideal.items())
+    + "; attention's cost is not proportional to positions, so the ideal is approximate.",
     FORMULA + "; the jaxpr column counts every dot_general of the traced step exactly (it "
     "exceeds the formula only with remat, whose recomputed forward is not model FLOPs).",
     f"MFU denominator: {peak / 1e12:.3f} TFLOP/s, {peaks['peak_source']}"
@@ -118,8 +134,7 @@ def main(argv=None):
     ),
     f"peak memory {mem_gib:.2f} GiB ({mem_kind}) for the whole process (all objectives).",
     f"{args.reps} repetitions of {args.steps} updates per objective, objectives alternating; "
-    "warm-up (compilation) excluded; the 2 CPU cores are shared with other work, so the "
-    "spread (min..max) is reported.",
+    "warm-up (compilation) excluded; the spread (min..max) is reported.",
   ]
   print(
     report.write(
@@ -127,7 +142,10 @@ def main(argv=None):
       env,
       rows,
       notes,
-      {"peaks": peaks, "step_times_s": {n: r["times"] for n, r in runs.items()}},
+      {
+        "peaks": peaks,
+        "step_times_s": {f"{n} shared={sh}": r["times"] for (n, sh), r in runs.items()},
+      },
     )
   )
 

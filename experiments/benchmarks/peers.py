@@ -11,7 +11,13 @@ trainer (peer_workers/*.py): the model and optimizer are built, `warmup` updates
 (compilation), then the three processes take turns, one timed chunk of `steps` updates each per
 repetition (the order rotates every repetition), so that load from other work on the machine
 hits all three alike; only one process computes at a time. Reported: the median chunk time,
-tokens/s = batch·2·L·steps / time, and the ratios of align_jax's tokens/s to each peer's.
+useful tokens/s = batch·(P + 2·R)·steps / time (the prompt once, each response once: what a pair
+carries, whatever a framework computes), and the ratios of align_jax's to each peer's. align_jax
+scores a pair in one shared-prompt row (`data.share_prompt`, its default); the peers in two rows.
+A run on a loaded host is flagged and exits 3 (report.py).
+
+  python -m experiments.benchmarks.peers --prompt_len=256 --response_len=128 --out=peers_dpo_256_128
+  python -m experiments.benchmarks.peers --prompt_len=64 --response_len=192 --out=peers_dpo_64_192
 """
 
 import argparse
@@ -190,7 +196,7 @@ def main(argv=None):
     w.close()
 
   L = args.prompt_len + args.response_len
-  tokens_per_chunk = args.batch * 2 * L * args.steps
+  tokens_per_chunk = args.batch * (args.prompt_len + 2 * args.response_len) * args.steps
   tps = {w.name: tokens_per_chunk / float(np.median(w.seconds)) for w in workers}
   label = {
     "align_jax": f"align_jax (jax {env['jax']})",
@@ -202,7 +208,7 @@ def main(argv=None):
       "framework": label[w.name],
       "step_s (median)": float(np.median(w.seconds)) / args.steps,
       "step_s (min..max)": f"{min(w.seconds) / args.steps:.3f}..{max(w.seconds) / args.steps:.3f}",
-      "tokens/s": tps[w.name],
+      "useful tokens/s": tps[w.name],
       "align_jax / this": tps["align_jax"] / tps[w.name],
       "CPU s/step (median)": float(np.median(w.cpu_seconds)) / args.steps,
       "first loss": w.info.get("first_loss", ""),
@@ -217,13 +223,14 @@ def main(argv=None):
     "scored; DPO β = 0.1 with the reference forward every step; AdamW lr 1e-3, clip 1.0.",
     f"{args.warmup} warm-up updates untimed, then {args.reps} chunks of {args.steps} updates "
     "per framework, frameworks taking turns (rotating order) in one run; medians. "
-    "tokens/s = batch·2·L·steps / chunk time.",
+    "Useful tokens/s = batch·(P + 2·R)·steps / chunk time; the ideal gain of sharing the "
+    f"prompt is 2·L / (P + 2·R) = {2 * L / (args.prompt_len + 2 * args.response_len):.2f}×.",
     "Each framework through its own trainer loop: align_jax's jitted train_step with "
     "train.py's per-step host batch and one-step-late metric fetch; Tunix's DPOTrainer.train; "
     "TRL's DPOTrainer.train (gradient checkpointing off, as in the others; TRL defaults it on).",
     "First loss: log 2 = 0.6931 for a policy equal to its reference (TRL logs none here).",
-    f"CPU shared with other engineers' jobs (load average {env['load_average_at_start']:.1f} "
-    "at start on 2 cores): absolute times are noisy; the interleaving makes the ratios fair.",
+    f"Host load average {env['load_average_at_start']:.2f} at the start (and at the end, "
+    "above): a run above 0.75 per core is flagged as no result (report.py).",
   ]
   print(
     report.write(

@@ -2,6 +2,13 @@
 
 `results/<name>.json` holds everything; `results/<name>.md` a table of the same rows with the
 environment (device, versions, date, commit, load) above it.
+
+The host's load average is recorded before and after each run. A run on a CPU device whose load
+average, start or end, was above `MAX_LOAD_PER_CORE` × cores (1.5 on a 2-core machine) is not a
+result: other work on the machine shared its cores, and contention changes the frameworks'
+timings unequally (torch's threads suffer most). Its files are still written, flagged on their
+first line and with "valid": false, and `write` exits with status 3, so that a flagged figure is
+never mistaken for one.
 """
 
 import datetime
@@ -14,6 +21,7 @@ import sys
 
 import jax
 
+MAX_LOAD_PER_CORE = 0.75
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,6 +74,24 @@ def environment() -> dict:
   }
 
 
+def load_limit() -> float:
+  """The highest load average at which this host's CPU timings count (1.5 on 2 cores)."""
+  return MAX_LOAD_PER_CORE * (os.cpu_count() or 1)
+
+
+def loaded(env: dict) -> str:
+  """Why a CPU run's timings are not a result ('' when they are): the load average it saw."""
+  if "(cpu)" not in env["device"]:
+    return ""
+  worst = max(env["load_average_at_start"], env.get("load_average_at_end", 0.0))
+  if worst <= load_limit():
+    return ""
+  return (
+    f"NOT A RESULT: load average {worst:.2f} during the run, above {load_limit():.2f} on "
+    f"{os.cpu_count()} cores; rerun on an idle machine"
+  )
+
+
 def peak_memory() -> tuple[float, str]:
   """(GiB, what it is): the device's peak bytes in use where the backend reports them, else the
   process's peak resident set (CPU backends report no device memory statistics)."""
@@ -89,13 +115,18 @@ def write(
   extra: dict | None = None,
   results_dir: str = RESULTS,
 ) -> str:
-  """Writes results/<name>.json and results/<name>.md; returns the markdown."""
+  """Writes results/<name>.json and results/<name>.md (with the load average at the end, and
+  flagged when the host was loaded: module docstring); returns the markdown, or exits with
+  status 3 after writing a flagged run."""
   os.makedirs(results_dir, exist_ok=True)
+  env = {**env, "load_average_at_end": os.getloadavg()[0]}
+  flag = loaded(env)
   with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
-    json.dump({"environment": env, "rows": rows, "notes": notes, **(extra or {})}, f, indent=1)
+    record = {"valid": not flag, "environment": env, "rows": rows, "notes": notes}
+    json.dump({**record, **(extra or {})}, f, indent=1)
   columns = list(dict.fromkeys(k for row in rows for k in row))
   lines = [
-    f"# {name}",
+    f"# {name}" + (f" — {flag}" if flag else ""),
     "",
     *(f"- {k}: {v}" for k, v in env.items()),
     "",
@@ -107,4 +138,8 @@ def write(
   text = "\n".join(lines)
   with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
     f.write(text)
+  if flag:
+    print(text)
+    print(f"{name}: {flag} (written to {results_dir}/{name}.md, flagged)", file=sys.stderr)
+    sys.exit(3)
   return text

@@ -13,51 +13,9 @@ import pytest
 
 from align_jax import checkpoint, logps, models, sampling, sharding, train
 from align_jax.models import loading, lora
-from conftest import load_config, read_jsonl
+from conftest import FAMILIES, load_config, read_jsonl
 
 TINY = dict(models.preset("tiny"))
-# Family options whose per-layer or per-family differences the scan must keep: sliding windows
-# on alternating layers (Gemma 2) and every third (Gemma 3, with its own local RoPE base and a
-# layer count that is no multiple of the pattern), soft-caps, sandwich and QK norms, biases,
-# LayerNorm and learned positions (GPT-2), Llama 3's RoPE scaling.
-FAMILIES = {
-  "llama3": dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=4),
-  "gemma2": dict(
-    norm_plus_one=True,
-    post_norms=True,
-    attn_softcap=2.0,
-    final_softcap=3.0,
-    sliding_window=3,
-    sliding_window_pattern=2,
-    query_pre_attn_scalar=24.0,
-    embed_scale=True,
-    tie_embeddings=True,
-    mlp_act="gelu_tanh",
-  ),
-  "gemma3": dict(
-    n_layers=5,
-    qk_norm=True,
-    post_norms=True,
-    norm_plus_one=True,
-    sliding_window=3,
-    sliding_window_pattern=3,
-    rope_theta=1000.0,
-    rope_local_theta=50.0,
-    rope_scaling="linear",
-    rope_factor=2.0,
-  ),
-  "qwen2": dict(qkv_bias=True),
-  "gpt2": dict(
-    norm="layer",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    gated_mlp=False,
-    mlp_act="gelu_tanh",
-    positions="learned",
-    max_positions=16,
-  ),
-}
 
 
 def _pair(options: dict, **run):

@@ -18,8 +18,8 @@ def main():
   cfg = harness.run_config("dpo")
   cfg.optim.lr = s["lr"]
   model_cfg = harness.model_config("tiny_llama", **s["model"])
-  st = harness.build_step(cfg, model_cfg)
   B, P = data["prompt"].shape
+  st = harness.build_step(cfg, model_cfg, shared_prompt=P)  # Pairs share their prompt's row.
   tokens_BxKxL = np.stack(
     [np.concatenate([data["prompt"], data[r]], axis=1) for r in ("chosen", "rejected")], axis=1
   )
