@@ -4,12 +4,8 @@ import os
 import sys
 import tempfile
 
-# XLA's CPU backend at optimisation level 0: the tests' programs are tiny and each is compiled
-# about once, so LLVM's optimisation passes cost more than they save (a quarter of the suite's CPU
-# time); the numbers are IEEE arithmetic either way.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Testbed base LMs pretrained by tests are cached here for the session (and reused by subprocesses).
@@ -84,7 +80,7 @@ def main_command(*args: str) -> list[str]:
 
 def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONUNBUFFERED"] = "1"
   env.update(_XLA_CACHE)
   return env

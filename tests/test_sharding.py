@@ -42,15 +42,19 @@ def test_rules_are_validated(devices8):
     sharding.spec(("embed", "embed"), table)
 
 
-def test_parameters_are_created_sharded_by_their_logical_names(devices8):
+def _tiny_sharded():
+  """(mesh (1, 4, 2), rules table, the tiny model's config, its params initialised sharded)."""
   mesh = sharding.make_mesh((1, 4, 2), AXES)
   table = sharding.check_rules(RULES, mesh, USED)
   cfg = models.ModelConfig(**models.preset("tiny"))
-  _, shapes, names = models.abstract(cfg)
+  names = models.abstract(cfg)[2]
   shardings = sharding.tree_shardings(names, mesh, table)
-  params = jax.jit(functools.partial(models.init_params, cfg), out_shardings=shardings)(
-    jax.random.key(0)
-  )
+  init = jax.jit(functools.partial(models.init_params, cfg), out_shardings=shardings)
+  return mesh, table, cfg, init(jax.random.key(0))
+
+
+def test_parameters_are_created_sharded_by_their_logical_names(devices8):
+  _, _, cfg, params = _tiny_sharded()
   w = params["layers"][0]["mlp"]["wgate_DxF"]
   assert w.sharding.spec == P("fsdp", "tensor")
   assert {s.data.shape for s in w.addressable_shards} == {(32 // 4, 64 // 2)}
@@ -68,14 +72,8 @@ def test_train_state_copies_of_the_parameters_are_sharded_as_they_are(devices8):
   optax init puts them on one device); step, rng and statistics are replicated."""
   from align_jax import step, train
 
-  mesh = sharding.make_mesh((1, 4, 2), AXES)
-  table = sharding.check_rules(RULES, mesh, USED)
-  cfg = models.ModelConfig(**models.preset("tiny"))
-  _, shapes, names = models.abstract(cfg)
-  shardings = sharding.tree_shardings(names, mesh, table)
-  params = jax.jit(functools.partial(models.init_params, cfg), out_shardings=shardings)(
-    jax.random.key(0)
-  )
+  mesh, _, _, params = _tiny_sharded()
+  shardings = jax.tree.map(lambda x: x.sharding, params)
   tx = step.optimizer(types.SimpleNamespace(**config_lib.base().optim, total_steps=10))
   init = lambda p: step.init_state(p, tx, 0, {"z": jax.numpy.zeros(3)}, moving_anchor=True)
   state_shardings = train.state_shardings(jax.eval_shape(init, params), params, mesh)

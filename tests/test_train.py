@@ -74,12 +74,12 @@ def _state(workdir, step):
 def test_sigkill_resume_is_bitwise_identical(tmp_path):
   """A BOND run with an EMA anchor: the optimizer state, the rollout's randomness, the anchor and
   the data position must all resume exactly (the offline DPO path is a subset of this loop)."""
-  config, steps = f"{os.path.join(ROOT, 'configs', 'bond.py')}:smoke,anchor=ema", 40
+  config, steps = f"{os.path.join(ROOT, 'configs', 'bond.py')}:smoke,anchor=ema", 20
   args = (
     f"--config.total_steps={steps}",
-    "--config.checkpoint_every=10",
-    "--config.eval_every=20",
-    "--config.log_every=10",
+    "--config.checkpoint_every=5",
+    "--config.eval_every=10",
+    "--config.log_every=5",
     "--config.keep_checkpoints=3",
   )
   _cli(tmp_path / "straight", *args, config=config)  # Also caches the base LM for the next run.
@@ -92,8 +92,8 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path):
     stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 300
-  while not (killed / "checkpoints" / "10" / "commit_success.txt").exists():
-    assert proc.poll() is None and time.time() < deadline, "run ended before its step-10 checkpoint"
+  while not (killed / "checkpoints" / "5" / "commit_success.txt").exists():
+    assert proc.poll() is None and time.time() < deadline, "run ended before its step-5 checkpoint"
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()

@@ -1,6 +1,8 @@
 r"""One BOND iteration split into sampling (the rollout) and training (the update).
 
   python -m experiments.benchmarks.bond_iteration                     # tiny Llama on CPU
+  python -m experiments.benchmarks.bond_iteration --num_anchor=8 --prompt_len=128 \
+      --new_tokens=64 --out=bond_iteration_p128  # prompts shared: the sampler's prefill, the rows
   python -m experiments.benchmarks.bond_iteration --preset=llama_1b --batch=2 --prompt_len=128 \
       --new_tokens=128 --remat --attention_impl=auto --out=bond_iteration_llama_1b  # accelerator
 
@@ -17,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from align_jax import sharding
 from experiments.benchmarks import harness, report, roofline
 
 
@@ -26,6 +29,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=4, help="prompts per iteration")
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--new_tokens", type=int, default=32)
+  p.add_argument("--num_anchor", type=int, default=16, help="anchor samples per prompt")
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--remat", action="store_true")
   p.add_argument("--attention_impl", default=None, help="xla | cudnn | auto (model default: xla)")
@@ -35,6 +39,7 @@ def main(argv=None):
   cfg = harness.run_config("bond")
   cfg.sampling.max_new_tokens = args.new_tokens
   cfg.data.batch_size = args.batch
+  cfg.rollout.num_anchor = args.num_anchor
   model_cfg = harness.model_config(
     args.preset, remat=args.remat or None, attention_impl=args.attention_impl
   )
@@ -64,14 +69,12 @@ def main(argv=None):
 
   B, K, L = batch["tokens_BxKxL"].shape
   P, N = args.prompt_len, args.new_tokens
-  update_flops = roofline.train_step_flops(model_cfg, B * K, L, frozen_forwards=0)
-  # The rollout's model FLOPs: prefill + N decode steps of every sample, and one reference
-  # forward over all samples (anchor = reference: its log-probs are the reference's).
-  sample_flops = (
-    roofline.forward_flops(model_cfg, B * K, P, P + N)
-    + sum(roofline.forward_flops(model_cfg, B * K, 1, P + N) for _ in range(N))
-    + roofline.forward_flops(model_cfg, B * K, L)
-  )
+  # FLOPs: every matmul of the traced programs (the decode loop N times, its longest), as run:
+  # one prefill per prompt, the prompt's samples scored in one shared row.
+  with jax.set_mesh(s.mesh), sharding.use_rules(s.table):
+    rollout_jaxpr = jax.make_jaxpr(make_batch)(s.state, prompts, index, s.ref_params)
+  sample_flops = roofline.jaxpr_matmul_flops(rollout_jaxpr, while_trips=N)
+  update_flops = roofline.jaxpr_matmul_flops(harness.step_jaxpr(s, batch))
   peak = peaks["peak_flops_per_s"]
   rows = [
     {
@@ -79,7 +82,7 @@ def main(argv=None):
       "ms (median)": 1e3 * roll_s,
       "share %": 100 * roll_s / (roll_s + step_s),
       "tokens/s": B * K * N / roll_s,
-      "model GFLOP": sample_flops / 1e9,
+      "matmul GFLOP": sample_flops / 1e9,
       "MFU %": 100 * sample_flops / roll_s / peak,
       "compile_s": compile_roll,
     },
@@ -87,8 +90,8 @@ def main(argv=None):
       "part": "training (update)",
       "ms (median)": 1e3 * step_s,
       "share %": 100 * step_s / (roll_s + step_s),
-      "tokens/s": B * K * L / step_s,
-      "model GFLOP": update_flops / 1e9,
+      "tokens/s": B * (P + K * N) / step_s,
+      "matmul GFLOP": update_flops / 1e9,
       "MFU %": 100 * update_flops / step_s / peak,
       "compile_s": compile_step,
     },
@@ -98,15 +101,14 @@ def main(argv=None):
     f"{model_cfg.attention_impl}); {B} prompts x K = "
     f"{K} samples ({cfg.rollout.num_policy} policy + {cfg.rollout.num_anchor} anchor) of "
     f"{P} prompt + {N} new tokens; sampling tokens/s counts generated tokens, training "
-    "tokens/s all B·K·L tokens of the update.",
-    "Update FLOPs: 3·rows·[2·N·L + 4·n_layers·H·K·L²] (no frozen forward in the update: the "
-    "rollout already computed the reference log-probs). Rollout FLOPs: prefill (P queries "
-    "over P+N cache slots) + N one-token decode steps over P+N slots + one reference forward.",
+    "tokens/s useful tokens, B·(P + K·N) (each prompt once: its samples share its row).",
+    "FLOPs: every matmul of the traced rollout (its two decode loops counted N times each) "
+    "and update, as they run (one prefill per prompt; a prompt's samples in one shared row); "
+    "no reference forward in the update (the rollout computed its log-probs).",
     f"MFU denominator {peak / 1e12:.3f} TFLOP/s: {peaks['peak_source']}.",
     f"peak memory {mem_gib:.2f} GiB ({mem_kind}).",
     f"{args.reps} iterations after one warm-up (compilation) iteration, each followed on a "
-    "CPU by the matmul / bandwidth probe; medians. CPU shared with other work: absolute "
-    "times are noisy.",
+    "CPU by the matmul / bandwidth probe; medians.",
   ]
   print(report.write(args.out, env, rows, notes, {"peaks": peaks, "iteration_times_s": times}))
 

@@ -122,7 +122,7 @@ def main(argv=None):
     "queries over P + 1 keys.",
     "On a CPU a tiny model's parameters and cache sit largely in cache memory, so the DRAM "
     "roofline is loose there; the figure that matters is the accelerator run (README).",
-    f"{args.reps} repetitions after compilation, medians; CPU shared with other work.",
+    f"{args.reps} repetitions after compilation, medians.",
   ]
   print(report.write(args.out, env, rows, notes, {"peaks": peaks, "param_bytes": param_bytes}))
 
