@@ -153,8 +153,9 @@ def base() -> mlc.ConfigDict:
       num_examples=4096,  # Testbed datasets: records generated; file prompts: read.
       precompute_ref=False,  # Reference log-probs once per dataset, cached in the workdir.
       # An example's K responses in one row [prompt | r1 | … | rK] (block-causal attention,
-      # align_jax/logps.py): the prompt is computed once; the same log-probs.
-      share_prompt=True,
+      # align_jax/logps.py): the prompt is computed once; the same log-probs. auto: where it
+      # saves work, prompts of >= 16 tokens; on; off.
+      share_prompt="auto",
       # BCO's underlying-distribution matching: undesirable examples weighted by the clipped
       # density ratio p̂/(1−p̂) of a prompt classifier (align_jax/data/udm.py).
       udm=False,
@@ -281,6 +282,7 @@ CHECKS = (
   ("data.num_samples", *whole(1)),
   ("data.max_len", *whole(0)),
   ("data.prompt_len", *whole(0)),
+  ("data.share_prompt", lambda v: v in ("auto", "on", "off"), "auto, on or off"),
   ("data.udm_per_class", *whole(1)),
   ("data.udm_min_ratio", *POSITIVE),
   ("data.udm_max_ratio", *POSITIVE),

@@ -162,3 +162,33 @@ def test_a_shared_prompt_step_is_the_unshared_step():
   for key in ("loss", "grad_norm", "objective/margin", "objective/reward_chosen"):
     np.testing.assert_allclose(m_shared[key], m_plain[key], rtol=1e-5, err_msg=key)
   _rel_close(s_shared.params, s_plain.params, 1e-5)
+
+
+def test_which_runs_share_their_prompts():
+  """auto shares prompts of >= 16 tokens, on any, off none; records whose K rows differ before
+  their responses, reward models and whole distributions are never shared."""
+  from align_jax.data import records
+
+  cfg = mlc.ConfigDict(
+    {"data": {"share_prompt": "auto"}, "rollout": {"num_policy": 2, "num_anchor": 0}}
+  )
+  dpo, bt, gkd = objectives.get("dpo"), objectives.get("bt_reward"), objectives.get("gkd")
+  tokens = np.tile(np.arange(40, dtype=np.int32), (3, 2, 1))
+  mask = np.zeros((3, 2, 40), np.float32)
+  mask[0, :, 20:], mask[1, :, 17:30], mask[2, 0, 25:] = 1, 1, 1  # Prompts 20, 17, 25.
+  fixed = {"tokens_KxL": tokens, "loss_mask_KxL": mask}
+  prompts = {"prompt_P": np.zeros((5, 16), np.int32)}
+  assert records.shared_prompt(cfg, dpo, fixed) == 17  # The shortest prompt.
+  assert records.shared_prompt(cfg, dpo, prompts) == 16
+  assert records.shared_prompt(cfg, bt, fixed) == records.shared_prompt(cfg, gkd, prompts) == 0
+  short = {"prompt_P": np.zeros((5, 3), np.int32)}
+  assert records.shared_prompt(cfg, dpo, short) == 0
+  cfg.data.share_prompt = "on"
+  assert records.shared_prompt(cfg, dpo, short) == 3
+  cfg.rollout.num_policy = 1  # One sample per prompt: nothing to share.
+  assert records.shared_prompt(cfg, dpo, short) == 0
+  different = {**fixed, "tokens_KxL": tokens.copy()}
+  different["tokens_KxL"][1, 1, 5] += 1  # Record 1's second row has another prompt.
+  assert records.shared_prompt(cfg, dpo, different) == 0
+  cfg.data.share_prompt = "off"
+  assert records.shared_prompt(cfg, dpo, fixed) == 0

@@ -6,6 +6,7 @@ the model's own samples beside negatives (D2O), BCO's density-ratio weights (UDM
 log-probs computed once per dataset (`data.precompute_ref`).
 """
 
+import math
 import os
 
 import numpy as np
@@ -19,6 +20,7 @@ from align_jax.models import hf
 from align_jax.testbed import base as testbed_base
 from align_jax.testbed import target, task
 
+SHARE_MIN_PROMPT = 16  # data.share_prompt=auto shares prompts of at least this many tokens.
 HELD_OUT_SEED = 7919  # Added to the run's seed to draw data.eval_fraction's held-out records.
 # Record fields that become batch fields (others, e.g. testbed indices, stay on the host).
 BATCH_FIELDS = (
@@ -199,13 +201,15 @@ def shared_prompt(cfg, objective, records: dict) -> int:
   On-policy batches are [prompt P | response] rows: P. Fixed records: the shortest prompt (the
   positions before a record's first scored token), provided each record's K rows agree there
   (else one logged line, and rows unshared). Reward models' scores and whole next-token
-  distributions stay unshared.
+  distributions stay unshared. `auto` shares prompts of at least SHARE_MIN_PROMPT tokens: a
+  shorter prompt saves less than the shared row costs (its gathers, and a larger program to
+  compile: +25 % start-up for the testbed's 3-token prompts).
   """
-  if not cfg.data.share_prompt or objective.scores or objective.granularity == "distribution":
+  if objective.scores or objective.granularity == "distribution":
     return 0
   if "prompt_P" in records:  # The rollout's rows: each prompt with its samples.
     samples = cfg.rollout.num_policy + cfg.rollout.num_anchor
-    return records["prompt_P"].shape[-1] if samples > 1 else 0
+    return prompt_shared(cfg, records["prompt_P"].shape[-1]) if samples > 1 else 0
   tokens_NxKxL, mask_NxKxL = records["tokens_KxL"], records["loss_mask_KxL"] > 0
   if tokens_NxKxL.shape[1] < 2:
     return 0
@@ -222,7 +226,14 @@ def shared_prompt(cfg, objective, records: dict) -> int:
     )
     return 0
   real_N = scored_NxK.any(axis=-1)
-  return int(start_N[real_N].min()) if real_N.any() else 0
+  return prompt_shared(cfg, int(start_N[real_N].min()) if real_N.any() else 0)
+
+
+def prompt_shared(cfg, prompt_len: int) -> int:
+  """`prompt_len` if data.share_prompt shares a prompt that long (on: any; auto: at least
+  SHARE_MIN_PROMPT tokens), else 0."""
+  least = {"on": 1, "auto": SHARE_MIN_PROMPT, "off": math.inf}[cfg.data.share_prompt]
+  return prompt_len if prompt_len >= least else 0
 
 
 def sampling_config(cfg, file_data) -> sampling.SamplingConfig:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import models, objectives, rollout, sampling, sharding, step
-from align_jax.data import pipeline
+from align_jax.data import pipeline, records
 from experiments.benchmarks.report import ROOT
 
 # The CPU benchmark model: a 2-layer Llama (GQA, SwiGLU, RoPE, untied embeddings), 2.5M
@@ -145,7 +145,7 @@ def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0):
       loss_cfg=cfg.loss.to_dict(),
       tx=tx,
       lr_fn=step.learning_rate(optim),
-      shared_prompt=shared_prompt if cfg.data.share_prompt else 0,
+      shared_prompt=records.prompt_shared(cfg, shared_prompt),
     ),
   )
 
@@ -213,7 +213,7 @@ def build_rollout(s: Step, batch_size: int, prompt_len: int):
     num_anchor=cfg.rollout.num_anchor,
     anchor_is_ref=True,
     score_fn=_rule_score,
-    shared_prompt=prompt_len if cfg.data.share_prompt else 0,
+    shared_prompt=records.prompt_shared(cfg, prompt_len),
   )
   with jax.set_mesh(s.mesh), sharding.use_rules(s.table):
     shapes = jax.eval_shape(
