@@ -26,9 +26,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 
 import numpy as np
 
+from align_jax.data import records
 from experiments.benchmarks import harness, report
 from experiments.benchmarks.peer_workers import protocol
 
@@ -130,6 +132,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8, help="preference pairs per step")
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--response_len", type=int, default=96)
+  p.add_argument("--share_prompt", default="auto", help="align_jax's data.share_prompt")
   p.add_argument("--steps", type=int, default=3, help="updates per timed chunk")
   p.add_argument("--reps", type=int, default=9, help="timed chunks per framework")
   p.add_argument("--warmup", type=int, default=3, help="untimed updates first")
@@ -172,6 +175,7 @@ def main(argv=None):
     warmup=args.warmup,
     lr=1e-3,
     model=model,
+    share_prompt=args.share_prompt,
   )
   env = report.environment()
   log_dir = tempfile.mkdtemp(prefix="align_jax_peers_")
@@ -196,10 +200,13 @@ def main(argv=None):
     w.close()
 
   L = args.prompt_len + args.response_len
+  share = types.SimpleNamespace(data=types.SimpleNamespace(share_prompt=args.share_prompt))
+  shared = records.prompt_shared(share, args.prompt_len) > 0
   tokens_per_chunk = args.batch * (args.prompt_len + 2 * args.response_len) * args.steps
   tps = {w.name: tokens_per_chunk / float(np.median(w.seconds)) for w in workers}
   label = {
-    "align_jax": f"align_jax (jax {env['jax']})",
+    "align_jax": f"align_jax (jax {env['jax']}; pairs in "
+    + ("one shared-prompt row)" if shared else "two rows)"),
     "tunix": f"tunix {versions['tunix']['google-tunix']} (jax {versions['tunix']['jax']})",
     "trl": f"trl {versions['trl']['trl']} (torch {versions['trl']['torch']})",
   }

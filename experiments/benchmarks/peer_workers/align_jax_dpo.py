@@ -17,6 +17,7 @@ def main():
   data = protocol.pairs(s)
   cfg = harness.run_config("dpo")
   cfg.optim.lr = s["lr"]
+  cfg.data.share_prompt = s.get("share_prompt", "auto")
   model_cfg = harness.model_config("tiny_llama", **s["model"])
   B, P = data["prompt"].shape
   st = harness.build_step(cfg, model_cfg, shared_prompt=P)  # Pairs share their prompt's row.
