@@ -3,12 +3,16 @@
 `results/<name>.json` holds everything; `results/<name>.md` a table of the same rows with the
 environment (device, versions, date, commit, load) above it.
 
-The host's load average is recorded before and after each run. A run on a CPU device whose load
-average, start or end, was above `MAX_LOAD_PER_CORE` × cores (1.5 on a 2-core machine) is not a
-result: other work on the machine shared its cores, and contention changes the frameworks'
-timings unequally (torch's threads suffer most). Its files are still written, flagged on their
-first line and with "valid": false, and `write` exits with status 3, so that a flagged figure is
-never mistaken for one.
+The host's load is recorded around each run: the load average at the start and at the end, and
+the CPU time other processes took during the run (the host's busy time minus this process's and
+its children's, in cores). A CPU run is not a result when the load average at the start was
+above `MAX_LOAD_PER_CORE` × cores (1.5 on a 2-core machine) or other processes took more than
+`MAX_OTHERS_PER_CORE` × cores (0.5 on 2 cores) during it: other work shared its cores, and
+contention changes the frameworks' timings unequally (torch's threads suffer most). (The load
+average at the end counts the run's own processes, which keep the cores busy by design, so it is
+recorded, not judged.) A flagged run's files are still written, flagged on their first line and
+with "valid": false, and `write` exits with status 3, so that a flagged figure is never mistaken
+for one.
 """
 
 import datetime
@@ -18,10 +22,13 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 
 import jax
 
 MAX_LOAD_PER_CORE = 0.75
+MAX_OTHERS_PER_CORE = 0.25
+_START = {}  # The host's and this process tree's CPU seconds when `environment` was called.
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,11 +61,24 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _cpu_seconds() -> tuple[float, float, float]:
+  """(wall clock, the host's busy CPU seconds, this process's and its reaped children's)."""
+  with open("/proc/stat") as f:
+    user, nice, system, _, _, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+  busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+  ours = sum(
+    r.ru_utime + r.ru_stime
+    for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  )
+  return time.time(), busy, ours
+
+
 def environment() -> dict:
   """Device, versions, date, commit, command and host load of this run."""
   import flax
   import jaxlib
 
+  _START["cpu"] = _cpu_seconds()
   device = jax.devices()[0]
   return {
     "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
@@ -83,13 +103,14 @@ def loaded(env: dict) -> str:
   """Why a CPU run's timings are not a result ('' when they are): the load average it saw."""
   if "(cpu)" not in env["device"]:
     return ""
-  worst = max(env["load_average_at_start"], env.get("load_average_at_end", 0.0))
-  if worst <= load_limit():
+  cores, others = os.cpu_count() or 1, env.get("other_processes_cores", 0.0)
+  if env["load_average_at_start"] > load_limit():
+    why = f"load average {env['load_average_at_start']:.2f} at the start, above {load_limit():.2f}"
+  elif others > MAX_OTHERS_PER_CORE * cores:
+    why = f"other processes used {others:.2f} cores during it, above {MAX_OTHERS_PER_CORE * cores}"
+  else:
     return ""
-  return (
-    f"NOT A RESULT: load average {worst:.2f} during the run, above {load_limit():.2f} on "
-    f"{os.cpu_count()} cores; rerun on an idle machine"
-  )
+  return f"NOT A RESULT: {why} on {cores} cores; rerun on an idle machine"
 
 
 def peak_memory() -> tuple[float, str]:
@@ -120,6 +141,9 @@ def write(
   status 3 after writing a flagged run."""
   os.makedirs(results_dir, exist_ok=True)
   env = {**env, "load_average_at_end": os.getloadavg()[0]}
+  if "cpu" in _START:  # Other processes' CPU use over the run, in cores.
+    (t0, busy0, ours0), (t1, busy1, ours1) = _START["cpu"], _cpu_seconds()
+    env["other_processes_cores"] = max(busy1 - busy0 - (ours1 - ours0), 0.0) / (t1 - t0)
   flag = loaded(env)
   with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
     record = {"valid": not flag, "environment": env, "rows": rows, "notes": notes}
