@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import models, objectives, rollout, sampling, sharding, step
-from align_jax.data import pipeline, records
+from align_jax.data import pipeline
+from align_jax.data import records as run_records
 from experiments.benchmarks.report import ROOT
 
 # The CPU benchmark model: a 2-layer Llama (GQA, SwiGLU, RoPE, untied embeddings), 2.5M
@@ -114,7 +115,8 @@ class Step:
 
   def device_batch(self, host_batch: dict) -> dict:
     """train.py's one host -> device copy of an offline batch."""
-    return pipeline.to_global({k: host_batch[k] for k in self.fields}, self.mesh)
+    with sharding.use_rules(self.table):  # Rows over the act_batch rule's axes.
+      return pipeline.to_global({k: host_batch[k] for k in self.fields}, self.mesh)
 
   def update(self, batch: dict) -> dict:
     """One update on a device batch; returns the device metrics."""
@@ -145,7 +147,7 @@ def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0):
       loss_cfg=cfg.loss.to_dict(),
       tx=tx,
       lr_fn=step.learning_rate(optim),
-      shared_prompt=records.prompt_shared(cfg, shared_prompt),
+      shared_prompt=run_records.prompt_shared(cfg, shared_prompt),
     ),
   )
 
@@ -213,7 +215,7 @@ def build_rollout(s: Step, batch_size: int, prompt_len: int):
     num_anchor=cfg.rollout.num_anchor,
     anchor_is_ref=True,
     score_fn=_rule_score,
-    shared_prompt=records.prompt_shared(cfg, prompt_len),
+    shared_prompt=run_records.prompt_shared(cfg, prompt_len),
   )
   with jax.set_mesh(s.mesh), sharding.use_rules(s.table):
     shapes = jax.eval_shape(
