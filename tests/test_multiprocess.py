@@ -16,7 +16,7 @@ import numpy as np
 from align_jax import train
 from conftest import ROOT, load_config, read_jsonl, subprocess_env
 
-STEPS = 20  # Long enough that a SIGTERM sent after step 2 always lands mid-run.
+STEPS = 12  # Long enough that a SIGTERM sent after step 2 always lands mid-run.
 ARGS = (
   f"--config={ROOT}/configs/dpo.py:smoke",
   f"--config.total_steps={STEPS}",
