@@ -42,12 +42,20 @@ def token_logps(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
   """log π(tokens[t] | tokens[<t]) for t = 1..L-1, float32 [R, L-1]; in chunks of
   `model.logits_chunk` positions when L - 1 is longer (module docstring)."""
   model = nnx.merge(graphdef, params)
-  chunk, T = model.cfg.logits_chunk, tokens_RxL.shape[1] - 1
-  if not chunk or T <= chunk:
+  if not model.cfg.logits_chunk or tokens_RxL.shape[1] - 1 <= model.cfg.logits_chunk:
     logits_RxLxV, _ = model(tokens_RxL)
     return _picked(logits_RxLxV[:, :-1], tokens_RxL[:, 1:])
   x_RxLxD, _ = model.hidden(tokens_RxL)
-  return chunked_token_logps(model.cfg, x_RxLxD[:, :-1], model.unembed_weight(), tokens_RxL[:, 1:])
+  return _hidden_logps(model, x_RxLxD[:, :-1], tokens_RxL[:, 1:])
+
+
+def _hidden_logps(model, x_RxTxD: jax.Array, target_RxT: jax.Array) -> jax.Array:
+  """log softmax(softcap(x·W))[target] from final hidden states, in chunks of
+  `model.logits_chunk` positions when T is longer."""
+  w_DxV, chunk = model.unembed_weight(), model.cfg.logits_chunk
+  if chunk and x_RxTxD.shape[1] > chunk:
+    return chunked_token_logps(model.cfg, x_RxTxD, w_DxV, target_RxT)
+  return _picked(models.unembed(model.cfg, x_RxTxD, w_DxV), target_RxT)
 
 
 def _picked(logits_RxTxV: jax.Array, target_RxT: jax.Array) -> jax.Array:
@@ -155,14 +163,10 @@ def shared_token_logps_BxK(
     jnp.pad(row_BxS[:, L + k * W + 1 : L + (k + 1) * W], ((0, 0), (0, 1))) for k in range(K - 1)
   ]
   next_BxS = jnp.concatenate([row_BxS[:, 1:L], jnp.zeros((B, 1), row_BxS.dtype), *blocks], axis=1)
-  w_DxV = model.unembed_weight()
-  if model.cfg.logits_chunk and row_BxS.shape[1] > model.cfg.logits_chunk:
-    logp_BxS = chunked_token_logps(model.cfg, x_BxSxD, w_DxV, next_BxS)
-  else:
-    logp_BxS = _picked(models.unembed(model.cfg, x_BxSxD, w_DxV), next_BxS)
+  logp_BxS = _hidden_logps(model, x_BxSxD, next_BxS)
   # The prompt's last slot predicts every response's first token.
   end_Bx1xD = jnp.take_along_axis(x_BxSxD, (start_B - 1)[:, None, None], axis=1)
-  logits_Bx1xV = models.unembed(model.cfg, end_Bx1xD, w_DxV)
+  logits_Bx1xV = models.unembed(model.cfg, end_Bx1xD, model.unembed_weight())
   first_BxK = jnp.take_along_axis(tokens_BxKxL, start_B[:, None, None], axis=2)[..., 0]
   first_BxK = _picked(jnp.broadcast_to(logits_Bx1xV, (B, K, logits_Bx1xV.shape[-1])), first_BxK)
   # Entry (k, t) of the unshared layout: the first row's slot t (the prompt, and response 1),

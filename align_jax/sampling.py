@@ -111,6 +111,34 @@ def _shard_cache(cache: list[dict] | dict) -> list[dict] | dict:
   return jax.tree.map(lambda x: shard(x, (None,) * (x.ndim - 4) + names), cache)
 
 
+def _prefill(graphdef, params, prompts_BxP, prompt_mask_BxP, N: int, samples: int):
+  """One forward over each prompt into a KV cache of P + N slots, then each prompt's cache, last
+  logits, next position and key mask repeated for its `samples` rows (rows b·n .. b·n + n − 1):
+  (cache, logits_RxV, next_position_R, kv_mask_RxS or None)."""
+  B, P = prompts_BxP.shape
+  if prompt_mask_BxP is None:
+    positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    next_position_B = jnp.full((B,), P, jnp.int32)
+    kv_mask_BxS = None
+  else:
+    real_BxP = prompt_mask_BxP.astype(bool)
+    count_BxP = jnp.cumsum(real_BxP, axis=1, dtype=jnp.int32)
+    positions_BxP = jnp.maximum(count_BxP - 1, 0)
+    next_position_B = count_BxP[:, -1]
+    kv_mask_BxS = jnp.concatenate([real_BxP, jnp.ones((B, N), bool)], axis=1)
+  model = nnx.merge(graphdef, params)
+  cache = _shard_cache(models.init_cache(model.cfg, B, P + N))
+  # The prefill needs the logits of the prompt's last position only (not [B, P, V]).
+  x_BxPxD, cache = model.hidden(
+    prompts_BxP, positions_BxP, cache=cache, cache_index=0, kv_mask_RxS=kv_mask_BxS
+  )
+  logits_BxV = models.unembed(model.cfg, x_BxPxD[:, -1:], model.unembed_weight())[:, 0]
+  repeat = functools.partial(jnp.repeat, repeats=samples, total_repeat_length=B * samples)
+  cache = _shard_cache(jax.tree.map(lambda x: repeat(x, axis=x.ndim - 4), cache))
+  kv_mask_RxS = None if kv_mask_BxS is None else repeat(kv_mask_BxS, axis=0)
+  return cache, repeat(logits_BxV, axis=0), repeat(next_position_B, axis=0), kv_mask_RxS
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "samples"))
 def sample(
   graphdef,
@@ -148,33 +176,13 @@ def sample(
       of `logps.token_logps` (the rollout's sample_token_logp_BxKxT uses that layout).
     "mask_RxN": float32, 1 for generated tokens up to and including the first EOS, 0 after.
   """
-  B, P = prompts_RxP.shape  # B prompts; R = n·B rows out.
-  N, R = cfg.max_new_tokens, B * samples
-  prompts_BxP = prompts_RxP.astype(jnp.int32)
-  if prompt_mask_RxP is None:
-    positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    next_position_B = jnp.full((B,), P, jnp.int32)
-    kv_mask_BxS = None
-  else:
-    real_BxP = prompt_mask_RxP.astype(bool)
-    count_BxP = jnp.cumsum(real_BxP, axis=1, dtype=jnp.int32)
-    positions_BxP = jnp.maximum(count_BxP - 1, 0)
-    next_position_B = count_BxP[:, -1]
-    kv_mask_BxS = jnp.concatenate([real_BxP, jnp.ones((B, N), bool)], axis=1)
-
-  model = nnx.merge(graphdef, params)
-  cache = _shard_cache(models.init_cache(model.cfg, B, P + N))
-  # The prefill needs the logits of the prompt's last position only (not [B, P, V]).
-  x_BxPxD, cache = model.hidden(
-    prompts_BxP, positions_BxP, cache=cache, cache_index=0, kv_mask_RxS=kv_mask_BxS
+  P, N = prompts_RxP.shape[1], cfg.max_new_tokens
+  prompts_BxP = prompts_RxP.astype(jnp.int32)  # B prompts; R = n·B rows out.
+  cache, logits_RxV, next_position_R, kv_mask_RxS = _prefill(
+    graphdef, params, prompts_BxP, prompt_mask_RxP, N, samples
   )
-  logits_BxV = models.unembed(model.cfg, x_BxPxD[:, -1:], model.unembed_weight())[:, 0]
-  # One prefill per prompt, its n rows' caches and first logits repeated (rows b·n .. b·n + n − 1).
-  repeat = functools.partial(jnp.repeat, repeats=samples, total_repeat_length=R)
-  cache = _shard_cache(jax.tree.map(lambda x: repeat(x, axis=x.ndim - 4), cache))
-  logits_RxV, next_position_R = repeat(logits_BxV, axis=0), repeat(next_position_B, axis=0)
-  kv_mask_RxS = None if kv_mask_BxS is None else repeat(kv_mask_BxS, axis=0)
-  prompts_RxP = repeat(prompts_BxP, axis=0)
+  prompts_RxP = jnp.repeat(prompts_BxP, samples, axis=0)
+  R = prompts_RxP.shape[0]
 
   def step(carry):
     i, cache, logits_RxV, tokens_RxN, logp_RxN, mask_RxN, done_R = carry
