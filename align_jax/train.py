@@ -305,6 +305,8 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
       cfg, state, state_shardings, batch_shapes, batch_shardings, rows
     )
   shared = records.shared_prompt(cfg, parts.objective, parts.data)
+  if shared:
+    logging.info("data.share_prompt: each example's responses share one row after its prompt")
   update = jit_update(cfg, parts.objective, model, mesh, state_shardings, batch_shardings, shared)
 
   def step_fn(state, host_batch, s):

@@ -3,6 +3,7 @@
 family, with scanned layers, chunked log-probs and attention, under LoRA, and through the step."""
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +193,25 @@ def test_which_runs_share_their_prompts():
   assert records.shared_prompt(cfg, dpo, different) == 0
   cfg.data.share_prompt = "off"
   assert records.shared_prompt(cfg, dpo, fixed) == 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "bond"])
+def test_a_run_with_shared_prompts_trains_as_the_unshared_run(tmp_path, name, caplog):
+  """`--config.data.share_prompt=on` through train.run (what `align_jax.main` calls): the same
+  losses as `off`, offline (pairs) and on-policy (a prompt's 2 + 16 samples in one row)."""
+  from align_jax import train
+  from conftest import load_config, read_jsonl
+
+  losses = {}
+  for mode in ("on", "off"):
+    cfg = load_config(name, "smoke")
+    with cfg.unlocked():
+      cfg.data.share_prompt, cfg.mesh.shape = mode, (1, 1, 1)
+      cfg.total_steps, cfg.log_every, cfg.testbed.exact_eval = 3, 1, False
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="absl"):
+      train.run(cfg, str(tmp_path / mode))
+    assert ("share one row" in caplog.text) == (mode == "on")  # The run did (not) share.
+    losses[mode] = [r["loss"] for r in read_jsonl(tmp_path / mode / "metrics.jsonl") if "loss" in r]
+  assert len(losses["off"]) == 3 and len(set(losses["off"])) == 3
+  np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-5, atol=1e-6)
