@@ -156,6 +156,11 @@ def base() -> mlc.ConfigDict:
       # align_jax/logps.py): the prompt is computed once; the same log-probs. auto: where it
       # saves work, prompts of >= 16 tokens; on; off.
       share_prompt="auto",
+      # Fixed records packed several to a row of pack_len token slots, with segment ids (Grain's
+      # best-fit packer; align_jax/data/packing.py): data.batch_size then counts rows, each of at
+      # most pack_records records. 0: one record per row, padded to data.max_len.
+      pack_len=0,
+      pack_records=8,
       # BCO's underlying-distribution matching: undesirable examples weighted by the clipped
       # density ratio p̂/(1−p̂) of a prompt classifier (align_jax/data/udm.py).
       udm=False,
@@ -283,6 +288,8 @@ CHECKS = (
   ("data.max_len", *whole(0)),
   ("data.prompt_len", *whole(0)),
   ("data.share_prompt", lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+  ("data.pack_len", *whole(0)),
+  ("data.pack_records", *whole(1)),
   ("data.udm_per_class", *whole(1)),
   ("data.udm_min_ratio", *POSITIVE),
   ("data.udm_max_ratio", *POSITIVE),

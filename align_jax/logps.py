@@ -32,6 +32,17 @@ from align_jax import models
 from align_jax.sharding import shard
 
 
+# A packed batch's rows (R of S slots; align_jax/data/packing.py) and each record's gather index.
+PACKED = (
+  "pack_tokens_BxS",
+  "pack_positions_BxS",
+  "pack_segment_BxS",
+  "pack_branch_BxS",
+  "pack_prev_BxS",
+  "pack_index_BxKxT",
+)
+
+
 def next_token_logprobs(graphdef, params, tokens_RxL: jax.Array) -> jax.Array:
   """log π(· | tokens[≤t]) for every position t: float32 [R, L, V]."""
   logits_RxLxV, _ = models.apply(graphdef, params, tokens_RxL)
@@ -88,7 +99,12 @@ def chunked_token_logps(
 
 
 def token_logps_BxK(
-  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array, shared_prompt: int = 0
+  graphdef,
+  params,
+  tokens_BxKxL: jax.Array,
+  loss_mask_BxKxL: jax.Array,
+  shared_prompt: int = 0,
+  packed: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-token log-probs of every response and the mask of the scored ones.
 
@@ -99,6 +115,8 @@ def token_logps_BxK(
     loss_mask_BxKxL: 1 where token t is scored (see the module docstring).
     shared_prompt: 0, or a lower bound on every example's prompt length: its K responses are
       then scored in one shared-prompt row (`shared_token_logps_BxK`; the same values).
+    packed: the batch's packed rows (`PACKED` fields), which hold these records:
+      the model runs on them instead (`packed_token_logps_BxK`; the same values).
 
   Returns:
     logp_BxKxT: float32, T = L - 1; position t is log π(tokens[t + 1] | tokens[≤t]), whatever
@@ -106,7 +124,9 @@ def token_logps_BxK(
     mask_BxKxT: `loss_mask_BxKxL[..., 1:]` in the dtype of logp_BxKxT.
   """
   B, K, L = tokens_BxKxL.shape
-  if shared_prompt and K > 1:
+  if packed:
+    logp_BxKxT = packed_token_logps_BxK(graphdef, params, packed, K)
+  elif shared_prompt and K > 1:
     logp_BxKxT = shared_token_logps_BxK(
       graphdef, params, tokens_BxKxL, loss_mask_BxKxL, shared_prompt
     )
@@ -180,6 +200,23 @@ def shared_token_logps_BxK(
   return jnp.where(at_end_BxKxT, first_BxK[..., None], logp_BxKxT)
 
 
+def packed_token_logps_BxK(graphdef, params, packed: dict, K: int) -> jax.Array:
+  """`token_logps_BxK`'s log-probs [B, K, T] of records packed in rows (align_jax/data/packing.py):
+  the model runs once over the rows (attention within a record and its branch, `models.Segments`),
+  each slot's token is scored from its predecessor's hidden state (`pack_prev_BxS`: the previous
+  slot, or for a response's first token the shared prompt's last), and `pack_index_BxKxT` gathers
+  record b's entries from its row, b // (B / R). Unscored entries are arbitrary."""
+  tokens_RxS, index_BxKxT = packed["pack_tokens_BxS"], packed["pack_index_BxKxT"]
+  R, (B, _, T) = tokens_RxS.shape[0], index_BxKxT.shape
+  layout = models.Segments(packed["pack_segment_BxS"], packed["pack_branch_BxS"])
+  model = nnx.merge(graphdef, params)
+  x_RxSxD, _ = model.hidden(tokens_RxS, packed["pack_positions_BxS"], kv_mask_RxS=layout)
+  prev_RxSxD = jnp.take_along_axis(x_RxSxD, packed["pack_prev_BxS"][..., None], axis=1)
+  logp_RxS = _hidden_logps(model, prev_RxSxD, tokens_RxS)
+  logp_RxN = jnp.take_along_axis(logp_RxS, index_BxKxT.reshape(R, -1), axis=1)
+  return logp_RxN.reshape(B, K, T)
+
+
 def next_token_logprobs_BxK(graphdef, params, tokens_BxKxL: jax.Array) -> jax.Array:
   """The whole next-token distribution at every scored position: float32 [B, K, T, V], T = L - 1;
   position t is log π(· | tokens[≤t]), the layout of `token_logps_BxK` (whose entries are these
@@ -195,12 +232,17 @@ def sum_tokens(logp_BxKxT: jax.Array, mask_BxKxT: jax.Array) -> jax.Array:
 
 
 def sequence_logps(
-  graphdef, params, tokens_BxKxL: jax.Array, loss_mask_BxKxL: jax.Array, shared_prompt: int = 0
+  graphdef,
+  params,
+  tokens_BxKxL: jax.Array,
+  loss_mask_BxKxL: jax.Array,
+  shared_prompt: int = 0,
+  packed: dict | None = None,
 ) -> jax.Array:
   """Σ_t mask[t] · log π(tokens[t] | tokens[<t]) per response: float32 [B, K]
-  (`shared_prompt` as in `token_logps_BxK`)."""
+  (`shared_prompt` and `packed` as in `token_logps_BxK`)."""
   return sum_tokens(
-    *token_logps_BxK(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, shared_prompt)
+    *token_logps_BxK(graphdef, params, tokens_BxKxL, loss_mask_BxKxL, shared_prompt, packed)
   )
 
 

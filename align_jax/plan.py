@@ -340,24 +340,40 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
     batch = checkpoint.abstract_like(batch_shapes, batch_shardings)
   else:
     shapes = records.record_shapes(cfg, objective.data, objective.needs_ref)
+    shapes["example_mask"] = ((), jnp.float32)
+    if d.pack_len:  # data.batch_size rows of pack_len slots, pack_records record slots each.
+      K, L = shapes["tokens_KxL"][0]
+      rows = ("tokens", "positions", "segment", "branch", "prev")
+      shapes |= {f"pack_{name}_S": ((d.pack_len,), jnp.int32) for name in rows}
+      shapes["pack_index_KxT"] = ((K, L - 1), jnp.int32)
+    per_row = d.pack_records if d.pack_len else 1
+
+    def count(k):  # Packed rows: data.batch_size of them; record slots: per_row a row.
+      return d.batch_size if k.startswith("pack_") and k.endswith("_S") else d.batch_size * per_row
+
     batch = {
       pipeline.batch_key(k): jax.ShapeDtypeStruct(
-        (d.batch_size, *shape), dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape))
+        (count(k), *shape), dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape))
       )
       for k, (shape, dtype) in shapes.items()
     }
-    batch["example_mask_B"] = jax.ShapeDtypeStruct(
-      (d.batch_size,), jnp.float32, sharding=sharding.batch_sharding(mesh, 1)
-    )
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
 
-  # Rollout rows share their prompt (P); fixed records' prompt lengths are the data's, unknown here.
+  # Rollout rows share their prompt (P); fixed records' prompt lengths are the data's, unknown here
+  # (packed rows share theirs in their own layout).
   shared = records.shared_prompt(cfg, objective, {"prompt_P": prompts[0]}) if on_policy else 0
   update = train.jit_update(cfg, objective, model, mesh, state_shardings, batch_shardings, shared)
   update_report, _ = _compile("update", update, (state, batch, model.ref_params))
   B, K, L = batch["tokens_BxKxL"].shape
+  rows, length = batch["pack_tokens_BxS"].shape if d.pack_len and not on_policy else (B * K, L)
   update_report["estimate"] = _update_estimate(
-    model_cfg, chip, chips, update_report, rows=B * K, length=L, frozen=_frozen(objective, batch)
+    model_cfg,
+    chip,
+    chips,
+    update_report,
+    rows=rows,
+    length=length,
+    frozen=_frozen(objective, batch),
   )
   functions.append(update_report)
   return _summary(chip, chips, functions, on_policy)

@@ -8,7 +8,7 @@ import optax
 
 from align_jax import objectives as objectives_lib
 from align_jax.logps import agreement, next_token_logprobs_BxK, sequence_logps, sequence_scores
-from align_jax.logps import sum_tokens, token_logps_BxK
+from align_jax.logps import PACKED, sum_tokens, token_logps_BxK
 
 
 @jax.tree_util.register_dataclass
@@ -115,23 +115,29 @@ def train_step(
 
   `shared_prompt` > 0 (a lower bound on every example's prompt length) scores the K responses of
   an example in one shared-prompt row, for the policy and the reference (`logps.token_logps_BxK`):
-  the same log-probs, less work.
+  the same log-probs, less work. A packed batch (`logps.PACKED` fields beside the records' own
+  layout, align_jax/data/packing.py) runs the model on its packed rows instead, for both.
   """
   tokens_BxKxL, mask_BxKxL = batch["tokens_BxKxL"], batch["loss_mask_BxKxL"]
+  packed = {k: batch[k] for k in PACKED if k in batch} or None  # Records packed in rows.
+  if packed and (objective.scores or objective.granularity == "distribution"):
+    raise ValueError(
+      "packed rows give log-probs; a reward model's scores or whole next-token distributions need the records' own rows"
+    )
   if objective.granularity != "sequence":  # Token log-probs [B, K, T] or distributions.
     if objective.scores:
       raise ValueError("a reward model's objective takes its scores [B, K, O], not token log-probs")
     batch = {**batch, "token_mask_BxKxT": mask_BxKxL[..., 1:].astype(jnp.float32)}
     if objective.needs_ref and "ref_token_logp_BxKxT" not in batch:
       ref_BxKxT, ref_mask_BxKxT = jax.lax.stop_gradient(
-        token_logps_BxK(graphdef, ref_params, tokens_BxKxL, mask_BxKxL, shared_prompt)
+        token_logps_BxK(graphdef, ref_params, tokens_BxKxL, mask_BxKxL, shared_prompt, packed)
       )
       batch["ref_token_logp_BxKxT"] = ref_BxKxT
       batch.setdefault("ref_logp_BxK", sum_tokens(ref_BxKxT, ref_mask_BxKxT))  # Keep a cached one.
   else:
     if objective.needs_ref and "ref_logp_BxK" not in batch:
       ref_logp_BxK = jax.lax.stop_gradient(
-        sequence_logps(graphdef, ref_params, tokens_BxKxL, mask_BxKxL, shared_prompt)
+        sequence_logps(graphdef, ref_params, tokens_BxKxL, mask_BxKxL, shared_prompt, packed)
       )
       batch = {**batch, "ref_logp_BxK": ref_logp_BxK}
   w_B = batch["example_mask_B"].astype(jnp.float32)
@@ -145,7 +151,7 @@ def train_step(
       token_logp_BxKxT = picked_BxKxTx1[..., 0]
     elif objective.granularity == "token" or sampled:  # sequence_logps is their masked sum.
       token_logp_BxKxT, token_mask_BxKxT = token_logps_BxK(
-        graphdef, params, tokens_BxKxL, mask_BxKxL, shared_prompt
+        graphdef, params, tokens_BxKxL, mask_BxKxL, shared_prompt, packed
       )
       out = token_logp_BxKxT
       if objective.granularity == "sequence":
@@ -153,7 +159,7 @@ def train_step(
     elif objective.scores:  # Reward models: head outputs [B, K, O].
       out = sequence_scores(graphdef, params, tokens_BxKxL, mask_BxKxL)
     else:  # Sequence log-probs [B, K].
-      out = sequence_logps(graphdef, params, tokens_BxKxL, mask_BxKxL, shared_prompt)
+      out = sequence_logps(graphdef, params, tokens_BxKxL, mask_BxKxL, shared_prompt, packed)
     loss_B, metrics_B, stats = objective.fn(out, batch, state.stats, **loss_cfg)
     metrics = {f"objective/{k}": _weighted_mean(v, w_B) for k, v in metrics_B.items()}
     if sampled:  # The policy's samples of real prompts.
@@ -161,6 +167,10 @@ def train_step(
       on_BxKxT = mask_BxKxL[..., 1:] * (policy_BxK * w_B[:, None])[..., None]
       agree = agreement(token_logp_BxKxT, batch["sample_token_logp_BxKxT"], on_BxKxT)
       metrics |= {f"agreement/{k}": v for k, v in agree.items()}
+    if packed:  # What the packed rows hold.
+      segment_RxS = packed["pack_segment_BxS"]
+      metrics["data/padding_packed"] = jnp.mean((segment_RxS == 0).astype(jnp.float32))
+      metrics["data/records_per_row"] = jnp.sum(w_B) / segment_RxS.shape[0]
     return _weighted_mean(loss_B, w_B), (metrics, stats)
 
   (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

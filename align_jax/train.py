@@ -25,7 +25,7 @@ from absl import logging
 from align_jax import checkpoint, config_lib, metrics, models, objectives, preemption, rewards
 from align_jax import rollout, sharding, step, validate
 from align_jax import workdir as workdir_lib
-from align_jax.data import pipeline, preference, records
+from align_jax.data import packing, pipeline, preference, records
 from align_jax.errors import ConfigError, NonFiniteError
 from align_jax.models import hf, loading, lora, presets
 from align_jax.testbed import base as testbed_base
@@ -78,7 +78,7 @@ def run(cfg, workdir: str, *, allow_config_change: bool = False) -> RunResult:
 def _run(cfg, claimed: workdir_lib.Claim, mesh, table) -> RunResult:
   t_start, is_main, workdir = time.time(), jax.process_index() == 0, claimed.path
   parts, counts = _assemble(cfg, workdir, mesh, table, is_main)
-  data_iter = records.batches(cfg, parts.data)
+  data_iter = records.batches(cfg, parts.data, parts.objective, counts)
   state, state_shardings = _init_state(cfg, parts)
   step_fn, state, state_shardings = _compile(cfg, parts, state, state_shardings)
 
@@ -109,6 +109,21 @@ def _run(cfg, claimed: workdir_lib.Claim, mesh, table) -> RunResult:
   return RunResult(state=state, summary=summary)
 
 
+def _check_packing(cfg, objective) -> None:
+  """data.pack_len packs fixed records whose log-probs the step gathers back (ConfigError else)."""
+  why = None
+  if objective.data == "prompts":
+    why = "its batches are rollouts of prompts, not fixed records"
+  elif objective.scores or objective.granularity == "distribution":
+    why = "it reads each response's own row (scores, or whole next-token distributions)"
+  elif (cfg.rollout.updates_per_batch, cfg.rollout.minibatches) != (1, 1):
+    why = "rollout.updates_per_batch / rollout.minibatches slice a batch's records, not its rows"
+  if why:
+    raise ConfigError(
+      f"data.pack_len={cfg.data.pack_len} does not apply to objective {cfg.objective!r}: {why}"
+    )
+
+
 def _checked(cfg):
   """`cfg` validated, with a Hugging Face init_checkpoint's architecture read from config.json."""
   objective = objectives.get(cfg.objective)
@@ -123,6 +138,8 @@ def _checked(cfg):
       f"lora.rank={cfg.lora.rank}: objective {cfg.objective!r} trains a fresh "
       "scoring head; LoRA adapts policies only (set lora.rank=0)"
     )
+  if cfg.data.pack_len:
+    _check_packing(cfg, objective)
   if cfg.data.udm and cfg.objective != "bco":
     raise ConfigError(f"data.udm is BCO's density-ratio matching; objective is {cfg.objective!r}")
   if not hf.is_hf_dir(cfg.init_checkpoint):
@@ -282,8 +299,11 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
   update, each with explicit shardings. When one rollout feeds several updates the state carries
   the rollout (`TrainState.rollout`), and the host batch is None between rollouts."""
   mesh, model = parts.mesh, parts.model
+  ndims = {k: v.ndim for k, v in parts.data.items()}
+  if cfg.data.pack_len:  # The records' fields, and the rows that hold them.
+    ndims = packing.batch_ndims(parts.data)
   batch_shardings = {
-    pipeline.batch_key(k): sharding.batch_sharding(mesh, v.ndim) for k, v in parts.data.items()
+    pipeline.batch_key(k): sharding.batch_sharding(mesh, ndim) for k, ndim in ndims.items()
   }
   batch_shardings["example_mask_B"] = sharding.batch_sharding(mesh, 1)
   make_batch = reward_params = take = None
@@ -304,7 +324,14 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
     state, state_shardings, take = _rollout_buffer(
       cfg, state, state_shardings, batch_shapes, batch_shardings, rows
     )
-  shared = records.shared_prompt(cfg, parts.objective, parts.data)
+  # Packed rows share prompts in their own layout (align_jax/data/packing.py).
+  shared = 0 if cfg.data.pack_len else records.shared_prompt(cfg, parts.objective, parts.data)
+  if cfg.data.pack_len:
+    logging.info(
+      "data.pack_len: records packed %d to a row of %d slots at most",
+      cfg.data.pack_records,
+      cfg.data.pack_len,
+    )
   if shared:
     logging.info("data.share_prompt: each example's responses share one row after its prompt")
   update = jit_update(cfg, parts.objective, model, mesh, state_shardings, batch_shardings, shared)

@@ -83,7 +83,7 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   """Assembles process-local rows into global arrays sharded over data x fsdp."""
   rows = next(iter(local_batch.values())).shape[0]
   local_batch = {batch_key(k): v for k, v in local_batch.items()}
-  local_batch["example_mask_B"] = np.ones((rows,), np.float32)
+  local_batch.setdefault("example_mask_B", np.ones((rows,), np.float32))  # Packed: its own.
   return {
     k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
     for k, v in local_batch.items()

@@ -14,7 +14,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from align_jax import sampling
-from align_jax.data import corpus, pipeline, preference, prompts, reference, tokenize, udm
+from align_jax.data import corpus, packing, pipeline, preference, prompts, reference, tokenize
+from align_jax.data import udm
 from align_jax.errors import ConfigError
 from align_jax.models import hf
 from align_jax.testbed import base as testbed_base
@@ -315,8 +316,27 @@ def _corpus(cfg, tb, chain_XxY) -> dict:
   return task.demonstrations(tb, logp_XxY, n, cfg.seed)
 
 
-def batches(cfg, arrays: dict):
-  """The run's checkpointable iterator of this process's rows of each global batch."""
+def batches(cfg, arrays: dict, objective, counts: dict | None = None):
+  """The run's checkpointable iterator of this process's rows of each global batch: records, or
+  with data.pack_len rows packed with records (align_jax/data/packing.py; the records checked
+  first, and `counts` given their padding unpacked and their mean packed length)."""
+  d = cfg.data
+  if d.pack_len:
+    shared = shared_prompt(cfg, objective, arrays) > 0
+    length_N = packing.check_records(arrays, shared, d.pack_len)
+    if counts is not None:
+      counts["padding_unpacked"] = packing.padding_unpacked(arrays)
+      counts["packed_tokens_per_record"] = float(length_N.mean())
+    return packing.batches(
+      pipeline.ArraySource(arrays),
+      shared=shared,
+      pack_len=d.pack_len,
+      pack_records=d.pack_records,
+      global_rows=d.batch_size,
+      total_steps=cfg.total_steps,
+      seed=cfg.seed,
+      shuffle=d.shuffle,
+    )
   return pipeline.batches(
     pipeline.ArraySource(arrays),
     global_batch=cfg.data.batch_size,

@@ -3,6 +3,7 @@
 from align_jax.models.presets import preset
 from align_jax.models.transformer import (
   ModelConfig,
+  Segments,
   SharedPrompt,
   Transformer,
   abstract,

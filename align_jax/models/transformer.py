@@ -381,6 +381,10 @@ class Attention(nnx.Module):
         cfg, kv_mask_RxS, q_RxLxHxE, k_RxLxGxE, v_RxLxGxE, positions_RxL, in_window, scale
       )
       new_cache = None
+    elif isinstance(kv_mask_RxS, Segments):  # Training on packed rows.
+      mask_RxLxL = kv_mask_RxS.mask(positions_RxL, in_window)
+      out_RxLxHxE = _attention(cfg, q_RxLxHxE, k_RxLxGxE, v_RxLxGxE, mask_RxLxL, scale)
+      new_cache = None
     else:
       if cache is None:  # Training / scoring: keys are this call's tokens.
         k_RxSxGxE, v_RxSxGxE, new_cache = k_RxLxGxE, v_RxLxGxE, None
@@ -448,6 +452,34 @@ class SharedPrompt:
   start_R: jax.Array
   length: int
   width: int
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["segment_RxS", "branch_RxS"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class Segments:
+  """The layout of packed rows (align_jax/data/packing.py), passed as a training call's
+  `kv_mask_RxS`: a slot attends to the earlier slots of its own segment (id > 0; 0 is padding)
+  on its own branch or on branch 0 (a shared prompt), within the sliding window measured in the
+  slots' positions (which restart per record)."""
+
+  segment_RxS: jax.Array
+  branch_RxS: jax.Array
+
+  def mask(self, positions_RxS: jax.Array, in_window) -> jax.Array:
+    """[R, S, S]: query slot i may attend key slot j."""
+    seg_q, seg_k = self.segment_RxS[:, :, None], self.segment_RxS[:, None, :]
+    branch_q, branch_k = self.branch_RxS[:, :, None], self.branch_RxS[:, None, :]
+    S = seg_q.shape[1]
+    causal_SxS = jnp.arange(S)[None, :] <= jnp.arange(S)[:, None]
+    return (
+      causal_SxS[None]
+      & (seg_q == seg_k)
+      & (seg_k > 0)
+      & ((branch_k == 0) | (branch_k == branch_q))
+      & in_window(positions_RxS[:, :, None] - positions_RxS[:, None, :])
+    )
 
 
 def _shared_prompt_attention(
@@ -631,7 +663,8 @@ class Transformer(nnx.Module):
         [A, R, S, G, E] with scan_layers), or None.
       cache_index: the cache slot of this call's first token.
       kv_mask_RxS: False for key slots that must not be attended (padding); or, for a training
-        call (no cache) on shared-prompt rows, their `SharedPrompt` layout.
+        call (no cache), the `SharedPrompt` layout of shared-prompt rows or the `Segments` of
+        packed rows.
     """
     x_RxLxD, new_cache = self.hidden(
       tokens_RxL, positions_RxL, cache=cache, cache_index=cache_index, kv_mask_RxS=kv_mask_RxS
