@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from align_jax.sharding import shard
@@ -128,7 +129,8 @@ class ModelConfig:
   remat: bool = False  # Recompute each block's activations in the backward pass ...
   remat_policy: str = "nothing"  # ... except what the policy saves: REMAT_POLICIES.
   # Attention kernel: xla (the einsums below, every backend), cudnn (jax.nn.dot_product_attention's
-  # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn on a GPU in bf16/fp16).
+  # fused cuDNN kernel: GPUs, bf16/fp16, no attn_softcap) or auto (cudnn where it applies). A call
+  # cuDNN cannot take (`_cudnn_refusal`) runs the einsums, with one logged line.
   attention_impl: str = "xla"
   # Einsum attention (attention_impl xla) over the queries in chunks of this many positions, each
   # chunk's [R, H, chunk, S] scores recomputed in the backward pass rather than stored; 0: all.
@@ -178,7 +180,7 @@ class ModelConfig:
         raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0 (0: no chunks)")
     if self.sliding_window < 0 or self.sliding_window_pattern < 0:
       raise ConfigError("model.sliding_window and model.sliding_window_pattern must be >= 0")
-    if self.attention_impl != "xla" and self.attn_softcap:
+    if self.attention_impl == "cudnn" and self.attn_softcap:
       raise ConfigError(
         "model.attn_softcap needs model.attention_impl='xla' (the fused kernel "
         "has no score soft-capping)"
@@ -307,11 +309,40 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
   return cap * jnp.tanh(x / cap) if cap else x
 
 
-def _fused_attention(cfg: ModelConfig) -> bool:
-  """Whether attention runs through the fused kernel (model.attention_impl)."""
-  if cfg.attention_impl == "auto":
-    return jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
-  return cfg.attention_impl == "cudnn"
+def _fused_attention(cfg: ModelConfig, L: int, S: int, masked: bool) -> bool:
+  """Whether an attention call of L queries over S keys runs through cuDNN's fused kernel
+  (model.attention_impl); where cuDNN cannot take it, the einsum path, logged once per reason."""
+  if cfg.attention_impl == "xla":
+    return False
+  if cfg.attention_impl == "auto" and jax.default_backend() != "gpu":
+    return False
+  why = _cudnn_refusal(cfg, L, S, masked)
+  if why:
+    _log_fallback(cfg.attention_impl, why)
+  return not why
+
+
+def _cudnn_refusal(cfg: ModelConfig, L: int, S: int, masked: bool) -> str:
+  """Why cuDNN's fused attention (jax.nn.dot_product_attention, implementation='cudnn') cannot
+  take this call, or '': it runs on GPUs, in bfloat16/float16, with head dims up to 256 in
+  multiples of 8, without score soft-caps, and with a mask (given to it as a bias) only for even
+  lengths."""
+  if jax.default_backend() != "gpu":
+    return f"needs a GPU (the backend is {jax.default_backend()})"
+  if cfg.dtype not in ("bfloat16", "float16"):
+    return f"takes bfloat16 or float16 (model.dtype={cfg.dtype})"
+  if cfg.attn_softcap:
+    return f"has no score soft-cap (model.attn_softcap={cfg.attn_softcap})"
+  if cfg.head_dim > 256 or cfg.head_dim % 8:
+    return f"needs a head dim <= 256 and a multiple of 8 (model.head_dim={cfg.head_dim})"
+  if masked and (L % 2 or S % 2):
+    return f"takes a mask only with even lengths ({L} queries, {S} keys)"
+  return ""
+
+
+@functools.cache
+def _log_fallback(impl: str, why: str) -> None:
+  logging.warning("model.attention_impl=%s: cuDNN's fused attention %s; the einsum path", impl, why)
 
 
 class Attention(nnx.Module):
@@ -417,24 +448,31 @@ class Attention(nnx.Module):
 def _attention(cfg, q_RxLxHxE, k_RxSxGxE, v_RxSxGxE, mask_RxLxS, scale):
   """Attention through the fused kernel or the einsum path (in query chunks when
   model.attention_chunk is set); mask None: plain causal."""
-  dt = cfg.dtype
-  if _fused_attention(cfg):
-    return jax.nn.dot_product_attention(
-      q_RxLxHxE,
-      k_RxSxGxE.astype(dt),
-      v_RxSxGxE.astype(dt),
-      mask=None if mask_RxLxS is None else mask_RxLxS[:, None],
-      is_causal=mask_RxLxS is None,
-      scale=scale,
-      implementation="cudnn",
-    )
   L, S = q_RxLxHxE.shape[1], k_RxSxGxE.shape[1]
+  if _fused_attention(cfg, L, S, mask_RxLxS is not None):
+    return _library_attention(cfg, q_RxLxHxE, k_RxSxGxE, v_RxSxGxE, mask_RxLxS, scale, "cudnn")
   if mask_RxLxS is None:
     mask_RxLxS = (jnp.arange(S)[None, :] <= jnp.arange(L)[:, None])[None]
   attend = functools.partial(_attend, cfg, k_RxSxGxE=k_RxSxGxE, v_RxSxGxE=v_RxSxGxE, scale=scale)
   if cfg.attention_chunk and L > cfg.attention_chunk:
     return _query_chunks(attend, cfg.attention_chunk, q_RxLxHxE, mask_RxLxS)
   return attend(q_RxLxHxE, mask_RxLxS)
+
+
+def _library_attention(cfg, q_RxLxHxE, k_RxSxGxE, v_RxSxGxE, mask_RxLxS, scale, implementation):
+  """`jax.nn.dot_product_attention` with this model's mask (None: plain causal), one [L, S] mask
+  per row broadcast over the heads; implementation cudnn on GPUs (xla: the same call in XLA, which
+  tests compare with the einsum path)."""
+  dt = cfg.dtype
+  return jax.nn.dot_product_attention(
+    q_RxLxHxE,
+    k_RxSxGxE.astype(dt),
+    v_RxSxGxE.astype(dt),
+    mask=None if mask_RxLxS is None else mask_RxLxS[:, None],
+    is_causal=mask_RxLxS is None,
+    scale=scale,
+    implementation=implementation,
+  )
 
 
 @functools.partial(

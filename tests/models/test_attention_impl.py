@@ -1,7 +1,8 @@
 """model.attention_impl: the fused-attention call (jax.nn.dot_product_attention) equals the einsum
 path. CPUs have no cuDNN, so the call runs here with jax's XLA implementation of the same
 function: what is checked is our side of it (GQA layout, scale, causal / padding / window masks,
-the KV cache), on training log-probs and on the sampler with left-padded prompts."""
+shared-prompt and packed rows' masks, the KV cache), on training log-probs and on the sampler
+with left-padded prompts; and which calls cuDNN cannot take (they fall back, logged once)."""
 
 import dataclasses
 
@@ -27,14 +28,19 @@ CFG = models.ModelConfig(
 
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
-  """attention_impl='cudnn' routed to the XLA implementation of dot_product_attention."""
-  real = jax.nn.dot_product_attention
+  """attention_impl='cudnn' routed to the XLA implementation of dot_product_attention, with
+  cuDNN's conditions taken as met (they hold on a GPU in bfloat16); the test must call it."""
+  real, calls = jax.nn.dot_product_attention, []
 
   def xla(*args, implementation=None, **kwargs):
     assert implementation == "cudnn"
+    calls.append(1)
     return real(*args, implementation="xla", **kwargs)
 
   monkeypatch.setattr(transformer.jax.nn, "dot_product_attention", xla)
+  monkeypatch.setattr(transformer, "_cudnn_refusal", lambda cfg, L, S, masked: "")
+  yield
+  assert calls, "the fused call never ran"
 
 
 def _both(cfg):
@@ -68,8 +74,71 @@ def test_sampler_with_cache_and_left_padding_matches(fused_on_cpu):
   np.testing.assert_allclose(a["logp_RxN"], b["logp_RxN"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["shared_prompt", "packed"])
+def test_block_and_segment_masks_match(fused_on_cpu, layout):
+  """The masks of shared-prompt rows and packed rows, handed to the fused call as [R, 1, L, S],
+  give the einsum path's log-probs."""
+  tokens = np.array(jax.random.randint(jax.random.key(4), (3, 3, 10), 1, CFG.vocab_size))
+  tokens[:, 1:, :4] = tokens[:, :1, :4]  # Prompts of 4 tokens, shared by a record's rows.
+  mask = np.zeros(tokens.shape, np.float32)
+  for b, k, n in [(0, 0, 3), (0, 1, 6), (0, 2, 1), (1, 0, 5), (1, 1, 2), (1, 2, 4), (2, 0, 6)]:
+    mask[b, k, 4 : 4 + n] = 1.0
+  mask[2, 1:, 4:6] = 1.0
+  tokens = np.where(mask.cumsum(-1) == 0, tokens, np.where(mask > 0, tokens, 0))
+  shared, packed = (4, None) if layout == "shared_prompt" else (0, _packed(tokens, mask))
+  if packed is not None:  # The records in their packed batch's slots.
+    tokens, mask = packed.pop("tokens_BxKxL"), packed.pop("loss_mask_BxKxL")
+  (g_xla, p), (g_fused, _) = _both(CFG)
+  fused = jax.jit(lambda t, m, packed: logps.sequence_logps(g_fused, p, t, m, shared, packed))
+  plain = jax.jit(lambda t, m: logps.sequence_logps(g_xla, p, t, m))
+  np.testing.assert_allclose(fused(tokens, mask, packed), plain(tokens, mask), rtol=1e-5, atol=1e-5)
+
+
+def _packed(tokens, mask) -> dict:
+  """The records packed two to a row of 32 slots: the rows, and the records' own layout."""
+  from align_jax.data import packing, pipeline
+
+  arrays = {"tokens_KxL": tokens.astype(np.int32), "loss_mask_KxL": mask}
+  it = packing.batches(
+    pipeline.ArraySource(arrays),
+    shared=True,
+    pack_len=32,
+    pack_records=2,
+    global_rows=2,
+    total_steps=1,
+    seed=0,
+    shuffle=False,
+    process_index=0,
+    process_count=1,
+  )
+  batch = {pipeline.batch_key(k): jnp.asarray(v) for k, v in next(it).items()}
+  return {k: batch[k] for k in (*logps.PACKED, "tokens_BxKxL", "loss_mask_BxKxL")}
+
+
+def test_calls_cudnn_cannot_take_fall_back_with_one_logged_line(monkeypatch, caplog):
+  cfg = dataclasses.replace(CFG, attention_impl="cudnn")
+  assert "needs a GPU" in transformer._cudnn_refusal(cfg, 8, 8, False)  # This CPU.
+  with caplog.at_level("WARNING", logger="absl"):
+    assert not transformer._fused_attention(cfg, 8, 8, False)
+    assert not transformer._fused_attention(cfg, 8, 8, False)
+  assert sum("cuDNN's fused attention needs a GPU" in r.getMessage() for r in caplog.records) == 1
+  monkeypatch.setattr(transformer.jax, "default_backend", lambda: "gpu")
+  half = dataclasses.replace(cfg, dtype="bfloat16", head_dim=16)
+  assert transformer._cudnn_refusal(half, 8, 8, True) == ""
+  assert transformer._fused_attention(half, 8, 8, True)
+  refusals = {
+    "takes bfloat16": (cfg, 8, 8, False),
+    "soft-cap": (dataclasses.replace(half, attention_impl="auto", attn_softcap=30.0), 8, 8, False),
+    "head dim": (dataclasses.replace(half, head_dim=12), 8, 8, False),
+    "even lengths": (half, 7, 9, True),
+  }
+  for why, args in refusals.items():
+    assert why in transformer._cudnn_refusal(*args)
+  assert transformer._cudnn_refusal(half, 7, 9, False) == ""  # Plain causal: any length.
+
+
 def test_softcap_needs_the_einsum_path():
   with pytest.raises(ValueError, match="attn_softcap"):
-    dataclasses.replace(CFG, attn_softcap=50.0, attention_impl="auto")
+    dataclasses.replace(CFG, attn_softcap=50.0, attention_impl="cudnn")
   with pytest.raises(ValueError, match="attention_impl"):
     dataclasses.replace(CFG, attention_impl="flash")
