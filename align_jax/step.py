@@ -93,6 +93,7 @@ def train_step(
   move_anchor=None,
   merge=None,
   shared_prompt: int = 0,
+  log_steps: tuple[int, int] | None = None,
 ):
   """One optimizer update: (state, batch, frozen reference) -> (state, scalar metrics).
 
@@ -112,6 +113,11 @@ def train_step(
   `agreement/*` (`logps.agreement`) between the trainer's token log-probs of the policy's samples
   and the sampler's: their numerical agreement on the first update of a rollout, the policy's
   movement since on later ones.
+
+  `log_steps` = (log_every, total_steps): `update_norm` and `param_norm` (two more passes over
+  the parameters) are computed on the steps the metric writer logs, multiples of log_every and
+  the last, and are NaN on the others; None: every step. `grad_norm` and `finite_state` are
+  every step's (the writer stops on a non-finite one; checkpoints hold finite states only).
 
   `shared_prompt` > 0 (a lower bound on every example's prompt length) scores the K responses of
   an example in one shared-prompt row, for the policy and the reference (`logps.token_logps_BxK`):
@@ -182,11 +188,26 @@ def train_step(
   new_state = dataclasses.replace(
     state, step=state.step + 1, params=params, opt_state=opt_state, anchor=anchor, stats=stats
   )
+
+  def norms():
+    return optax.tree.norm(updates), optax.tree.norm(state.params)
+
+  if log_steps is None:
+    update_norm, param_norm = norms()
+  else:
+    every, last = log_steps
+    at = state.step + 1
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    update_norm, param_norm = jax.lax.cond(
+      (at % every == 0) | (at == last),
+      lambda: jax.tree.map(jnp.float32, norms()),
+      lambda: (nan, nan),
+    )
   return new_state, {
     "loss": loss,
     "grad_norm": optax.tree.norm(grads),
-    "update_norm": optax.tree.norm(updates),
-    "param_norm": optax.tree.norm(state.params),
+    "update_norm": update_norm,
+    "param_norm": param_norm,
     "lr": lr_fn(state.step),
     "finite_state": _all_finite((params, opt_state)),  # Checked before any checkpoint is saved.
     **metrics,

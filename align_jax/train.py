@@ -283,6 +283,7 @@ def jit_update(
     move_anchor=_anchor_update(cfg),
     merge=model.merge,
     shared_prompt=shared_prompt,
+    log_steps=(max(cfg.log_every, 1), cfg.total_steps),  # metrics.MetricWriter's steps.
   )
   ref_shardings = model.shardings if model.ref_params is not None else None
   return jax.jit(

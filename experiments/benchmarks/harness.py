@@ -148,6 +148,7 @@ def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0):
       tx=tx,
       lr_fn=step.learning_rate(optim),
       shared_prompt=run_records.prompt_shared(cfg, shared_prompt),
+      log_steps=(max(cfg.log_every, 1), cfg.total_steps),
     ),
   )
 
