@@ -301,3 +301,27 @@ def test_packing_is_refused_where_it_does_not_apply(tmp_path):
   source = _pairs_file(tmp_path / "pairs.jsonl")
   with pytest.raises(ConfigError, match=r"data.pack_len=12: record \d+ needs \d+ slots"):
     _packed_run(tmp_path / "short", source, 1, pack_len=12)
+
+
+def test_each_process_packs_its_own_share_of_the_stream():
+  """Two processes: process p packs records p, p + 2, … of the (here unshuffled) stream of 6
+  records, so their records are disjoint; each gets its half of the batch's rows."""
+  arrays = {k: v[:6] for k, v in _records(50).items()}
+  for p in range(2):
+    it = packing.batches(
+      pipeline.ArraySource(arrays),
+      shared=True,
+      pack_len=PACK_LEN,
+      pack_records=PACK_RECORDS,
+      global_rows=4,
+      total_steps=1,
+      seed=0,
+      shuffle=False,
+      process_index=p,
+      process_count=2,
+    )
+    batch = next(it)
+    assert batch["pack_tokens_S"].shape == (2, PACK_LEN)
+    assert batch["tokens_KxL"].shape == (2 * PACK_RECORDS, K, L)
+    ids = batch["id"][batch["example_mask"] > 0]
+    assert len(ids) >= 2 and np.all(ids % 2 == p)
