@@ -162,3 +162,15 @@ def test_unknown_generation_and_the_cli_error_line():
   if not HAS_LIBTPU:  # The one line that says what to install.
     with pytest.raises(PlanError, match=r'needs libtpu: pip install -e "\.\[tpu\]"'):
       plan.topology(TOPOLOGY)
+
+
+@needs_libtpu
+def test_a_packed_dpo_plan_computes_its_rows():
+  """data.pack_len: the update runs the model over data.batch_size packed rows of pack_len slots,
+  not over its batch_size × pack_records record slots: its matmuls are exactly the model FLOPs of
+  16 rows of 64 tokens with one reference forward."""
+  report = plan.plan(_dpo(**{"data.pack_len": 64, "data.pack_records": 4}), TOPOLOGY)
+  update = report["functions"][1]
+  model_cfg = models.ModelConfig(**load_config("dpo", "smoke").model)
+  assert update["matmul_flops"] == flops.train_step_flops(model_cfg, 16, 64, frozen_forwards=1)
+  assert report["fits"]
