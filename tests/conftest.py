@@ -143,3 +143,48 @@ def pytest_collection_modifyitems(config, items):
     path = os.path.relpath(str(item.path), ROOT)
     if path.startswith(SLOW):
       item.add_marker(pytest.mark.slow)
+
+
+def dpo_update(graphdef, ref_params, *, total_steps: int = 1, eps: float = 1e-8, **bound):
+  """(update, tx): a jitted DPO update (state, batch) -> (state, metrics) against `ref_params`,
+  β = 0.5, AdamW at lr 1e-2 with clipping at 1; `bound`: further `step.train_step` arguments
+  (shared_prompt, log_steps)."""
+  import ml_collections as mlc
+
+  from align_jax import objectives, step
+
+  optim = mlc.ConfigDict(
+    dict(lr=1e-2, schedule="constant", warmup_steps=0, total_steps=total_steps, b1=0.9, b2=0.99)
+  )
+  optim.update(eps=eps, weight_decay=0.0, clip_norm=1.0)
+  tx = step.optimizer(optim)
+
+  def update(state, batch):
+    return step.train_step(
+      state,
+      batch,
+      ref_params,
+      graphdef=graphdef,
+      objective=objectives.get("dpo"),
+      loss_cfg={"beta": 0.5},
+      tx=tx,
+      lr_fn=step.learning_rate(optim),
+      **bound,
+    )
+
+  return jax.jit(update), tx
+
+
+def lora_adapters(shapes, names, rank, seed: int = 1):
+  """Random LoRA adapters (scale 0.3) for a model's parameter shapes and names: a gradient test
+  needs both factors non-zero."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from align_jax.models import lora
+
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+    lora.abstract(shapes, names, rank),
+  )

@@ -2,7 +2,6 @@
 `[prompt | r_1 | … | r_K]` give the unshared rows' token log-probs and gradients, in every model
 family, with scanned layers, chunked log-probs and attention, under LoRA, and through the step."""
 
-import functools
 import logging
 
 import jax
@@ -13,7 +12,7 @@ import pytest
 
 from align_jax import logps, models, objectives, step
 from align_jax.models import lora
-from conftest import FAMILIES
+from conftest import FAMILIES, dpo_update, lora_adapters
 
 TINY = dict(models.preset("tiny"))
 B, K, L, LO = 3, 3, 10, 2
@@ -82,11 +81,7 @@ def test_shared_rows_under_lora_give_the_adapters_the_same_gradients():
   graphdef, shapes, names = models.abstract(cfg)
   rank = mlc.ConfigDict(dict(rank=2, alpha=4.0, targets=("attn", "mlp")))
   base = INIT(cfg, jax.random.key(0))
-  rng = np.random.default_rng(1)
-  adapters = jax.tree.map(
-    lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-    lora.abstract(shapes, names, rank),
-  )
+  adapters = lora_adapters(shapes, names, rank)
   tokens, mask = _batch(cfg.vocab_size)
   w = jax.random.normal(jax.random.key(4), mask[..., 1:].shape)
 
@@ -140,24 +135,11 @@ def test_a_shared_prompt_step_is_the_unshared_step():
   ref = INIT(cfg, jax.random.key(1))
   tokens, mask = _batch(cfg.vocab_size, K=2)
   batch = {"tokens_BxKxL": tokens, "loss_mask_BxKxL": mask, "example_mask_B": jnp.ones(B)}
-  optim = mlc.ConfigDict(
-    dict(lr=1e-2, schedule="constant", warmup_steps=0, total_steps=1, b1=0.9, b2=0.99, eps=1e-8)
-  )
-  optim.weight_decay, optim.clip_norm = 0.0, 1.0
-  tx = step.optimizer(optim)
-  state = step.init_state(params, tx, seed=0)
+  updates = {shared: dpo_update(graphdef, ref, shared_prompt=shared) for shared in (LO, 0)}
+  state = step.init_state(params, updates[0][1], seed=0)
 
   def update(shared):
-    fn = functools.partial(
-      step.train_step,
-      graphdef=graphdef,
-      objective=objectives.get("dpo"),
-      loss_cfg={"beta": 0.5},
-      tx=tx,
-      lr_fn=step.learning_rate(optim),
-      shared_prompt=shared,
-    )
-    return jax.jit(fn)(state, batch, ref)
+    return updates[shared][0](state, batch)
 
   (s_shared, m_shared), (s_plain, m_plain) = update(LO), update(0)
   for key in ("loss", "grad_norm", "objective/margin", "objective/reward_chosen"):

@@ -3,11 +3,11 @@ writer logs (`log_steps`), equal to their definitions there."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 
-from align_jax import models, objectives, step
+from align_jax import models, step
+from conftest import dpo_update
 
 TINY = dict(models.preset("tiny"))
 
@@ -23,32 +23,13 @@ def test_norms_are_computed_on_logged_steps_only():
     "loss_mask_BxKxL": jnp.ones(tokens.shape).at[..., :2].set(0.0),
     "example_mask_B": jnp.ones(2),
   }
-  optim = mlc.ConfigDict(
-    dict(lr=1e-2, schedule="constant", warmup_steps=0, total_steps=5, b1=0.9, b2=0.99, eps=1e-8)
+  (logged, tx), (every, _) = (
+    dpo_update(graphdef, ref, total_steps=5, log_steps=log) for log in ((2, 5), None)
   )
-  optim.update(weight_decay=0.0, clip_norm=1.0)
-  tx = step.optimizer(optim)
-
-  def bound(log_steps):
-    return jax.jit(
-      lambda state: step.train_step(
-        state,
-        batch,
-        ref,
-        graphdef=graphdef,
-        objective=objectives.get("dpo"),
-        loss_cfg={"beta": 0.5},
-        tx=tx,
-        lr_fn=step.learning_rate(optim),
-        log_steps=log_steps,
-      )
-    )
-
-  logged, every = bound((2, 5)), bound(None)
   state = step.init_state(params, tx, 0)
   for s in range(1, 6):  # Steps 2, 4 (multiples of log_every) and 5 (the last) are logged.
-    new, metrics = logged(state)
-    reference, want = every(state)
+    new, metrics = logged(state, batch)
+    reference, want = every(state, batch)
     if s in (2, 4, 5):
       np.testing.assert_allclose(metrics["param_norm"], optax.tree.norm(state.params), rtol=1e-6)
       update = jax.tree.map(lambda a, b: a - b, new.params, state.params)
