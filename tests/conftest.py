@@ -188,3 +188,25 @@ def lora_adapters(shapes, names, rank, seed: int = 1):
     lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
     lora.abstract(shapes, names, rank),
   )
+
+
+def packed_batch(arrays: dict, *, shared: bool, pack_len: int, pack_records: int, rows: int):
+  """The first packed batch of `arrays`' records in their order (align_jax/data/packing.py), as
+  the step's batch fields (device arrays)."""
+  import jax.numpy as jnp
+
+  from align_jax.data import packing, pipeline
+
+  it = packing.batches(
+    pipeline.ArraySource(arrays),
+    shared=shared,
+    pack_len=pack_len,
+    pack_records=pack_records,
+    global_rows=rows,
+    total_steps=1,
+    seed=0,
+    shuffle=False,
+    process_index=0,
+    process_count=1,
+  )
+  return {pipeline.batch_key(k): jnp.asarray(v) for k, v in next(it).items()}

@@ -15,7 +15,7 @@ from align_jax import logps, models, step, train
 from align_jax.data import packing, pipeline
 from align_jax.errors import ConfigError
 from align_jax.models import lora
-from conftest import FAMILIES, dpo_update, load_config, lora_adapters, read_jsonl
+from conftest import FAMILIES, dpo_update, load_config, lora_adapters, packed_batch, read_jsonl
 
 TINY = dict(models.preset("tiny"))
 N, K, L = 7, 3, 10
@@ -45,20 +45,9 @@ def _records(vocab: int, seed: int = 0) -> dict:
 
 
 def _packed(arrays: dict, shared: bool, rows: int = ROWS, pack_len: int = PACK_LEN) -> dict:
-  """The first packed batch of the records (in order), as the step's batch fields."""
-  it = packing.batches(
-    pipeline.ArraySource(arrays),
-    shared=shared,
-    pack_len=pack_len,
-    pack_records=PACK_RECORDS,
-    global_rows=rows,
-    total_steps=1,
-    seed=0,
-    shuffle=False,
-    process_index=0,
-    process_count=1,
+  return packed_batch(
+    arrays, shared=shared, pack_len=pack_len, pack_records=PACK_RECORDS, rows=rows
   )
-  return {pipeline.batch_key(k): jnp.asarray(v) for k, v in next(it).items()}
 
 
 def _packed_fields(batch: dict) -> dict:

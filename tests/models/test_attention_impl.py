@@ -13,6 +13,7 @@ import pytest
 
 from align_jax import logps, models, sampling
 from align_jax.models import transformer
+from conftest import packed_batch
 
 CFG = models.ModelConfig(
   vocab_size=40,
@@ -96,22 +97,8 @@ def test_block_and_segment_masks_match(fused_on_cpu, layout):
 
 def _packed(tokens, mask) -> dict:
   """The records packed two to a row of 32 slots: the rows, and the records' own layout."""
-  from align_jax.data import packing, pipeline
-
   arrays = {"tokens_KxL": tokens.astype(np.int32), "loss_mask_KxL": mask}
-  it = packing.batches(
-    pipeline.ArraySource(arrays),
-    shared=True,
-    pack_len=32,
-    pack_records=2,
-    global_rows=2,
-    total_steps=1,
-    seed=0,
-    shuffle=False,
-    process_index=0,
-    process_count=1,
-  )
-  batch = {pipeline.batch_key(k): jnp.asarray(v) for k, v in next(it).items()}
+  batch = packed_batch(arrays, shared=True, pack_len=32, pack_records=2, rows=2)
   return {k: batch[k] for k in (*logps.PACKED, "tokens_BxKxL", "loss_mask_BxKxL")}
 
 
