@@ -69,7 +69,11 @@ def run(cfg, workdir: str, *, allow_config_change: bool = False) -> RunResult:
   )
   resolved = json.loads(cfg.to_json_best_effort())
   claim = workdir_lib.claim(
-    workdir, resolved, allow_change=allow_config_change, process=jax.process_index()
+    workdir,
+    resolved,
+    allow_change=allow_config_change,
+    process=jax.process_index(),
+    defaults=json.loads(config_lib.base().to_json_best_effort()),
   )
   with claim as claimed, jax.set_mesh(mesh), sharding.use_rules(table), preemption.watch():
     return _run(cfg, claimed, mesh, table)

@@ -78,11 +78,15 @@ def fingerprint(config: dict) -> dict[str, Any]:
   return {k: v for k, v in _flatten(config).items() if not _matches(k, FREE)}
 
 
-def changes(old: dict, new: dict) -> dict[str, list]:
-  """{key: [old, new]} of the fingerprint fields that differ ("(absent)" for a missing one)."""
+def changes(old: dict, new: dict, defaults: dict | None = None) -> dict[str, list]:
+  """{key: [old, new]} of the fingerprint fields that differ ("(absent)" for a missing one). A
+  field the old run did not have, at its default (`defaults`: a fingerprint of the base config),
+  is no change: a field a newer align_jax added, at the value that keeps the old behaviour."""
+  defaults = defaults or {}
   keys = sorted(old.keys() | new.keys())
   pairs = {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in keys}
-  return {k: v for k, v in pairs.items() if v[0] != v[1]}
+  added = {k for k in new.keys() - old.keys() if k in defaults and new[k] == defaults[k]}
+  return {k: v for k, v in pairs.items() if v[0] != v[1] and k not in added}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +107,19 @@ class Claim:
 
 @contextlib.contextmanager
 def claim(
-  path: str, config: dict, *, allow_change: bool = False, process: int = 0
+  path: str,
+  config: dict,
+  *,
+  allow_change: bool = False,
+  process: int = 0,
+  defaults: dict | None = None,
 ) -> Iterator[Claim]:
-  """Within: `path` is this run's, locked and its fingerprint checked; nothing else is written."""
+  """Within: `path` is this run's, locked and its fingerprint checked (`defaults`: the base
+  config, nested as `config`, whose values a field the recorded run lacked may take); nothing
+  else is written."""
   make(path)
   with _lock(path, process):
-    yield Claim(path, config, _check(path, config, allow_change), process)
+    yield Claim(path, config, _check(path, config, allow_change, defaults), process)
 
 
 def make(path: str) -> None:
@@ -148,7 +159,7 @@ def _lock(path: str, process: int) -> Iterator[None]:
     os.close(fd)  # Releases the lock.
 
 
-def _check(path: str, config: dict, allow_change: bool) -> dict[str, list]:
+def _check(path: str, config: dict, allow_change: bool, defaults: dict | None) -> dict[str, list]:
   """The allowed changes against the recorded fingerprint; a ConfigError for any other."""
   recorded = os.path.join(path, _FINGERPRINT)
   if not (_holds_checkpoints(path) and os.path.exists(recorded)):
@@ -160,7 +171,7 @@ def _check(path: str, config: dict, allow_change: bool) -> dict[str, list]:
     raise CheckpointError(
       f"{recorded} cannot be read ({type(e).__name__}: {e}); restore it or use another --workdir"
     ) from None
-  changed = changes(old, fingerprint(config))
+  changed = changes(old, fingerprint(config), fingerprint(defaults or {}))
   if not changed:
     return {}
   listed = ", ".join(f"{k} {_show(a)} → {_show(b)}" for k, (a, b) in changed.items())

@@ -108,6 +108,28 @@ def test_a_changed_config_stops_before_anything_is_written(finished, tmp_path):
   assert json.load(open(workdir / "fingerprint.json"))["fields"]["loss.beta"] == 0.2
 
 
+def test_a_workdir_from_before_a_field_existed_resumes_at_its_default(finished, tmp_path):
+  """A run recorded before data.pack_len existed (the field dropped from its fingerprint) resumes
+  with the field at its default, and stops with one line naming it at another value."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  recorded = json.load(open(workdir / "fingerprint.json"))
+  for key in ("data.pack_len", "data.pack_records"):
+    del recorded["fields"][key]
+  (workdir / "fingerprint.json").write_text(json.dumps(recorded))
+  cfg = load_config("dpo", "smoke")
+  with cfg.unlocked():
+    cfg.data.pack_len = 64
+  with pytest.raises(ConfigError, match=r"data.pack_len \(absent\) → 64"):
+    train.run(cfg, str(workdir))
+  cfg = load_config("dpo", "smoke")
+  with cfg.unlocked():
+    cfg.total_steps = 7
+  result = train.run(cfg, str(workdir))
+  assert int(result.state.step) == 7
+  assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r][-1] == 7
+
+
 def test_fingerprint_leaves_out_the_fields_a_resume_may_change():
   config = {"total_steps": 6, "mesh": {"shape": [1, -1, 1]}, "optim": {"lr": 1e-3}, "seed": 0}
   assert workdir_lib.fingerprint(config) == {"optim.lr": 1e-3, "seed": 0}
@@ -116,6 +138,13 @@ def test_fingerprint_leaves_out_the_fields_a_resume_may_change():
     "lora.rank": ["(absent)", 4],
     "optim.lr": [1e-3, 1e-2],
     "seed": [0, "(absent)"],
+  }
+  # A field the recorded run lacked (added to align_jax since) is no change at its default.
+  defaults = {"data.pack_len": 0, "lora.rank": 0}
+  old = {"optim.lr": 1e-3}
+  assert workdir_lib.changes(old, {"optim.lr": 1e-3, "data.pack_len": 0}, defaults) == {}
+  assert workdir_lib.changes(old, {"optim.lr": 1e-3, "data.pack_len": 64}, defaults) == {
+    "data.pack_len": ["(absent)", 64]
   }
 
 
