@@ -294,3 +294,28 @@ def test_each_process_packs_its_own_share_of_the_stream():
     assert batch["tokens_KxL"].shape == (2 * PACK_RECORDS, K, L)
     ids = batch["id"][batch["example_mask"] > 0]
     assert len(ids) >= 2 and np.all(ids % 2 == p)
+
+
+def test_sft_records_pack_many_to_a_row():
+  """Corpus records (K = 1, documents of 2-10 tokens scored from position 1): packed 8 to a row
+  of 40 slots where they fit, rebuilt exactly."""
+  rng = np.random.default_rng(3)
+  length_N = rng.integers(2, 11, 24)
+  tokens = np.where(np.arange(10) < length_N[:, None], rng.integers(1, 50, (24, 10)), 0)
+  mask = (np.arange(10) >= 1) & (np.arange(10) < length_N[:, None])
+  arrays = {
+    "tokens_KxL": tokens[:, None].astype(np.int32),
+    "loss_mask_KxL": mask[:, None].astype(np.float32),
+    "id": np.arange(24, dtype=np.int32),
+  }
+  batch = packed_batch(arrays, shared=False, pack_len=40, pack_records=8, rows=2)
+  filled = np.flatnonzero(np.asarray(batch["example_mask_B"]))
+  ids = np.asarray(batch["id_B"])[filled]
+  assert len(ids) > 4  # More than two records a row.
+  np.testing.assert_array_equal(
+    np.asarray(batch["tokens_BxKxL"])[filled], arrays["tokens_KxL"][ids]
+  )
+  np.testing.assert_array_equal(
+    np.asarray(batch["loss_mask_BxKxL"])[filled], arrays["loss_mask_KxL"][ids]
+  )
+  assert int(np.sum(np.asarray(batch["pack_segment_BxS"]) > 0)) == int(length_N[ids].sum())
