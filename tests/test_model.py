@@ -155,12 +155,12 @@ def test_scoring_head_replaces_unembed_and_is_read_at_each_response_last_token()
 
 
 def _largest_scores(jaxpr, S) -> int:
-  """The largest array whose last two dims are (queries, S keys) in a jaxpr, in elements."""
+  """The largest array of rank >= 4 whose last dim is the S keys in a jaxpr (scores), in elements."""
   largest = 0
   for eqn in jaxpr.eqns:
     for var in eqn.outvars:
       shape = getattr(var.aval, "shape", ())
-      if len(shape) >= 5 and shape[-1] == S:
+      if len(shape) >= 4 and shape[-1] == S:
         largest = max(largest, int(np.prod(shape)))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -172,7 +172,7 @@ def _largest_scores(jaxpr, S) -> int:
 def test_attention_in_query_chunks_equals_whole_attention():
   """23 queries in chunks of 4 (the last padded) with a sliding window, soft-capped scores and
   a KV cache: logits within 1e-6, gradients within 1e-6 of their scale, and the backward pass
-  holds one chunk's [R, G, N, 4, S] scores, not [R, G, N, 23, S]."""
+  holds one chunk's [R, G, N·4, S] scores, not [R, G, N·23, S]."""
   options = dict(sliding_window=5, sliding_window_pattern=2, attn_softcap=2.0, remat=True)
   whole = dataclasses.replace(CFG, attention_chunk=0, **options)
   chunked = dataclasses.replace(whole, attention_chunk=4)
