@@ -82,6 +82,9 @@ def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONUNBUFFERED"] = "1"
+  # This checkout's align_jax, also where the environment's editable install points at another
+  # checkout (a git worktree sharing the main checkout's virtualenv).
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   env.update(_XLA_CACHE)
   return env
 
