@@ -148,12 +148,17 @@ def test_a_shared_prompt_step_is_the_unshared_step():
 
 
 def test_which_runs_share_their_prompts():
-  """auto shares prompts of >= 16 tokens, on any, off none; records whose K rows differ before
-  their responses, reward models and whole distributions are never shared."""
+  """auto shares prompts of >= 16 tokens that save >= 10 % of the positions, on any, off none;
+  records whose K rows differ before their responses, reward models and whole distributions are
+  never shared."""
   from align_jax.data import records
 
   cfg = mlc.ConfigDict(
-    {"data": {"share_prompt": "auto"}, "rollout": {"num_policy": 2, "num_anchor": 0}}
+    {
+      "data": {"share_prompt": "auto"},
+      "rollout": {"num_policy": 2, "num_anchor": 0},
+      "sampling": {"max_new_tokens": 8},
+    }
   )
   dpo, bt, gkd = objectives.get("dpo"), objectives.get("bt_reward"), objectives.get("gkd")
   tokens = np.tile(np.arange(40, dtype=np.int32), (3, 2, 1))
@@ -164,6 +169,13 @@ def test_which_runs_share_their_prompts():
   assert records.shared_prompt(cfg, dpo, fixed) == 17  # The shortest prompt.
   assert records.shared_prompt(cfg, dpo, prompts) == 16
   assert records.shared_prompt(cfg, bt, fixed) == records.shared_prompt(cfg, gkd, prompts) == 0
+  # 16 of 2 × 40 positions (20 %) is enough; 16 of 2 × 200 (4 %) is not, unless on.
+  assert records.prompt_shared(cfg, 16, 2, 40) == 16 and records.prompt_shared(cfg, 16, 2, 200) == 0
+  assert records.prompt_shared(cfg, 15, 2, 16) == 0  # Too short a prompt.
+  cfg.rollout.num_anchor = 30  # 32 samples of 16 + 200 tokens: 16·31 of 32·216 positions, 7 %.
+  cfg.sampling.max_new_tokens = 200
+  assert records.shared_prompt(cfg, dpo, prompts) == 0
+  cfg.rollout.num_anchor, cfg.sampling.max_new_tokens = 0, 8
   short = {"prompt_P": np.zeros((5, 3), np.int32)}
   assert records.shared_prompt(cfg, dpo, short) == 0
   cfg.data.share_prompt = "on"

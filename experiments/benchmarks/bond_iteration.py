@@ -44,7 +44,13 @@ def main(argv=None):
     args.preset, remat=args.remat or None, attention_impl=args.attention_impl
   )
   env = report.environment()
-  s = harness.build_step(cfg, model_cfg, shared_prompt=args.prompt_len)
+  s = harness.build_step(
+    cfg,
+    model_cfg,
+    shared_prompt=args.prompt_len,
+    rows=cfg.rollout.num_policy + cfg.rollout.num_anchor,
+    length=args.prompt_len + args.new_tokens,
+  )
   make_batch = harness.build_rollout(s, args.batch, args.prompt_len)
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, model_cfg.vocab_size, (args.batch, args.prompt_len), np.int32)

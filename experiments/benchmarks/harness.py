@@ -130,10 +130,11 @@ class Step:
       return self.update(self.device_batch(host_batch))
 
 
-def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0):
+def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0, rows: int = 2, length=0):
   """(graphdef, optax transformation, `step.train_step` with its static arguments bound), as
-  train.py binds them for `cfg` with the model `model_cfg` (`shared_prompt`: the prompt length
-  when responses share their prompt's row, `records.shared_prompt`)."""
+  train.py binds them for `cfg` with the model `model_cfg` (`shared_prompt`: the prompt length of
+  batches of `rows` responses of `length` tokens, shared as data.share_prompt decides,
+  `records.prompt_shared`)."""
   graphdef, _, _ = models.abstract(model_cfg)
   optim = types.SimpleNamespace(**cfg.optim.to_dict(), total_steps=cfg.total_steps)
   tx = step.optimizer(optim)
@@ -147,15 +148,18 @@ def update(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0):
       loss_cfg=cfg.loss.to_dict(),
       tx=tx,
       lr_fn=step.learning_rate(optim),
-      shared_prompt=run_records.prompt_shared(cfg, shared_prompt),
+      shared_prompt=run_records.prompt_shared(cfg, shared_prompt, rows, length),
       log_steps=(max(cfg.log_every, 1), cfg.total_steps),
     ),
   )
 
 
-def build_step(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0) -> Step:
-  """train.py's model, state and `train_step` for `cfg` with the model `model_cfg`; batches
-  whose prompts are `shared_prompt` tokens share them (`data.share_prompt`)."""
+def build_step(
+  cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0, rows: int = 2, length: int = 0
+) -> Step:
+  """train.py's model, state and `train_step` for `cfg` with the model `model_cfg`; batches of
+  `rows` responses of `length` tokens whose prompts are `shared_prompt` tokens share them as
+  data.share_prompt decides."""
   objective = objectives.get(cfg.objective)
   mesh = sharding.make_mesh(cfg.mesh.shape, cfg.mesh.axes)
   table = sharding.check_rules(
@@ -164,7 +168,7 @@ def build_step(cfg, model_cfg: models.ModelConfig, shared_prompt: int = 0) -> St
   fields = ("tokens_KxL", "loss_mask_KxL") + (
     ("score_K", "response_mask_K") if objective.data == "lists" else ()
   )
-  graphdef, tx, update_fn = update(cfg, model_cfg, shared_prompt)
+  graphdef, tx, update_fn = update(cfg, model_cfg, shared_prompt, rows, length)
   with jax.set_mesh(mesh), sharding.use_rules(table):
     replicated = sharding.replicated(mesh)
     _, _, names = models.abstract(model_cfg)
@@ -216,7 +220,12 @@ def build_rollout(s: Step, batch_size: int, prompt_len: int):
     num_anchor=cfg.rollout.num_anchor,
     anchor_is_ref=True,
     score_fn=_rule_score,
-    shared_prompt=run_records.prompt_shared(cfg, prompt_len),
+    shared_prompt=run_records.prompt_shared(
+      cfg,
+      prompt_len,
+      cfg.rollout.num_policy + cfg.rollout.num_anchor,
+      prompt_len + cfg.sampling.max_new_tokens,
+    ),
   )
   with jax.set_mesh(s.mesh), sharding.use_rules(s.table):
     shapes = jax.eval_shape(

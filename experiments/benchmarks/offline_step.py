@@ -67,7 +67,7 @@ def main(argv=None):
     for shared in (True, False):
       cfg = harness.run_config({"dpo": "dpo", "lipo": "lipo"}[name])
       cfg.data.share_prompt = "on" if shared else "off"
-      s = harness.build_step(cfg, model_cfg, shared_prompt=args.prompt_len)
+      s = harness.build_step(cfg, model_cfg, shared_prompt=args.prompt_len, rows=k, length=L)
       t0 = time.perf_counter()
       jax.block_until_ready(s(batch))  # Compiles.
       compile_s = time.perf_counter() - t0

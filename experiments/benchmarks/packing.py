@@ -109,7 +109,8 @@ def main(argv=None):
   ):
     cfg = harness.run_config("dpo")
     cfg.data.share_prompt = "on" if shared else "off"
-    s = harness.build_step(cfg, model_cfg, shared_prompt=shared)
+    L = arrays["tokens_KxL"].shape[-1]
+    s = harness.build_step(cfg, model_cfg, shared_prompt=shared, rows=2, length=L)
     if name.startswith("packed"):
       s.fields = tuple(k for k in packed[0] if k != "id")
     ids = [b["id"][b["id"] >= 0] for b in batches]

@@ -201,7 +201,7 @@ def main(argv=None):
 
   L = args.prompt_len + args.response_len
   share = types.SimpleNamespace(data=types.SimpleNamespace(share_prompt=args.share_prompt))
-  shared = records.prompt_shared(share, args.prompt_len) > 0
+  shared = records.prompt_shared(share, args.prompt_len, 2, L) > 0
   tokens_per_chunk = args.batch * (args.prompt_len + 2 * args.response_len) * args.steps
   tps = {w.name: tokens_per_chunk / float(np.median(w.seconds)) for w in workers}
   label = {

@@ -20,7 +20,8 @@ def main():
   cfg.data.share_prompt = s.get("share_prompt", "auto")
   model_cfg = harness.model_config("tiny_llama", **s["model"])
   B, P = data["prompt"].shape
-  st = harness.build_step(cfg, model_cfg, shared_prompt=P)  # Pairs share their prompt's row.
+  L = P + data["chosen"].shape[1]
+  st = harness.build_step(cfg, model_cfg, shared_prompt=P, rows=2, length=L)  # Pairs' prompts.
   tokens_BxKxL = np.stack(
     [np.concatenate([data["prompt"], data[r]], axis=1) for r in ("chosen", "rejected")], axis=1
   )
