@@ -128,7 +128,8 @@ def train_step(
   packed = {k: batch[k] for k in PACKED if k in batch} or None  # Records packed in rows.
   if packed and (objective.scores or objective.granularity == "distribution"):
     raise ValueError(
-      "packed rows give log-probs; a reward model's scores or whole next-token distributions need the records' own rows"
+      "packed rows give log-probs; a reward model's scores or whole next-token distributions "
+      "need the records' own rows"
     )
   if objective.granularity != "sequence":  # Token log-probs [B, K, T] or distributions.
     if objective.scores:
