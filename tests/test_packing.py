@@ -319,3 +319,24 @@ def test_sft_records_pack_many_to_a_row():
     np.asarray(batch["loss_mask_BxKxL"])[filled], arrays["loss_mask_KxL"][ids]
   )
   assert int(np.sum(np.asarray(batch["pack_segment_BxS"]) > 0)) == int(length_N[ids].sum())
+
+
+def test_the_stream_outlasts_a_run_whose_rows_hold_many_records():
+  """Short records, many to a row: the packed stream still has every step's batch (the epochs
+  are counted from the most records a row can hold)."""
+  arrays = {k: v[:4] for k, v in _records(50).items()}
+  it = packing.batches(
+    pipeline.ArraySource(arrays),
+    shared=True,
+    pack_len=PACK_LEN,
+    pack_records=PACK_RECORDS,
+    global_rows=2,
+    total_steps=30,
+    seed=0,
+    shuffle=True,
+    process_index=0,
+    process_count=1,
+  )
+  batches = [next(it) for _ in range(30)]
+  assert all(b["example_mask"].sum() >= 2 for b in batches)
+  assert np.mean([b["example_mask"].sum() / 2 for b in batches]) > 1.5  # Records a row.

@@ -142,8 +142,10 @@ def batches(
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.seed(seed).shuffle()
-  # A row holds at least one record: this many epochs outlast the run.
-  ds = ds.repeat(math.ceil(total_steps * global_rows / len(source)) + 1)
+  # A row holds at most pack_records records and the packer fills BINS_PER_ROW rows ahead of
+  # each row of a batch: this many epochs outlast the run.
+  needed = (total_steps + BINS_PER_ROW) * global_rows * pack_records
+  ds = ds.repeat(math.ceil(needed / len(source)) + 1)
   ds = ds[process_index::process_count].map(lambda record: flatten(record, shared))
   example = flatten(source[0], shared)
   length_struct = {name: pack_len if name in _TOKEN_FEATURES else pack_records for name in example}
