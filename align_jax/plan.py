@@ -241,6 +241,8 @@ def plan(cfg, topology_name: str) -> dict:
   chip, devices = topology(topology_name)
   objective = objectives.get(cfg.objective)
   lora.check(cfg.lora)
+  if cfg.data.pack_len:
+    train.check_packing(cfg, objective)
   model_cfg = models.ModelConfig(**cfg.model)
   on_policy = objective.data == "prompts"
   d = cfg.data

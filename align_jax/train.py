@@ -113,7 +113,7 @@ def _run(cfg, claimed: workdir_lib.Claim, mesh, table) -> RunResult:
   return RunResult(state=state, summary=summary)
 
 
-def _check_packing(cfg, objective) -> None:
+def check_packing(cfg, objective) -> None:
   """data.pack_len packs fixed records whose log-probs the step gathers back (ConfigError else)."""
   why = None
   if objective.data == "prompts":
@@ -143,7 +143,7 @@ def _checked(cfg):
       "scoring head; LoRA adapts policies only (set lora.rank=0)"
     )
   if cfg.data.pack_len:
-    _check_packing(cfg, objective)
+    check_packing(cfg, objective)
   if cfg.data.udm and cfg.objective != "bco":
     raise ConfigError(f"data.udm is BCO's density-ratio matching; objective is {cfg.objective!r}")
   if not hf.is_hf_dir(cfg.init_checkpoint):

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from align_jax import models, plan
-from align_jax.errors import PlanError
+from align_jax.errors import ConfigError, PlanError
 from align_jax.models import flops
 from conftest import ROOT, load_config, subprocess_env
 
@@ -174,3 +174,8 @@ def test_a_packed_dpo_plan_computes_its_rows():
   model_cfg = models.ModelConfig(**load_config("dpo", "smoke").model)
   assert update["matmul_flops"] == flops.train_step_flops(model_cfg, 16, 64, frozen_forwards=1)
   assert report["fits"]
+  bond = load_config("bond", "smoke")
+  with bond.unlocked():
+    bond.data.pack_len = 64
+  with pytest.raises(ConfigError, match="does not apply to objective 'bond'"):
+    plan.plan(bond, TOPOLOGY)
