@@ -53,11 +53,15 @@ def setting():
     ).astype(jnp.int32)
     student, _, _ = models.abstract(STUDENT)
     teacher, _, _ = models.abstract(TEACHER)
-    table = lambda graphdef, params: logps.next_token_logprobs_BxK(graphdef, params, tokens_XxYxL)
-    teacher_XxYxTxV = table(teacher, models.init_params(TEACHER, jax.random.key(1)))
+    table = jax.jit(  # Compiled once each: run eagerly in float64 they take most of the time.
+      lambda graphdef, params: logps.next_token_logprobs_BxK(graphdef, params, tokens_XxYxL),
+      static_argnums=0,
+    )
+    init = jax.jit(models.init_params, static_argnums=0)
+    teacher_XxYxTxV = table(teacher, init(TEACHER, jax.random.key(1)))
     yield (
       lambda params: table(student, params),
-      models.init_params(STUDENT, jax.random.key(0)),
+      init(STUDENT, jax.random.key(0)),
       teacher_XxYxTxV,
       jnp.asarray(tb.responses_YxT),
       jnp.asarray(tb.prompt_logw_X),
@@ -121,6 +125,7 @@ def test_expected_distillation_gradients_are_the_exact_divergences_gradients(set
   table, params, teacher, responses, logw = setting
   with jax.enable_x64(True):
     d_XxYxTxV, vjp = jax.vjp(table, params)
+    vjp = jax.jit(vjp)  # One compiled backward pass through the model for every gradient below.
     grad = lambda f: _flat(vjp(jax.grad(f)(d_XxYxTxV))[0])
     sequence = lambda d: _sequence(d, responses)
     p_XxY = _sequence(teacher, responses)
