@@ -66,6 +66,7 @@ def test_expected_surrogate_gradient_is_the_exact_divergence_gradient(testbed):
     num_y = p_XxY.shape[1]
     baseline_X = jnp.linspace(-0.3, 0.4, p_XxY.shape[0])  # Any fixed baseline per prompt.
     logpi_XxY, model_vjp = jax.vjp(logp_fn, params)
+    model_vjp = jax.jit(model_vjp)  # One compiled backward pass for every divergence below.
     for divergence, alpha in DIVERGENCES:
 
       def exact_divergence(logpi):
@@ -94,6 +95,7 @@ def test_expected_surrogate_gradient_vanishes_at_the_target(testbed):
   with jax.enable_x64(True):
     graphdef, params, logp_fn = _policy(testbed, 2)
     logpi_XxY, model_vjp = jax.vjp(logp_fn, params)
+    model_vjp = jax.jit(model_vjp)  # One compiled backward pass for every divergence below.
     p_XxY = logpi_XxY  # The target is the policy itself.
     num_y = p_XxY.shape[1]
     for divergence, alpha in DIVERGENCES:
