@@ -53,7 +53,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from align_jax import checkpoint, models, objectives, rewards, sampling, sharding, train
-from align_jax.data import pipeline, records
+from align_jax.data import packing, pipeline, records
 from align_jax.errors import Error, PlanError
 from align_jax.models import flops, hf, loading, lora, presets
 from align_jax.models.transformer import ACT_AXES, PARAM_AXES
@@ -341,24 +341,7 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
     functions.append(rollout_report)
     batch = checkpoint.abstract_like(batch_shapes, batch_shardings)
   else:
-    shapes = records.record_shapes(cfg, objective.data, objective.needs_ref)
-    shapes["example_mask"] = ((), jnp.float32)
-    if d.pack_len:  # data.batch_size rows of pack_len slots, pack_records record slots each.
-      K, L = shapes["tokens_KxL"][0]
-      rows = ("tokens", "positions", "segment", "branch", "prev")
-      shapes |= {f"pack_{name}_S": ((d.pack_len,), jnp.int32) for name in rows}
-      shapes["pack_index_KxT"] = ((K, L - 1), jnp.int32)
-    per_row = d.pack_records if d.pack_len else 1
-
-    def count(k):  # Packed rows: data.batch_size of them; record slots: per_row a row.
-      return d.batch_size if k.startswith("pack_") and k.endswith("_S") else d.batch_size * per_row
-
-    batch = {
-      pipeline.batch_key(k): jax.ShapeDtypeStruct(
-        (count(k), *shape), dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape))
-      )
-      for k, (shape, dtype) in shapes.items()
-    }
+    batch = _record_batch(cfg, objective, mesh)
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
 
   # Rollout rows share their prompt (P); fixed records' prompt lengths are the data's, unknown here
@@ -379,6 +362,28 @@ def _plan(cfg, objective, model_cfg, chip, mesh, table, on_policy) -> dict:
   )
   functions.append(update_report)
   return _summary(chip, chips, functions, on_policy)
+
+
+def _record_batch(cfg, objective, mesh) -> dict:
+  """The abstract batch of fixed records (`records.record_shapes`): data.batch_size records, or
+  with data.pack_len data.batch_size packed rows holding pack_records record slots each."""
+  d = cfg.data
+  shapes = records.record_shapes(cfg, objective.data, objective.needs_ref)
+  shapes["example_mask"] = ((), jnp.float32)
+  rows = {}
+  if d.pack_len:
+    rows = packing.packed_fields(*shapes["tokens_KxL"][0], d.pack_len)
+  slots = d.batch_size * (d.pack_records if d.pack_len else 1)
+
+  def count(k):  # Packed rows: data.batch_size of them; everything else: per record slot.
+    return d.batch_size if k.endswith("_S") and k in rows else slots
+
+  return {
+    pipeline.batch_key(k): jax.ShapeDtypeStruct(
+      (count(k), *shape), dtype, sharding=sharding.batch_sharding(mesh, 1 + len(shape))
+    )
+    for k, (shape, dtype) in (shapes | rows).items()
+  }
 
 
 def _frozen(objective, batch) -> int:

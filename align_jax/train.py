@@ -306,7 +306,7 @@ def _compile(cfg, parts: _Parts, state, state_shardings):
   mesh, model = parts.mesh, parts.model
   ndims = {k: v.ndim for k, v in parts.data.items()}
   if cfg.data.pack_len:  # The records' fields, and the rows that hold them.
-    ndims = packing.batch_ndims(parts.data)
+    ndims = packing.batch_ndims(parts.data, cfg.data.pack_len)
   batch_shardings = {
     pipeline.batch_key(k): sharding.batch_sharding(mesh, ndim) for k, ndim in ndims.items()
   }

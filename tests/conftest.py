@@ -193,23 +193,30 @@ def lora_adapters(shapes, names, rank, seed: int = 1):
   )
 
 
-def packed_batch(arrays: dict, *, shared: bool, pack_len: int, pack_records: int, rows: int):
-  """The first packed batch of `arrays`' records in their order (align_jax/data/packing.py), as
-  the step's batch fields (device arrays)."""
-  import jax.numpy as jnp
-
+def packed_stream(arrays: dict, *, rows: int, total_steps=1, shuffle=False, process=(0, 1), **kw):
+  """The packed batches of `arrays`' records (align_jax/data/packing.py; in their order unless
+  `shuffle`) as process `process[0]` of `process[1]` reads them; `kw`: shared, pack_len,
+  pack_records."""
   from align_jax.data import packing, pipeline
 
-  it = packing.batches(
+  return packing.batches(
     pipeline.ArraySource(arrays),
-    shared=shared,
-    pack_len=pack_len,
-    pack_records=pack_records,
     global_rows=rows,
-    total_steps=1,
+    total_steps=total_steps,
     seed=0,
-    shuffle=False,
-    process_index=0,
-    process_count=1,
+    shuffle=shuffle,
+    process_index=process[0],
+    process_count=process[1],
+    **kw,
   )
-  return {pipeline.batch_key(k): jnp.asarray(v) for k, v in next(it).items()}
+
+
+def packed_batch(arrays: dict, **kw):
+  """The first packed batch (`packed_stream`) as the step's batch fields (device arrays)."""
+  import jax.numpy as jnp
+
+  from align_jax.data import pipeline
+
+  return {
+    pipeline.batch_key(k): jnp.asarray(v) for k, v in next(packed_stream(arrays, **kw)).items()
+  }

@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 
 from align_jax import logps, models, step, train
-from align_jax.data import packing, pipeline
+from align_jax.data import packing
 from align_jax.errors import ConfigError
 from align_jax.models import lora
-from conftest import FAMILIES, dpo_update, load_config, lora_adapters, packed_batch, read_jsonl
+from conftest import (
+  FAMILIES,
+  dpo_update,
+  load_config,
+  lora_adapters,
+  packed_batch,
+  packed_stream,
+  read_jsonl,
+)
 
 TINY = dict(models.preset("tiny"))
 N, K, L = 7, 3, 10
@@ -51,7 +59,7 @@ def _packed(arrays: dict, shared: bool, rows: int = ROWS, pack_len: int = PACK_L
 
 
 def _packed_fields(batch: dict) -> dict:
-  return {k: batch[k] for k in packing.PACKED}
+  return {k: batch[k] for k in logps.PACKED}
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -277,17 +285,13 @@ def test_each_process_packs_its_own_share_of_the_stream():
   records, so their records are disjoint; each gets its half of the batch's rows."""
   arrays = {k: v[:6] for k, v in _records(50).items()}
   for p in range(2):
-    it = packing.batches(
-      pipeline.ArraySource(arrays),
+    it = packed_stream(
+      arrays,
       shared=True,
       pack_len=PACK_LEN,
       pack_records=PACK_RECORDS,
-      global_rows=4,
-      total_steps=1,
-      seed=0,
-      shuffle=False,
-      process_index=p,
-      process_count=2,
+      rows=4,
+      process=(p, 2),
     )
     batch = next(it)
     assert batch["pack_tokens_S"].shape == (2, PACK_LEN)
@@ -325,17 +329,14 @@ def test_the_stream_outlasts_a_run_whose_rows_hold_many_records():
   """Short records, many to a row: the packed stream still has every step's batch (the epochs
   are counted from the most records a row can hold)."""
   arrays = {k: v[:4] for k, v in _records(50).items()}
-  it = packing.batches(
-    pipeline.ArraySource(arrays),
+  it = packed_stream(
+    arrays,
     shared=True,
     pack_len=PACK_LEN,
     pack_records=PACK_RECORDS,
-    global_rows=2,
+    rows=2,
     total_steps=30,
-    seed=0,
     shuffle=True,
-    process_index=0,
-    process_count=1,
   )
   batches = [next(it) for _ in range(30)]
   assert all(b["example_mask"].sum() >= 2 for b in batches)

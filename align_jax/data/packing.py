@@ -12,7 +12,7 @@ branches (`models.Segments`), so every log-prob equals the unpacked row's.
 
 The step sees the batch of B = rows × pack_records record slots in the unpacked layout
 (`tokens_BxKxL`, `loss_mask_BxKxL`, the per-record fields, `example_mask_B` 0 for empty slots)
-plus the packed rows (`logps.PACKED` fields); `logps.packed_token_logps_BxK` runs the model on the
+plus the packed rows (`logps.PACKED` fields, `packed_fields`); `logps.packed_token_logps_BxK` runs the model on the
 rows and gathers each record's log-probs back into [B, K, T]. Record slot r · pack_records + i
 is the i-th record of row r, so a shard of rows holds its own records.
 
@@ -29,7 +29,6 @@ import numpy as np
 from absl import logging
 
 from align_jax.errors import ConfigError
-from align_jax.logps import PACKED  # noqa: F401  (the batch fields unpack makes)
 
 # Rows the packer fills at once, per row of a batch: more bins, less padding (Grain fills them
 # best-fit and emits them all when a record fits none), and records reordered over more rows.
@@ -217,9 +216,17 @@ def unpack(batch: dict, *, K: int, L: int, pack_records: int) -> dict:
   return out
 
 
-def batch_ndims(arrays: dict) -> dict[str, int]:
+def packed_fields(K: int, L: int, pack_len: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  """{record field name: (shape per row or per record slot, dtype)} of what `unpack` adds to the
+  records' fields: the rows (`logps.PACKED`, per row) and the gather index (per record slot)."""
+  rows = ("tokens", "positions", "segment", "branch", "prev")
+  return {f"pack_{name}_S": ((pack_len,), np.int32) for name in rows} | {
+    "pack_index_KxT": ((K, L - 1), np.int32)
+  }
+
+
+def batch_ndims(arrays: dict, pack_len: int) -> dict[str, int]:
   """{record field name: ndim of its batch array} of a packed run's batches (for shardings)."""
-  ndims = {name: v.ndim for name, v in arrays.items()}
-  ndims |= {"pack_tokens_S": 2, "pack_positions_S": 2, "pack_segment_S": 2}
-  ndims |= {"pack_branch_S": 2, "pack_prev_S": 2, "pack_index_KxT": 3}
-  return ndims
+  K, L = arrays["tokens_KxL"].shape[1:]
+  added = {name: 1 + len(shape) for name, (shape, _) in packed_fields(K, L, pack_len).items()}
+  return {name: v.ndim for name, v in arrays.items()} | added
